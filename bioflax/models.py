@@ -1,0 +1,107 @@
+"""Networks built from the feedback layers: the MLP of every experiment and the teacher.
+
+Layer ``i`` of a :class:`BioNeuralNetwork` is named ``layer_i`` whatever the rule, so the
+parameters of an FA network and of its backprop twin have the same tree; the backprop
+reference of any network is the same ``apply`` inside :func:`bioflax.layers.exact_backprop`.
+"""
+
+from typing import Callable, Sequence
+
+import jax
+from flax import linen as nn
+
+from bioflax import layers
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "tanh": nn.tanh,
+    "sigmoid": nn.sigmoid,
+    "identity": lambda x: x,
+    "gelu": nn.gelu,
+    "elu": nn.elu,
+    "leaky_relu": nn.leaky_relu,
+    "softplus": nn.softplus,
+    "silu": nn.silu,
+}
+
+MODES = ("bp", "fa", "kp", "dfa", "interpolate_fa_bp")
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"Unknown activation {name!r}; choose one of "
+                         f"{sorted(ACTIVATIONS)}.") from None
+
+
+class BioNeuralNetwork(nn.Module):
+    """An MLP trained by the rule ``mode``: ``hidden_layers`` widths, then ``features`` outputs.
+
+    ``activations[i]`` (a name from :data:`ACTIVATIONS`) follows hidden layer ``i``; the
+    output layer is linear. Inputs of any shape are flattened to ``(batch, -1)``.
+    ``interpolation_factor`` is λ of ``interpolate_fa_bp`` (1 = FA, 0 = BP).
+    """
+
+    hidden_layers: Sequence[int]
+    activations: Sequence[str]
+    features: int
+    mode: str = "bp"
+    interpolation_factor: float = 0.5
+    kernel_init: layers.Initializer = layers.default_kernel_init
+    feedback_init: layers.Initializer = layers.default_kernel_init
+
+    def _dense(self, features: int, index: int) -> nn.Module:
+        name = f"layer_{index}"
+        if self.mode == "bp":
+            return nn.Dense(features, kernel_init=self.kernel_init, name=name)
+        inits = dict(kernel_init=self.kernel_init, feedback_init=self.feedback_init, name=name)
+        if self.mode == "fa":
+            return layers.RandomDenseLinearFA(features, **inits)
+        if self.mode == "kp":
+            return layers.RandomDenseLinearKP(features, **inits)
+        return layers.RandomDenseLinearInterpolateFABP(
+            features, interpolation_factor=self.interpolation_factor, **inits)
+
+    @nn.compact
+    def __call__(self, x):
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown mode {self.mode!r}; choose one of {list(MODES)}.")
+        if len(self.hidden_layers) != len(self.activations):
+            raise ValueError(
+                f"hidden_layers {tuple(self.hidden_layers)} and activations "
+                f"{tuple(self.activations)} must have the same length.")
+        x = x.reshape((x.shape[0], -1))
+        for index, (width, name) in enumerate(zip(self.hidden_layers, self.activations)):
+            activation = get_activation(name)
+            if self.mode == "dfa":
+                x = layers.RandomDenseLinearDFAHidden(
+                    width, self.features, activation, kernel_init=self.kernel_init,
+                    feedback_init=self.feedback_init, name=f"layer_{index}")(x)
+            else:
+                x = activation(self._dense(width, index)(x))
+        index = len(self.hidden_layers)
+        if self.mode == "dfa":
+            return layers.RandomDenseLinearDFAOutput(
+                self.features, kernel_init=self.kernel_init, name=f"layer_{index}")(x)
+        return self._dense(self.features, index)(x)
+
+
+class TeacherNetwork(nn.Module):
+    """The fixed random network that labels the teacher-student task.
+
+    ``y = φ(W_L … φ(W_1 x + b_1) … + b_L)``: ``activation`` follows every layer, the
+    output layer included, so ``identity`` gives a linear teacher ``y = T x + c``.
+    """
+
+    hidden_layers: Sequence[int]
+    features: int
+    activation: str = "identity"
+
+    @nn.compact
+    def __call__(self, x):
+        activation = get_activation(self.activation)
+        x = x.reshape((x.shape[0], -1))
+        for width in (*self.hidden_layers, self.features):
+            x = activation(nn.Dense(width)(x))
+        return x
