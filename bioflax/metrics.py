@@ -1,0 +1,142 @@
+"""Metrics: clu collections for loss/accuracy, and how closely a rule follows backprop.
+
+No ``from __future__ import annotations`` here: clu collections read their field types.
+"""
+
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from flax import traverse_util
+
+from bioflax import layers
+
+
+@flax.struct.dataclass
+class ClassificationMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average.from_output("loss")
+    accuracy: clu_metrics.Accuracy
+
+
+@flax.struct.dataclass
+class RegressionMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average.from_output("loss")
+
+
+def softmax_cross_entropy(logits, labels):
+    """Per-example ``−log softmax(logits)[label]``."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def mean_squared_error(predictions, targets):
+    """Per-example ``mean_j (y_j − t_j)²``."""
+    return jnp.mean(jnp.square(predictions - targets), axis=-1)
+
+
+def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``⟨a, b⟩ / (‖a‖ ‖b‖)`` of the flattened arrays (0 if either is zero)."""
+    a, b = a.ravel(), b.ravel()
+    norms = jnp.linalg.norm(a) * jnp.linalg.norm(b)
+    return jnp.where(norms > 0, jnp.vdot(a, b) / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
+def angle_degrees(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The angle between ``a`` and ``b`` in degrees, ``2·atan2(‖â − b̂‖, ‖â + b̂‖)``.
+
+    Exact to rounding for nearly parallel vectors, where ``arccos`` of the cosine is not.
+    """
+    a, b = a.ravel(), b.ravel()
+    a_hat = a / jnp.maximum(jnp.linalg.norm(a), jnp.finfo(a.dtype).tiny)
+    b_hat = b / jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
+    radians = 2 * jnp.arctan2(jnp.linalg.norm(a_hat - b_hat), jnp.linalg.norm(a_hat + b_hat))
+    return jnp.degrees(radians)
+
+
+def dense_layers(tree: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
+    """The sub-dicts of a variable tree that hold a ``kernel``, keyed by their path."""
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+    found: dict[str, dict[str, jax.Array]] = {}
+    for path, value in flat.items():
+        layer, _, leaf = path.rpartition("/")
+        found.setdefault(layer or "layer", {})[leaf] = value
+    return {name: leaves for name, leaves in found.items() if "kernel" in leaves}
+
+
+def _with_feedback(params, model_state):
+    """``params`` with the fixed feedback matrices of ``model_state`` merged in per layer."""
+    fixed = model_state.get(layers.FEEDBACK_COLLECTION, {})
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(flax.core.unfreeze(params)),
+                                         **traverse_util.flatten_dict(flax.core.unfreeze(fixed))})
+
+
+def _layer_vector(leaves):
+    return jnp.concatenate([leaves["kernel"].ravel()] +
+                           ([leaves["bias"].ravel()] if "bias" in leaves else []))
+
+
+class Alignment:
+    """How closely a rule's gradients follow backprop's, on the same parameters and batch.
+
+    Every ``every`` steps the trainer calls it inside the compiled step with the loss as a
+    function of the parameters and the rule's gradients; it computes backprop's gradients
+    under :func:`bioflax.layers.exact_backprop` and returns, per dense layer ``l`` (its
+    path in the parameter tree) and over all layers:
+
+    - ``alignment/grad_cosine/l`` and ``alignment/grad_angle/l``: cosine and angle (°)
+      between the rule's ``(dW_l, db_l)`` and backprop's;
+    - ``alignment/relative_grad_norm``: ``‖g_BP‖ / ‖g_rule‖`` over all layers;
+    - for layers with a feedback matrix shaped like ``W`` (FA, KP, interpolation):
+      ``alignment/weight_cosine/l`` between ``W_l`` and ``B_l`` and
+      ``alignment/weight_difference_norm/l`` ``= ‖W_l − B_l‖``.
+    """
+
+    def __init__(self, every: int):
+        if every <= 0:
+            raise ValueError(f"alignment every must be a positive number of steps, got {every}.")
+        self.every = every
+
+    def __call__(self, loss_of_params: Callable[[Any], jax.Array], params,
+                 model_state, grads) -> dict[str, jax.Array]:
+        with layers.exact_backprop():
+            backprop_grads = jax.grad(loss_of_params)(params)
+        rule = dense_layers(grads)
+        reference = dense_layers(backprop_grads)
+        values = {}
+        for name in rule:
+            a, b = _layer_vector(rule[name]), _layer_vector(reference[name])
+            values[f"alignment/grad_cosine/{name}"] = cosine(a, b)
+            values[f"alignment/grad_angle/{name}"] = angle_degrees(a, b)
+        all_rule = jnp.concatenate([_layer_vector(rule[n]) for n in rule])
+        all_reference = jnp.concatenate([_layer_vector(reference[n]) for n in rule])
+        values["alignment/grad_cosine/all"] = cosine(all_rule, all_reference)
+        values["alignment/grad_angle/all"] = angle_degrees(all_rule, all_reference)
+        values["alignment/relative_grad_norm"] = (
+            jnp.linalg.norm(all_reference) / jnp.linalg.norm(all_rule))
+        for name, leaves in dense_layers(_with_feedback(params, model_state)).items():
+            feedback = leaves.get(layers.FEEDBACK_KERNEL)
+            if feedback is not None and feedback.shape == leaves["kernel"].shape:
+                values[f"alignment/weight_cosine/{name}"] = cosine(leaves["kernel"], feedback)
+                values[f"alignment/weight_difference_norm/{name}"] = jnp.linalg.norm(
+                    leaves["kernel"] - feedback)
+        return values
+
+
+def averages(values: Mapping[str, jax.Array], weight) -> dict[str, clu_metrics.Average]:
+    """Each scalar as a clu ``Average`` counted ``weight`` (0 or 1) times."""
+    return {name: clu_metrics.Average(total=jnp.asarray(value, jnp.float32) * weight,
+                                      count=jnp.asarray(weight, jnp.int32))
+            for name, value in values.items()}
+
+
+def merge_averages(a: dict[str, clu_metrics.Average], b: dict[str, clu_metrics.Average]):
+    return {name: a[name].merge(b[name]) for name in a}
+
+
+def compute_averages(metrics: Mapping[str, clu_metrics.Average]) -> dict[str, float]:
+    """The averages that were counted at least once, as floats."""
+    return {name: float(np.asarray(m.total) / np.asarray(m.count))
+            for name, m in metrics.items() if int(m.count) > 0}

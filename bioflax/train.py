@@ -1,0 +1,156 @@
+"""``train_and_evaluate(config, workdir)``: a config becomes data, model, optimizer, trainer."""
+
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from clu import metric_writers
+from flax import linen as nn
+
+from bioflax import callbacks as callbacks_lib
+from bioflax import data as data_lib
+from bioflax import metrics as metrics_lib
+from bioflax import models
+from bioflax.trainer import Task, Trainer, make_mesh
+
+logger = logging.getLogger(__name__)
+
+INITIALIZERS = ("lecun_normal", "uniform", "variance_scaling")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine")
+
+
+def get_initializer(name: str, scale: float) -> nn.initializers.Initializer:
+    """'lecun_normal'; 'uniform': U[−s, s]; 'variance_scaling': truncated normal, var s/fan_in."""
+    if name == "lecun_normal":
+        return nn.initializers.lecun_normal()
+    if name == "uniform":
+        return lambda key, shape, dtype=jax.numpy.float32: jax.random.uniform(
+            key, shape, dtype, -scale, scale)
+    if name == "variance_scaling":
+        return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+    raise ValueError(f"Unknown initializer {name!r}; choose one of {list(INITIALIZERS)}.")
+
+
+def build_model(model_config: ml_collections.ConfigDict, info: data_lib.DatasetInfo):
+    return models.BioNeuralNetwork(
+        hidden_layers=tuple(model_config.hidden_layers),
+        activations=tuple(model_config.activations),
+        features=info.num_outputs,
+        mode=model_config.mode,
+        interpolation_factor=model_config.interpolation_factor,
+        kernel_init=get_initializer(model_config.kernel_init, model_config.kernel_init_scale),
+        feedback_init=get_initializer(model_config.feedback_init,
+                                      model_config.feedback_init_scale))
+
+
+def build_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+    """The optimizer with its learning rate injected (so it can be logged).
+
+    Weight decay comes first in the chain, ``w ← w − lr·(u + wd·w)``, which makes
+    Kolen-Pollack's ``W − B`` shrink by ``(1 − lr·wd)`` per plain SGD step.
+    """
+    if config.schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(config.learning_rate,
+                                               max(total_steps - config.warmup_steps, 1))
+    else:
+        schedule = optax.constant_schedule(config.learning_rate)
+    if config.warmup_steps:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps), schedule],
+            [config.warmup_steps])
+
+    def make(learning_rate):
+        if config.name == "sgd":
+            update = optax.sgd(learning_rate, momentum=config.momentum or None)
+        else:
+            update = optax.adam(learning_rate)
+        if config.weight_decay:
+            return optax.chain(optax.add_decayed_weights(config.weight_decay), update)
+        return update
+
+    return optax.inject_hyperparams(make)(learning_rate=schedule)
+
+
+def build_task(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo,
+               total_steps: int) -> Task:
+    classification = info.task == "classification"
+    step_metrics = ([metrics_lib.Alignment(config.alignment.every_steps)]
+                    if config.alignment.enabled else [])
+    return Task(
+        module=build_model(config.model, info),
+        loss=(metrics_lib.softmax_cross_entropy if classification
+              else metrics_lib.mean_squared_error),
+        optimizer=build_optimizer(config.optimizer, total_steps),
+        metrics=(metrics_lib.ClassificationMetrics if classification
+                 else metrics_lib.RegressionMetrics),
+        step_metrics=step_metrics)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains as ``config`` says, resuming from ``workdir/checkpoints``; returns metrics.
+
+    The result holds ``history`` (one dict per epoch) and ``test`` (final test metrics).
+    """
+    training = config.training
+    if training.multi_host:
+        jax.distributed.initialize()
+    info, splits = data_lib.load(config.data, config.seed)
+    mesh = make_mesh(training.num_devices or None)
+    fast_dev_run = training.fast_dev_run
+    steps_per_epoch = data_lib.steps_per_epoch(len(splits["train"]), config.data.batch_size)
+    if training.limit_train_batches:
+        steps_per_epoch = min(steps_per_epoch, training.limit_train_batches)
+    total_steps = fast_dev_run or steps_per_epoch * training.epochs
+    task = build_task(config, info, total_steps)
+
+    os.makedirs(workdir, exist_ok=True)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    writer.write_hparams(_flat_hparams(config))
+    callbacks: list = [callbacks_lib.LearningRateMonitor()]
+    checkpoint = None
+    if not fast_dev_run:
+        checkpoint = callbacks_lib.ModelCheckpoint(
+            os.path.join(workdir, "checkpoints"), every_n_steps=training.checkpoint_every_steps,
+            max_to_keep=training.keep_checkpoints)
+        callbacks.append(checkpoint)
+    if training.early_stopping_patience:
+        callbacks.append(callbacks_lib.EarlyStopping(training.early_stopping_monitor,
+                                                     patience=training.early_stopping_patience))
+    trainer = Trainer(
+        workdir=workdir, writer=writer, max_epochs=training.epochs,
+        max_steps=total_steps, log_every_steps=min(training.log_every_steps, total_steps),
+        callbacks=callbacks, seed=config.seed, in_memory=config.data.in_memory,
+        limit_train_batches=training.limit_train_batches or fast_dev_run or None,
+        limit_eval_batches=fast_dev_run or None, mesh=mesh)
+    state = trainer.init_state(task, splits["train"].inputs[:1])
+    if checkpoint is not None:
+        state = checkpoint.restore_latest(state) or state
+    history = trainer.fit(task, splits["train"], splits.get("validation"),
+                          batch_size=config.data.batch_size,
+                          eval_batch_size=config.data.eval_batch_size, initial_state=state)
+    test = trainer.evaluate(task, splits["test"], batch_size=config.data.eval_batch_size)
+    writer.write_scalars(int(trainer.state.step), {f"test/{k}": v for k, v in test.items()})
+    writer.flush()
+    logger.info("Test metrics: %s", test)
+    return {"history": history, "test": test, "state": trainer.state}
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as flat ``section.field`` hyper-parameters (tuples as strings)."""
+    flat = {}
+
+    def visit(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, (dict, ml_collections.ConfigDict)):
+                visit(f"{name}.", value)
+            else:
+                flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    visit("", config)
+    return flat

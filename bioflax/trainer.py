@@ -1,0 +1,403 @@
+"""A generic trainer for Flax models: ``fit`` / ``evaluate`` / ``predict`` on a device mesh.
+
+It knows nothing of feedback rules. A :class:`Task` bundles what to train (module, loss,
+metrics, optimizer, optional per-step metrics such as alignment), as Elegy's ``Model``
+did; the :class:`Trainer` says how (epochs, logging, callbacks, devices).
+
+Execution model: the batch is sharded over the ``'data'`` axis of a 1-D device mesh and
+the state is replicated; XLA inserts the gradient all-reduce. One compiled program runs
+``log_every_steps`` training steps (a ``lax.scan``), so the host sees the device once per
+logging interval. With ``in_memory=True`` the training split sits on the device and the
+program gathers each batch itself; otherwise batches come from the tf.data pipeline.
+Both read the examples in the order :func:`bioflax.data.epoch_order` gives, so a run
+resumed from a checkpoint at step ``s`` continues with exactly the batches an
+uninterrupted run would have seen.
+"""
+
+import dataclasses
+import logging
+import sys
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metric_writers, parameter_overview, periodic_actions
+from flax import linen as nn
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bioflax import data as data_lib
+from bioflax import metrics as metrics_lib
+
+logger = logging.getLogger(__name__)
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus ``model_state``: variables that are not trained (e.g. fixed B)."""
+
+    model_state: Any = None
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the parameters stopped being finite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What to train: a module, a per-example ``loss(outputs, targets)``, a clu metric
+    collection built from ``loss=``, ``logits=``, ``labels=`` (and ``mask=``), an optax
+    optimizer, and ``step_metrics``: callables with an ``every`` attribute, called every
+    ``every`` steps inside the compiled step as ``metric(loss_of_params, params,
+    model_state, grads)`` and returning a dict of scalars (see ``metrics.Alignment``)."""
+
+    module: nn.Module
+    loss: Callable[[jax.Array, jax.Array], jax.Array]
+    optimizer: optax.GradientTransformation
+    metrics: type
+    step_metrics: Sequence[Any] = ()
+
+
+class Callback:
+    """Hooks with the names Lightning users know; each receives the trainer."""
+
+    def on_fit_start(self, trainer: "Trainer", state: TrainState) -> None: ...
+
+    def on_train_chunk_end(self, trainer: "Trainer", state: TrainState, step: int,
+                           logs: Mapping[str, float]) -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", state: TrainState, epoch: int,
+                     logs: Mapping[str, float]) -> None: ...
+
+    def on_fit_end(self, trainer: "Trainer", state: TrainState) -> None: ...
+
+
+def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
+    """A 1-D mesh named ``'data'`` over the first ``num_devices`` devices (default: all)."""
+    devices = jax.devices()
+    num_devices = num_devices or len(devices)
+    if num_devices > len(devices):
+        raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist.")
+    return jax.sharding.Mesh(np.asarray(devices[:num_devices]), ("data",))
+
+
+def _zeros_like_shapes(shapes):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+class Trainer:
+    """Trains a :class:`Task` data-parallel over every local device.
+
+    Args:
+      workdir: where TensorBoard event files go (none: log lines only).
+      max_epochs: epochs to train; ``max_steps`` caps the total instead, when given.
+      log_every_steps: steps per compiled program and per logged training average.
+      callbacks: :class:`Callback` objects, run in order.
+      seed: initialises the parameters and orders the training data.
+      in_memory: hold the training split on the device and gather batches there.
+      limit_train_batches: at most this many steps per epoch (a smoke-run knob).
+      limit_eval_batches: at most this many batches per evaluation.
+      mesh: the device mesh (default: all devices on a ``'data'`` axis).
+      progress_bar: a live tqdm bar (default: when stderr is a terminal).
+    """
+
+    def __init__(self, *, workdir: Optional[str] = None, max_epochs: int = 1,
+                 max_steps: Optional[int] = None, log_every_steps: int = 100,
+                 callbacks: Sequence[Callback] = (), seed: int = 0, in_memory: bool = True,
+                 limit_train_batches: Optional[int] = None,
+                 limit_eval_batches: Optional[int] = None,
+                 mesh: Optional[jax.sharding.Mesh] = None,
+                 progress_bar: Optional[bool] = None,
+                 writer: Optional[metric_writers.MetricWriter] = None):
+        if log_every_steps <= 0:
+            raise ValueError(f"log_every_steps must be positive, got {log_every_steps}.")
+        self.workdir = workdir
+        self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.log_every_steps = log_every_steps
+        self.callbacks = list(callbacks)
+        self.seed = seed
+        self.in_memory = in_memory
+        self.limit_train_batches = limit_train_batches
+        self.limit_eval_batches = limit_eval_batches
+        self.mesh = mesh or make_mesh()
+        self.progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+        self.writer = writer or metric_writers.create_default_writer(
+            workdir, just_logging=jax.process_index() > 0 or workdir is None)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharded = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.chunk_sharded = NamedSharding(self.mesh, PartitionSpec(None, "data"))
+        self.state: Optional[TrainState] = None
+        self.should_stop = False
+        self._compiled: dict = {}
+
+    # --- state -------------------------------------------------------------------------
+
+    def init_state(self, task: Task, sample_input: np.ndarray) -> TrainState:
+        """Parameters from ``seed``, replicated over the mesh."""
+        variables = flax.core.unfreeze(
+            task.module.init(jax.random.key(self.seed), jnp.asarray(sample_input)))
+        params = variables.pop("params")
+        state = TrainState.create(apply_fn=task.module.apply, params=params,
+                                  tx=task.optimizer, model_state=variables)
+        return jax.device_put(state, self.replicated)
+
+    # --- compiled programs ---------------------------------------------------------------
+
+    def _train_step(self, task: Task, state: TrainState, batch):
+        def loss_and_outputs(params):
+            outputs = state.apply_fn({"params": params, **state.model_state}, batch["input"])
+            per_example = task.loss(outputs, batch["target"])
+            return per_example.mean(), (outputs, per_example)
+
+        (loss, (outputs, per_example)), grads = jax.value_and_grad(
+            loss_and_outputs, has_aux=True)(state.params)
+        metrics = task.metrics.single_from_model_output(
+            loss=per_example, logits=outputs, labels=batch["target"])
+        step_metrics = {}
+        for metric in task.step_metrics:
+            def compute(metric=metric):
+                return metric(lambda p: loss_and_outputs(p)[0], state.params,
+                              state.model_state, grads)
+            is_due = state.step % metric.every == 0
+            values = jax.lax.cond(is_due, compute,
+                                  lambda compute=compute: _zeros_like_shapes(
+                                      jax.eval_shape(compute)))
+            step_metrics.update(metrics_lib.averages(values, is_due))
+        return state.apply_gradients(grads=grads), (metrics, step_metrics), loss
+
+    def _train_chunk(self, task: Task, get_batch, state: TrainState, xs, num_valid):
+        """``num_valid`` steps (≤ the length of ``xs``) as one ``lax.scan``."""
+        first_batch = get_batch(jax.tree.map(lambda x: x[0], xs))
+        empty = _zeros_like_shapes(jax.eval_shape(
+            lambda: self._train_step(task, state, first_batch)[1]))
+
+        def body(carry, step_input):
+            state, (metrics, step_metrics) = carry
+            index, x = step_input
+
+            def run():
+                new_state, (m, s), loss = self._train_step(task, state, get_batch(x))
+                return new_state, (metrics.merge(m),
+                                   metrics_lib.merge_averages(step_metrics, s)), loss
+
+            def skip():
+                return state, (metrics, step_metrics), jnp.zeros((), jnp.float32)
+
+            new_state, new_metrics, loss = jax.lax.cond(index < num_valid, run, skip)
+            return (new_state, new_metrics), loss.astype(jnp.float32)
+
+        length = jax.tree.leaves(xs)[0].shape[0]
+        (state, metrics), losses = jax.lax.scan(body, (state, empty), (jnp.arange(length), xs))
+        return state, metrics, losses, _all_finite(state.params)
+
+    def _chunk_program(self, task: Task, in_memory: bool):
+        key = (id(task), in_memory)
+        if key not in self._compiled:
+            if in_memory:
+                def program(state, dataset, indices, num_valid):
+                    def gather(idx):
+                        batch = jax.tree.map(lambda a: a[idx], dataset)
+                        return jax.lax.with_sharding_constraint(batch, self.batch_sharded)
+                    return self._train_chunk(task, gather, state, indices, num_valid)
+            else:
+                def program(state, batches, num_valid):
+                    return self._train_chunk(task, lambda b: b, state, batches, num_valid)
+            self._compiled[key] = jax.jit(program, donate_argnums=(0,),
+                                          out_shardings=self.replicated)
+        return self._compiled[key]
+
+    def _eval_program(self, task: Task):
+        key = (id(task), "eval")
+        if key not in self._compiled:
+            def evaluate(state, batch):
+                outputs = state.apply_fn({"params": state.params, **state.model_state},
+                                         batch["input"])
+                return task.metrics.single_from_model_output(
+                    loss=task.loss(outputs, batch["target"]), logits=outputs,
+                    labels=batch["target"], mask=batch["mask"])
+            self._compiled[key] = jax.jit(evaluate, out_shardings=self.replicated)
+        return self._compiled[key]
+
+    # --- data ----------------------------------------------------------------------------
+
+    def _global(self, local_batch, sharding):
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+            local_batch)
+
+    def _chunks(self, train: data_lib.Split, batch_size: int, epoch: int, start: int,
+                stop: int) -> Iterator[tuple[tuple, int]]:
+        """Arguments (after the state) of the chunk program for steps [start, stop) of an epoch."""
+        k = self.log_every_steps
+        if self.in_memory:
+            order = data_lib.epoch_order(self.seed, epoch, len(train))
+            for first in range(start, stop, k):
+                n = min(k, stop - first)
+                indices = np.zeros((k, batch_size), np.int32)
+                indices[:n] = order[first * batch_size:(first + n) * batch_size].reshape(
+                    n, batch_size)
+                yield (self._dataset_on_device, jax.device_put(indices, self.replicated)), n
+            return
+        batches = data_lib.train_batches(
+            train, batch_size, self.seed, epoch, start_step=start, chunk=k,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        first = start
+        for chunk in batches:
+            n = min(len(chunk["input"]), stop - first)
+            if n <= 0:
+                break
+            padded = jax.tree.map(
+                lambda x: np.concatenate([x[:n], np.zeros((k - n, *x.shape[1:]), x.dtype)]),
+                chunk)
+            yield (self._global(padded, self.chunk_sharded),), n
+            first += n
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def fit(self, task: Task, train: data_lib.Split, val: Optional[data_lib.Split] = None,
+            *, batch_size: int, eval_batch_size: int = 1000,
+            initial_state: Optional[TrainState] = None) -> list[dict[str, float]]:
+        """Trains ``task`` on ``train``; returns one dict of metrics per finished epoch.
+
+        Starts from ``initial_state`` (for example a restored checkpoint) when given.
+        """
+        data_lib.check_batch_size(batch_size, self.mesh.size)
+        steps_per_epoch = data_lib.steps_per_epoch(len(train), batch_size)
+        if self.limit_train_batches:
+            steps_per_epoch = min(steps_per_epoch, self.limit_train_batches)
+        if steps_per_epoch == 0:
+            raise ValueError(f"The training split has {len(train)} examples, fewer than one "
+                             f"batch of {batch_size}: lower data.batch_size.")
+        total_steps = steps_per_epoch * self.max_epochs
+        if self.max_steps is not None:
+            total_steps = min(total_steps, self.max_steps)
+        state = initial_state or self.init_state(task, train.inputs[:1])
+        if self.in_memory:
+            self._dataset_on_device = jax.device_put(
+                {"input": train.inputs, "target": train.targets}, self.replicated)
+        program = self._chunk_program(task, self.in_memory)
+        parameter_overview.log_parameter_overview(state.params)
+        self.should_stop = False
+        for callback in self.callbacks:
+            callback.on_fit_start(self, state)
+        progress = self._progress(total_steps, int(state.step))
+        history = []
+        step = int(state.step)
+        while step < total_steps and not self.should_stop:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            stop = min(steps_per_epoch, in_epoch + total_steps - step)
+            for args, n in self._chunks(train, batch_size, epoch, in_epoch, stop):
+                state, (metrics, step_metrics), losses, params_finite = program(
+                    state, *args, n)
+                self._check_finite(np.asarray(losses)[:n], bool(params_finite), step)
+                step += n
+                logs = {f"train/{k}": v for k, v in metrics.compute().items()}
+                logs.update(metrics_lib.compute_averages(step_metrics))
+                logs = {k: float(v) for k, v in logs.items()}
+                self.writer.write_scalars(step, logs)
+                progress(step, epoch, logs)
+                for callback in self.callbacks:
+                    callback.on_train_chunk_end(self, state, step, logs)
+            if step % steps_per_epoch == 0:
+                logs = {"epoch": epoch + 1, **logs}
+                if val is not None and len(val):
+                    val_logs = self._evaluate_state(task, state, val, eval_batch_size)
+                    logs.update({f"val/{k}": v for k, v in val_logs.items()})
+                    self.writer.write_scalars(step, {f"val/{k}": v for k, v in val_logs.items()})
+                history.append(logs)
+                for callback in self.callbacks:
+                    callback.on_epoch_end(self, state, epoch, logs)
+        self.writer.flush()
+        progress.close()
+        self.state = state
+        for callback in self.callbacks:
+            callback.on_fit_end(self, state)
+        self.writer.flush()
+        return history
+
+    def _check_finite(self, losses: np.ndarray, params_finite: bool, step: int) -> None:
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if len(bad) or not params_finite:
+            at = step + (int(bad[0]) + 1 if len(bad) else len(losses))
+            value = losses[bad[0]] if len(bad) else "finite, but the parameters are not"
+            raise TrainingDivergedError(
+                f"Training diverged at step {at}: the loss is {value}. Nothing from this "
+                "step on was saved; the latest checkpoint is from before it. Lower the "
+                "learning rate (--config.optimizer.learning_rate) or the initial weight "
+                "scale and run again; the run resumes from that checkpoint.")
+
+    def _progress(self, total_steps: int, first_step: int):
+        report = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                                 writer=self.writer, every_secs=30.0)
+        bar = None
+        if self.progress_bar:
+            import tqdm  # pylint: disable=import-outside-toplevel
+            bar = tqdm.tqdm(total=total_steps, initial=first_step, unit="step",
+                            dynamic_ncols=True)
+
+        class Progress:
+            def __call__(self, step, epoch, logs):
+                report(step)
+                if bar is not None:
+                    bar.set_description(f"epoch {epoch + 1}")
+                    bar.set_postfix(loss=f"{logs.get('train/loss', float('nan')):.4f}")
+                    bar.update(step - bar.n)
+
+            def close(self):
+                if bar is not None:
+                    bar.close()
+
+        return Progress()
+
+    # --- evaluation and prediction -------------------------------------------------------
+
+    def _evaluate_state(self, task: Task, state: TrainState, split: data_lib.Split,
+                        batch_size: int) -> dict[str, float]:
+        data_lib.check_batch_size(batch_size, self.mesh.size)
+        evaluate = self._eval_program(task)
+        total = None
+        batches = data_lib.eval_batches(split, batch_size, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+        for index, batch in enumerate(batches):
+            if self.limit_eval_batches and index >= self.limit_eval_batches:
+                break
+            metrics = evaluate(state, self._global(batch, self.batch_sharded))
+            total = metrics if total is None else total.merge(metrics)
+        return {k: float(v) for k, v in total.compute().items()}
+
+    def evaluate(self, task: Task, split: data_lib.Split, *, batch_size: int = 1000,
+                 state: Optional[TrainState] = None) -> dict[str, float]:
+        """Metrics of ``state`` (default: the fitted state) over every example of ``split``."""
+        state = state or self._fitted_state()
+        return self._evaluate_state(task, state, split, batch_size)
+
+    def predict(self, task: Task, inputs: np.ndarray, *, batch_size: int = 1000,
+                state: Optional[TrainState] = None) -> np.ndarray:
+        """The module's outputs for ``inputs``, computed in padded, sharded batches."""
+        state = state or self._fitted_state()
+        split = data_lib.Split(inputs=np.asarray(inputs, np.float32),
+                               targets=np.zeros(len(inputs), np.int32))
+        key = (id(task), "predict")
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(
+                lambda state, x: state.apply_fn(
+                    {"params": state.params, **state.model_state}, x),
+                out_shardings=self.replicated)
+        outputs = []
+        for batch in data_lib.eval_batches(split, batch_size, process_index=jax.process_index(),
+                                           process_count=jax.process_count()):
+            out = self._compiled[key](state, self._global(batch["input"], self.batch_sharded))
+            outputs.append(np.asarray(out)[batch["mask"] > 0])
+        return np.concatenate(outputs)
+
+    def _fitted_state(self) -> TrainState:
+        if self.state is None:
+            raise RuntimeError("No trained state: call fit() first or pass state=.")
+        return self.state

@@ -1,0 +1,66 @@
+"""The default configuration: every field bioflax reads, with its meaning.
+
+Experiment configs import this module and override fields; any field can also be set on
+the command line: ``python main.py --config=configs/kp_mnist.py
+--config.optimizer.learning_rate=0.1 --workdir=runs/x``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # initialises parameters and teacher, picks the validation split, orders data
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "mnist"  # 'mnist' (TFDS), 'teacher' (teacher-student regression), 'sinreg'
+    data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: default or $TFDS_DATA_DIR
+    data.batch_size = 128  # global training batch, split evenly over all devices
+    data.eval_batch_size = 1000  # global evaluation batch (the last one is padded and masked)
+    data.val_split = 0.1  # fraction of the training set held out for validation; 0: none
+    data.normalize_mean = 0.1307  # MNIST pixels in [0, 1] become (x - mean) / std
+    data.normalize_std = 0.3081
+    data.input_dim = 10  # teacher task: input dimension (sinreg: 1)
+    data.output_dim = 10  # teacher task: output dimension (sinreg: 1)
+    data.train_size = 10_000  # teacher and sinreg: number of training examples
+    data.test_size = 2_000  # teacher and sinreg: number of test examples
+    data.teacher_hidden_layers = ()  # hidden widths of the teacher network
+    data.teacher_activation = "identity"  # activation after every teacher layer
+    data.in_memory = True  # hold the training split on the device (fast path) or use tf.data
+
+    config.model = model = ml_collections.ConfigDict()
+    model.mode = "bp"  # 'bp', 'fa', 'kp', 'dfa' or 'interpolate_fa_bp'
+    model.interpolation_factor = 0.5  # λ of interpolate_fa_bp: 1 = FA, 0 = BP
+    model.hidden_layers = (500,)  # widths of the hidden layers
+    model.activations = ("relu",)  # one activation name per hidden layer
+    model.kernel_init = "lecun_normal"  # W: 'lecun_normal', 'uniform' or 'variance_scaling'
+    model.kernel_init_scale = 1.0  # s of 'uniform' (U[-s, s]) or 'variance_scaling'
+    model.feedback_init = "lecun_normal"  # B: same choices as kernel_init
+    model.feedback_init_scale = 1.0
+
+    config.optimizer = optimizer = ml_collections.ConfigDict()
+    optimizer.name = "sgd"  # 'sgd' (with momentum) or 'adam'
+    optimizer.learning_rate = 0.05
+    optimizer.momentum = 0.9  # sgd only; 0 for plain SGD
+    optimizer.weight_decay = 0.0  # decoupled from the loss, applied to W (and KP's B) before the update
+    optimizer.schedule = "constant"  # 'constant' or 'cosine' (decays to 0 over the run)
+    optimizer.warmup_steps = 0  # linear warm-up from 0 before the schedule
+
+    config.training = training = ml_collections.ConfigDict()
+    training.epochs = 10
+    training.log_every_steps = 100  # steps per compiled program and per logged average
+    training.checkpoint_every_steps = 1000  # Orbax checkpoint interval (and one at the end)
+    training.keep_checkpoints = 3  # newest checkpoints kept in workdir/checkpoints
+    training.limit_train_batches = 0  # at most this many steps per epoch; 0: all
+    training.fast_dev_run = 0  # n > 0: n steps and n evaluation batches, no checkpoints
+    training.early_stopping_patience = 0  # epochs without improvement before stopping; 0: off
+    training.early_stopping_monitor = "val/loss"
+    training.num_devices = 0  # devices of the data-parallel mesh; 0: all local devices
+    training.multi_host = False  # call jax.distributed.initialize() first (multi-host runs)
+
+    config.alignment = alignment = ml_collections.ConfigDict()
+    alignment.enabled = True  # gradient/weight alignment with backprop, inside the train step
+    alignment.every_steps = 100  # one extra backprop pass on these steps only
+
+    config.plots = True  # PNG figures and TensorBoard images at the end of the run
+    return config
