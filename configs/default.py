@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "mnist"  # 'mnist' (TFDS), 'teacher' (teacher-student regression), 'sinreg'
     data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: default or $TFDS_DATA_DIR
+    data.download = True  # MNIST: let TFDS download it when no prepared copy is found
     data.batch_size = 128  # global training batch, split evenly over all devices
     data.eval_batch_size = 1000  # global evaluation batch (the last one is padded and masked)
     data.val_split = 0.1  # fraction of the training set held out for validation; 0: none

@@ -1,0 +1,409 @@
+"""Input pipelines: MNIST (TFDS), the teacher-student task and sine regression.
+
+Every data set is small enough to live in host memory, so :func:`load` returns each split as
+a pair of NumPy arrays (:class:`Split`), already preprocessed. Batches come out of them in
+one of two equivalent ways:
+
+* :func:`train_batches` / :func:`eval_batches`: a ``tf.data`` pipeline over the in-memory
+  arrays (index order → batch → ``tf.gather``; prefetched), which also cuts each global
+  batch into this process's rows;
+* the trainer's in-memory fast path, ``split.inputs[epoch_order(seed, epoch, N)[i*B:(i+1)*B]]``
+  on device.
+
+Both give batch ``i`` of epoch ``e`` the same examples in the same order: the order of an
+epoch is a pure function of ``(seed, epoch)`` (:func:`epoch_order`), so a run resumed at
+step ``s`` sees exactly the batches it would have seen (``start_step``).
+
+Config fields read from ``config.data`` (see ``configs/default.py``): ``dataset``,
+``data_dir``, ``batch_size``, ``eval_batch_size``, ``val_split``, ``normalize_mean``,
+``normalize_std``, ``input_dim``, ``output_dim``, ``train_size``, ``test_size``,
+``teacher_hidden_layers``, ``teacher_activation`` and, optionally, ``download`` (default
+True: fetch MNIST with TFDS when no prepared copy is found and the network is reachable).
+"""
+
+import dataclasses
+import math
+import os
+import socket
+import threading
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from bioflax import models
+
+# TensorFlow only feeds data here; keep it off the accelerators that JAX uses.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # TF already initialised its devices, or has none.
+    pass
+
+TASKS = ("classification", "regression")
+DATASETS = ("mnist", "teacher", "sinreg")
+
+MNIST_NUM_CLASSES = 10
+MNIST_INPUT_SHAPE = (784,)
+# Where TFDS downloads MNIST from; probed before a download so that an offline machine fails
+# at once instead of after a network time-out.
+_MNIST_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+_NETWORK_PROBE_TIMEOUT_S = 3.0
+# TensorFlow kernels need tensor data aligned to this many bytes (Allocator::kAllocatorAlignment).
+_TF_ALIGNMENT = 64
+
+# Tags that keep the random streams of different purposes apart for one seed.
+_VAL_SPLIT_STREAM = 0x76616C  # "val"
+_TEACHER_STREAM = 0x746561  # "tea"
+_SINREG_STREAM = 0x73696E  # "sin"
+
+
+class DataNotFoundError(RuntimeError):
+    """A data set could not be found, downloaded or read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    task: str  # 'classification' or 'regression'
+    input_shape: tuple[int, ...]  # of one example after preprocessing, e.g. (784,)
+    num_outputs: int  # classes (10 for MNIST) or regression output dim
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split held in memory: ``inputs`` float32 ``(N, *input_shape)``, preprocessed;
+    ``targets`` int32 ``(N,)`` (classification) or float32 ``(N, num_outputs)``.
+
+    Arrays that are not C-contiguous and 64-byte aligned are copied into storage that is, so
+    that the tf.data pipelines can share it with TensorFlow instead of copying it per epoch.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+
+    def __post_init__(self):
+        # Aligned, contiguous storage lets the tf.data pipelines share it without a copy.
+        for field in ("inputs", "targets"):
+            array = getattr(self, field)
+            if not (isinstance(array, np.ndarray) and array.flags.c_contiguous
+                    and array.ctypes.data % _TF_ALIGNMENT == 0):
+                object.__setattr__(self, field, _aligned(array))
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(f"inputs ({len(self.inputs)}) and targets ({len(self.targets)}) "
+                             "must have the same number of examples.")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(data_config: ml_collections.ConfigDict,
+         seed: int) -> tuple[DatasetInfo, dict[str, Split]]:
+    """Loads ``data_config.dataset``: its info and splits ``'train'``, ``'test'`` and, when
+    ``data_config.val_split > 0``, ``'validation'`` (held out of train, fixed by ``seed``)."""
+    name = data_config.dataset
+    if name not in DATASETS:
+        raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
+    val_split = float(data_config.val_split or 0.0)
+    if not 0.0 <= val_split < 1.0:
+        raise ValueError(f"data.val_split must be in [0, 1), got {data_config.val_split!r}.")
+
+    if name == "mnist":
+        info, train, test = _load_mnist(data_config)
+    elif name == "teacher":
+        info, train, test = _make_teacher(data_config, seed)
+    else:
+        info, train, test = _make_sinreg(data_config, seed)
+
+    splits = {"train": train, "test": test}
+    if val_split > 0:
+        splits["train"], splits["validation"] = _hold_out(train, val_split, seed)
+    return info, splits
+
+
+def _hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Splits off ``round(fraction * N)`` examples chosen by ``seed``; both parts keep the
+    original relative order."""
+    n = len(split)
+    num_val = int(round(fraction * n))
+    if num_val == 0 or num_val == n:
+        raise ValueError(f"data.val_split={fraction} of {n} training examples leaves an "
+                         "empty training or validation split.")
+    perm = _rng(seed, _VAL_SPLIT_STREAM).permutation(n)
+    val_idx, train_idx = np.sort(perm[:num_val]), np.sort(perm[num_val:])
+    take = lambda idx: Split(split.inputs[idx], split.targets[idx])
+    return take(train_idx), take(val_idx)
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng((_as_entropy(seed), *stream))
+
+
+def _as_entropy(seed: int) -> int:
+    # SeedSequence wants non-negative integers; fold negative seeds into 64 bits.
+    return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _load_mnist(cfg) -> tuple[DatasetInfo, Split, Split]:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    data_dir = cfg.get("data_dir", None)
+    if data_dir is not None:
+        data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
+    looked_in = data_dir or os.environ.get("TFDS_DATA_DIR") or "the TFDS default data dir"
+    fix = ("Point TFDS at a directory that holds a prepared mnist/3.0.1 with "
+           "--config.data.data_dir=/path/to/tensorflow_datasets or the environment "
+           "variable TFDS_DATA_DIR, or run once on a machine with internet access.")
+
+    try:
+        builder = tfds.builder("mnist", data_dir=data_dir)
+        looked_in = builder.data_dir
+        prepared = builder.is_prepared()
+    except Exception as e:  # pylint: disable=broad-except
+        raise DataNotFoundError(
+            f"Could not open the MNIST data set of TFDS (looked in {looked_in}): {e}. {fix}"
+        ) from e
+
+    if not prepared:
+        if not cfg.get("download", True):
+            raise DataNotFoundError(
+                f"MNIST is not prepared in {looked_in} and data.download is False. {fix}")
+        reachable, why = _can_reach(_MNIST_DOWNLOAD_HOST, _NETWORK_PROBE_TIMEOUT_S)
+        if not reachable:
+            raise DataNotFoundError(
+                f"MNIST is not prepared in {looked_in}, and it cannot be downloaded: "
+                f"{_MNIST_DOWNLOAD_HOST[0]} is unreachable ({why!r}). {fix}") from why
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # pylint: disable=broad-except
+            raise DataNotFoundError(
+                f"MNIST is not prepared in {looked_in} and downloading it failed: {e}. {fix}"
+            ) from e
+
+    try:
+        arrays = {}
+        for split in ("train", "test"):
+            ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+            arrays[split] = tfds.as_numpy(ds)
+    except Exception as e:  # pylint: disable=broad-except
+        raise DataNotFoundError(
+            f"MNIST in {looked_in} could not be read (truncated or corrupt files?): "
+            f"{type(e).__name__}: {e}. Delete that directory and download it again. {fix}"
+        ) from e
+
+    mean, std = float(cfg.normalize_mean), float(cfg.normalize_std)
+
+    def preprocess(images, labels) -> Split:
+        x = images.reshape(len(images), -1).astype(np.float32) / np.float32(255.0)
+        x = (x - np.float32(mean)) / np.float32(std)
+        return Split(x.astype(np.float32, copy=False), labels.astype(np.int32))
+
+    info = DatasetInfo("classification", MNIST_INPUT_SHAPE, MNIST_NUM_CLASSES)
+    return info, preprocess(*arrays["train"]), preprocess(*arrays["test"])
+
+
+def _can_reach(address: tuple[str, int], timeout: float) -> tuple[bool, Exception | None]:
+    """Whether a TCP connection to ``address`` opens within ``timeout`` seconds (name
+    resolution included, which ``socket`` alone cannot time out)."""
+    result: list = []
+
+    def probe():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not result:
+        return False, TimeoutError(f"no connection to {address[0]} within {timeout} s")
+    return result[0] is None, result[0]
+
+
+def _check_sizes(cfg) -> tuple[int, int, int, int]:
+    values = {}
+    for field in ("input_dim", "output_dim", "train_size", "test_size"):
+        value = cfg[field]
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"data.{field} must be a positive integer, got {value!r}.")
+        values[field] = int(value)
+    return values["input_dim"], values["output_dim"], values["train_size"], values["test_size"]
+
+
+def _make_teacher(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
+    """Inputs uniform in [-1, 1]^input_dim; targets from a fixed random TeacherNetwork."""
+    input_dim, output_dim, train_size, test_size = _check_sizes(cfg)
+    rng = _rng(seed, _TEACHER_STREAM)
+    x_train = rng.uniform(-1.0, 1.0, (train_size, input_dim)).astype(np.float32)
+    x_test = rng.uniform(-1.0, 1.0, (test_size, input_dim)).astype(np.float32)
+
+    teacher = models.TeacherNetwork(
+        hidden_layers=tuple(cfg.teacher_hidden_layers), features=output_dim,
+        activation=cfg.teacher_activation)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu), jax.default_matmul_precision("highest"):
+        params = teacher.init(jax.random.key(seed), x_train[:1])
+        y_train = np.asarray(teacher.apply(params, x_train), dtype=np.float32)
+        y_test = np.asarray(teacher.apply(params, x_test), dtype=np.float32)
+
+    info = DatasetInfo("regression", (input_dim,), output_dim)
+    return info, Split(x_train, y_train), Split(x_test, y_test)
+
+
+def _make_sinreg(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
+    """x uniform in [-π, π], y = sin(x), both (N, 1)."""
+    input_dim, output_dim, train_size, test_size = _check_sizes(cfg)
+    if input_dim != 1 or output_dim != 1:
+        raise ValueError("data.dataset='sinreg' needs data.input_dim == 1 and "
+                         f"data.output_dim == 1, got {input_dim} and {output_dim}.")
+    rng = _rng(seed, _SINREG_STREAM)
+
+    def draw(n: int) -> Split:
+        x = rng.uniform(-np.pi, np.pi, (n, 1)).astype(np.float32)
+        return Split(x, np.sin(x.astype(np.float64)).astype(np.float32))
+
+    info = DatasetInfo("regression", (1,), 1)
+    return info, draw(train_size), draw(test_size)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits the ``num_examples`` training examples: a
+    permutation of ``range(num_examples)``, a pure function of ``(seed, epoch)``."""
+    return np.random.default_rng((_as_entropy(seed), _as_entropy(epoch))).permutation(
+        num_examples)
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Full batches in one epoch (the remainder is dropped)."""
+    if global_batch_size <= 0:
+        raise ValueError(f"data.batch_size must be positive, got {global_batch_size}.")
+    return num_examples // global_batch_size
+
+
+def check_batch_size(global_batch_size: int, num_devices: int, *,
+                     field: str = "data.batch_size") -> None:
+    """Raises ValueError unless ``global_batch_size`` splits evenly over ``num_devices``."""
+    if global_batch_size <= 0 or global_batch_size % num_devices:
+        raise ValueError(
+            f"{field}={global_batch_size} must be a positive multiple of the number of "
+            f"devices ({num_devices}): each device gets an equal share of the global batch. "
+            f"Use e.g. --config.{field}="
+            f"{max(1, round(global_batch_size / num_devices)) * num_devices}.")
+
+
+def _local_columns(global_batch_size: int, process_index: int, process_count: int,
+                   field: str) -> slice:
+    if process_count <= 0 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                         f"{process_count}).")
+    check_batch_size(global_batch_size, process_count, field=field)
+    local = global_batch_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
+
+
+def _as_tensors(split: Split) -> tuple[tf.Tensor, tf.Tensor]:
+    return _to_tensor(split.inputs), _to_tensor(split.targets)
+
+
+def _to_tensor(array: np.ndarray) -> tf.Tensor:
+    """``array`` as a CPU tensor. An array aligned as TF requires (as :func:`load` makes
+    them) is shared through DLPack, so that a new pipeline per epoch does not copy the data
+    set; the split must then not be modified while a pipeline over it runs. Any other array
+    is copied."""
+    if (array.size and array.flags.c_contiguous
+            and array.ctypes.data % _TF_ALIGNMENT == 0):
+        try:
+            return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+        except Exception:  # pylint: disable=broad-except
+            pass
+    return tf.convert_to_tensor(array)
+
+
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``array`` whose data starts on a TF-aligned address."""
+    array = np.asarray(array)
+    buffer = np.empty(array.nbytes + _TF_ALIGNMENT, dtype=np.uint8)
+    offset = -buffer.ctypes.data % _TF_ALIGNMENT
+    out = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
+def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int, *,
+                  start_step: int = 0, chunk: int = 1, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+    """This process's training batches of one epoch, ``chunk`` steps at a time.
+
+    Global batch ``i`` is ``epoch_order(seed, epoch, N)[i*B:(i+1)*B]`` (the last partial
+    batch is dropped); the first ``start_step`` batches are skipped; this process keeps rows
+    ``[p*B/P, (p+1)*B/P)`` of each. Yields ``{'input': (k, B/P, *input_shape), 'target':
+    (k, B/P, ...)}`` NumPy arrays, ``k == chunk`` except possibly for the epoch's last chunk.
+    """
+    n = len(split)
+    steps = steps_per_epoch(n, global_batch_size)
+    if steps == 0:
+        raise ValueError(f"data.batch_size={global_batch_size} exceeds the {n} training "
+                         "examples: an epoch would have no step.")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step={start_step} must be in [0, {steps}] "
+                         f"(steps per epoch).")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}.")
+    columns = _local_columns(global_batch_size, process_index, process_count,
+                             "data.batch_size")
+
+    order = epoch_order(seed, epoch, n)[:steps * global_batch_size]
+    local_idx = order.reshape(steps, global_batch_size)[start_step:, columns]
+    inputs, targets = _as_tensors(split)
+
+    def gather(idx):
+        return {"input": tf.gather(inputs, idx), "target": tf.gather(targets, idx)}
+
+    ds = tf.data.Dataset.from_tensor_slices(local_idx.astype(np.int64))
+    ds = ds.batch(chunk, drop_remainder=False)
+    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return ds.as_numpy_iterator()
+
+
+def eval_batches(split: Split, global_batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+    """Every example exactly once, in order, in global batches of ``global_batch_size``.
+
+    The last batch is padded to full size with zero rows; ``'mask'`` (float32) is 1 for a
+    real example and 0 for padding. Yields this process's rows ``{'input', 'target',
+    'mask'}`` of each global batch (rows ``[p*B/P, (p+1)*B/P)``).
+    """
+    columns = _local_columns(global_batch_size, process_index, process_count,
+                             "data.eval_batch_size")
+    n = len(split)
+    num_batches = math.ceil(n / global_batch_size)
+    padded = np.arange(num_batches * global_batch_size, dtype=np.int64)
+    mask = (padded < n).astype(np.float32)
+    padded = np.where(padded < n, padded, 0)
+    local_idx = padded.reshape(num_batches, global_batch_size)[:, columns]
+    local_mask = mask.reshape(num_batches, global_batch_size)[:, columns]
+    inputs, targets = _as_tensors(split)
+
+    def gather(idx, m):
+        real = m > 0
+
+        def pick(array):
+            values = tf.gather(array, idx)
+            keep = tf.reshape(real, [-1] + [1] * (len(array.shape) - 1))
+            return tf.where(keep, values, tf.zeros_like(values))
+
+        return {"input": pick(inputs), "target": pick(targets), "mask": m}
+
+    ds = tf.data.Dataset.from_tensor_slices((local_idx, local_mask))
+    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return ds.as_numpy_iterator()

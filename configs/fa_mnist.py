@@ -1,0 +1,14 @@
+"""Feedback Alignment MLP on MNIST: 784-500-500-10 ReLU, SGD with momentum."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model.mode = "fa"
+    config.model.hidden_layers = (500, 500)
+    config.model.activations = ("relu", "relu")
+    config.optimizer.learning_rate = 0.05
+    config.optimizer.schedule = "cosine"
+    config.training.epochs = 20
+    return config
