@@ -16,7 +16,7 @@ def get_config():
     config.model.mode = "fa"
     config.model.hidden_layers = (20,)
     config.model.activations = ("identity",)
-    config.optimizer.learning_rate = 0.01
+    config.optimizer.learning_rate = 0.1
     config.optimizer.momentum = 0.0
     config.training.epochs = 20
     config.alignment.every_steps = 20
