@@ -1,0 +1,46 @@
+"""The README's layer example runs verbatim and trains by the rules it names."""
+
+import pathlib
+import re
+
+import jax
+import numpy as np
+
+import bioflax
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    section = text.split("## Using the layers in your own model", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_layer_example_runs_and_its_rules_differ_from_backprop(capsys):
+    namespace: dict = {}
+    exec(compile(readme_example(), str(README), "exec"), namespace)  # pylint: disable=exec-used
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed] == ["FANet", "KPNet", "DFANet"]
+    for net_name in ("FANet", "KPNet", "DFANet"):
+        net = namespace[net_name]()
+        x, labels = namespace["x"], namespace["labels"]
+        variables = net.init(jax.random.key(1), x)
+        params = variables["params"]
+        fixed = {k: v for k, v in variables.items() if k != "params"}
+
+        def loss(params, net=net, fixed=fixed):
+            logits = net.apply({"params": params, **fixed}, x)
+            return namespace["optax"].softmax_cross_entropy_with_integer_labels(
+                logits, labels).mean()
+
+        rule = jax.grad(loss)(params)
+        with bioflax.exact_backprop():
+            backprop = jax.grad(loss)(params)
+        first_layer = sorted(rule)[0]
+        # The first layer learns through B, not W: its update differs from backprop's.
+        assert not np.allclose(rule[first_layer]["kernel"], backprop[first_layer]["kernel"])
+        # The output layer is trained by the output error under every rule.
+        last_layer = sorted(rule)[-1]
+        np.testing.assert_allclose(rule[last_layer]["kernel"], backprop[last_layer]["kernel"],
+                                   rtol=1e-5, atol=1e-7)

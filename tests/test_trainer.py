@@ -1,0 +1,139 @@
+"""The generic trainer, in process, on small synthetic data."""
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from bioflax import callbacks, data, metrics
+from bioflax.trainer import Callback, Task, Trainer, TrainingDivergedError
+from configs import teacher as teacher_config
+from bioflax import train
+
+
+def linear_task(learning_rate=0.1):
+    return Task(module=nn.Dense(1), loss=metrics.mean_squared_error,
+                optimizer=optax.sgd(learning_rate), metrics=metrics.RegressionMetrics)
+
+
+def linear_split(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (n, 3)).astype(np.float32)
+    return data.Split(x, (x @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.3))
+
+
+def test_fit_learns_a_linear_map_and_predict_returns_every_row():
+    trainer = Trainer(max_epochs=20, log_every_steps=8, progress_bar=False)
+    task = linear_task()
+    history = trainer.fit(task, linear_split(), linear_split(seed=1), batch_size=32)
+    assert len(history) == 20 and history[-1]["epoch"] == 20
+    assert history[-1]["val/loss"] < 1e-3 < history[0]["val/loss"]
+    kernel = np.asarray(trainer.state.params["kernel"]).ravel()
+    np.testing.assert_allclose(kernel, [1.0, -2.0, 0.5], atol=0.02)
+    inputs = linear_split(n=7, seed=2).inputs
+    expected = inputs @ np.asarray(trainer.state.params["kernel"]) + np.asarray(
+        trainer.state.params["bias"])
+    np.testing.assert_allclose(trainer.predict(task, inputs, batch_size=4), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_averages_over_every_example_of_a_ragged_split():
+    trainer = Trainer(max_epochs=1, progress_bar=False)
+    task = linear_task()
+    split = linear_split(n=103)
+    state = trainer.init_state(task, split.inputs[:1])
+    outputs = split.inputs @ np.asarray(state.params["kernel"]) + np.asarray(
+        state.params["bias"])
+    expected = np.mean((outputs - split.targets) ** 2)
+    result = trainer.evaluate(task, split, batch_size=10, state=state)
+    np.testing.assert_allclose(result["loss"], expected, rtol=1e-5)
+
+
+def test_in_memory_and_tf_data_paths_train_identically():
+    losses = {}
+    for in_memory in (True, False):
+        trainer = Trainer(max_epochs=3, log_every_steps=5, in_memory=in_memory,
+                          progress_bar=False, seed=3)
+        history = trainer.fit(linear_task(), linear_split(n=200), batch_size=16)
+        losses[in_memory] = [h["train/loss"] for h in history]
+        assert trainer.state.step == 3 * (200 // 16)
+    np.testing.assert_allclose(losses[False], losses[True], rtol=1e-6)
+
+
+def test_the_same_seed_gives_the_same_numbers_and_another_seed_does_not():
+    def final_kernel(seed):
+        trainer = Trainer(max_epochs=1, log_every_steps=4, seed=seed, progress_bar=False)
+        trainer.fit(linear_task(), linear_split(), batch_size=16)
+        return np.asarray(trainer.state.params["kernel"])
+
+    np.testing.assert_array_equal(final_kernel(0), final_kernel(0))
+    assert not np.array_equal(final_kernel(0), final_kernel(1))
+
+
+def test_limit_train_batches_and_max_steps_bound_the_run():
+    trainer = Trainer(max_epochs=5, log_every_steps=3, limit_train_batches=4,
+                      progress_bar=False)
+    trainer.fit(linear_task(), linear_split(), batch_size=16)
+    assert int(trainer.state.step) == 20
+    trainer = Trainer(max_epochs=5, max_steps=7, log_every_steps=3, progress_bar=False)
+    trainer.fit(linear_task(), linear_split(), batch_size=16)
+    assert int(trainer.state.step) == 7
+
+
+def test_callbacks_see_every_chunk_and_epoch():
+    class Recorder(Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_train_chunk_end(self, trainer, state, step, logs):
+            self.events.append(("chunk", step, int(state.step)))
+
+        def on_epoch_end(self, trainer, state, epoch, logs):
+            self.events.append(("epoch", epoch))
+
+    recorder = Recorder()
+    Trainer(max_epochs=2, log_every_steps=3, callbacks=[recorder],
+            progress_bar=False).fit(linear_task(), linear_split(n=80), batch_size=16)
+    assert recorder.events == [("chunk", 3, 3), ("chunk", 5, 5), ("epoch", 0),
+                               ("chunk", 8, 8), ("chunk", 10, 10), ("epoch", 1)]
+
+
+def test_early_stopping_stops_when_the_monitored_metric_stalls():
+    trainer = Trainer(max_epochs=50, log_every_steps=8, progress_bar=False,
+                      callbacks=[callbacks.EarlyStopping("val/loss", patience=2,
+                                                         min_delta=1.0)])
+    history = trainer.fit(linear_task(), linear_split(), linear_split(seed=1), batch_size=32)
+    assert len(history) == 3  # epoch 1 sets the best; 2 and 3 do not beat it by 1.0
+
+
+def test_a_diverging_loss_stops_training_at_its_step():
+    trainer = Trainer(max_epochs=5, log_every_steps=10, progress_bar=False)
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+.*learning_rate"):
+        trainer.fit(linear_task(learning_rate=1e6), linear_split(), batch_size=16)
+
+
+def test_alignment_of_backprop_is_exact():
+    """BP's own gradient is the reference: angle 0 and cosine 1 for every layer."""
+    task = Task(module=nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(1)]),
+                loss=metrics.mean_squared_error, optimizer=optax.sgd(0.05),
+                metrics=metrics.RegressionMetrics, step_metrics=[metrics.Alignment(every=2)])
+    trainer = Trainer(max_epochs=1, log_every_steps=8, progress_bar=False)
+    history = trainer.fit(task, linear_split(), batch_size=32)
+    angles = {k: v for k, v in history[-1].items() if k.startswith("alignment/grad_angle")}
+    assert set(angles) == {"alignment/grad_angle/layers_0", "alignment/grad_angle/layers_2",
+                           "alignment/grad_angle/all"}
+    # Two compiled passes of the same gradient differ by rounding at most.
+    assert all(v < 1e-3 for v in angles.values()), angles
+    assert history[-1]["alignment/grad_cosine/all"] == pytest.approx(1.0, abs=1e-6)
+    assert history[-1]["alignment/relative_grad_norm"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_train_and_evaluate_fast_dev_run_writes_no_checkpoint(tmp_path):
+    config = teacher_config.get_config()
+    config.training.fast_dev_run = 3
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert int(result["state"].step) == 3
+    assert not (tmp_path / "checkpoints").exists()
+    assert np.isfinite(result["test"]["loss"])
