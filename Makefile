@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/kp_mnist.py
 WORKDIR ?= runs/kp_mnist
+# Offline machines of this project keep a prepared MNIST beside the repo; elsewhere TFDS downloads it.
+SHARED_TFDS := $(abspath ../shared/data/tensorflow_datasets)
+ifneq ($(wildcard $(SHARED_TFDS)),)
+export TFDS_DATA_DIR ?= $(SHARED_TFDS)
+endif
 
 .PHONY: setup train test benchmark
 

@@ -14,6 +14,8 @@ from bioflax import callbacks as callbacks_lib
 from bioflax import data as data_lib
 from bioflax import metrics as metrics_lib
 from bioflax import models
+from bioflax import plots
+from bioflax.events import read_scalars
 from bioflax.trainer import Task, Trainer, make_mesh
 
 logger = logging.getLogger(__name__)
@@ -134,10 +136,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           batch_size=config.data.batch_size,
                           eval_batch_size=config.data.eval_batch_size, initial_state=state)
     test = trainer.evaluate(task, splits["test"], batch_size=config.data.eval_batch_size)
-    writer.write_scalars(int(trainer.state.step), {f"test/{k}": v for k, v in test.items()})
+    step = int(trainer.state.step)
+    writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})
     writer.flush()
     logger.info("Test metrics: %s", test)
+    if config.plots and jax.process_index() == 0:
+        _write_plots(workdir, writer, step, trainer, task, info, splits["test"])
     return {"history": history, "test": test, "state": trainer.state}
+
+
+def _write_plots(workdir, writer, step, trainer, task, info, test):
+    """Alignment curves and test predictions, as PNG files in workdir/plots and in TensorBoard."""
+    sample = data_lib.Split(test.inputs[:1000], test.targets[:1000])
+    outputs = trainer.predict(task, sample.inputs)
+    figures = plots.run_figures(read_scalars(workdir), info.task, sample.inputs,
+                                sample.targets, outputs)
+    plots.save_figures(figures, os.path.join(workdir, "plots"), writer, step)
+    writer.flush()
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
