@@ -1,11 +1,14 @@
 """Trains and evaluates a bioflax experiment: ``python main.py --config=CONFIG --workdir=DIR``."""
 
 import logging
+import re
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from bioflax import train
+from bioflax.errors import BioflaxError, ConfigError, TrainingInterrupted
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
@@ -19,13 +22,39 @@ class _DropLibraryChatter(logging.Filter):
         return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _fail(message: str, exit_code: int):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(exit_code)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with one line instead of a traceback for unknown config fields."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _fail(f"{error}\nPass --helpfull to see the flags.", 2)
+    except (AttributeError, KeyError) as error:
+        missing = re.findall(r"'([^']+)'", str(error))
+        overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+        named = [o for o in overrides if missing and o.endswith(f".{missing[-1]}")] or overrides
+        _fail(f"{', '.join(named)}: the config has no such field ({error}). The fields and "
+              "their meaning are listed in configs/default.py.", 2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropLibraryChatter())
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except ConfigError as error:
+        _fail(str(error), 2)
+    except TrainingInterrupted as interrupted:
+        _fail(str(interrupted), 130 if interrupted.signal_name == "SIGINT" else 143)
+    except BioflaxError as error:
+        _fail(str(error), 1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

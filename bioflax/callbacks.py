@@ -4,10 +4,13 @@ import logging
 import os
 from typing import Mapping, Optional
 
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
+from bioflax.errors import CheckpointError
 from bioflax.trainer import Callback, TrainState, Trainer
 
 logger = logging.getLogger(__name__)
@@ -32,21 +35,58 @@ class ModelCheckpoint(Callback):
             raise ValueError("ModelCheckpoint needs every_n_steps > 0 and max_to_keep > 0, got "
                              f"{every_n_steps} and {max_to_keep}.")
         self.every_n_steps = every_n_steps
+        self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            self.directory, item_handlers=ocp.StandardCheckpointHandler(),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 cleanup_tmp_directories=True,
                                                  enable_async_checkpointing=False))
 
     def restore_latest(self, state: TrainState) -> Optional[TrainState]:
-        """The newest checkpoint restored into ``state``'s structure and shardings, or None."""
-        step = self.manager.latest_step()
-        if step is None:
-            return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpointed(state))
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        logger.info("Resuming from the checkpoint of step %d in %s.", step,
-                    self.manager.directory)
-        return state.replace(**restored)
+        """The newest readable checkpoint restored into ``state``'s structure and shardings.
+
+        None when there is no checkpoint. An unreadable checkpoint (truncated or missing
+        files) is moved aside to ``STEP.unreadable`` with a warning and the next older one
+        is tried; a checkpoint of a differently shaped model raises CheckpointError.
+        """
+        target = _checkpointed(state)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                saved = getattr(self.manager.item_metadata(step), "tree", None)
+                if not isinstance(saved, Mapping):
+                    raise FileNotFoundError("its metadata is missing")
+            except Exception as error:  # pylint: disable=broad-except
+                self._set_aside(step, error)
+                continue
+            _check_same_model(saved, target, step, self.directory)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            except Exception as error:  # pylint: disable=broad-except
+                self._set_aside(step, error)
+                continue
+            logger.info("Resuming from the checkpoint of step %d in %s.", step,
+                           self.directory)
+            return state.replace(**restored)
+        if steps:
+            raise CheckpointError(
+                f"None of the checkpoints in {self.directory} (steps {sorted(steps)}) is "
+                "readable; they were moved aside to STEP.unreadable. Running the same command "
+                "again starts from scratch in this workdir; or use a new --workdir.")
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        path = os.path.join(self.directory, str(step))
+        aside = f"{path}.unreadable"
+        suffix = 1
+        while os.path.exists(aside):
+            aside, suffix = f"{path}.unreadable{suffix}", suffix + 1
+        os.rename(path, aside)
+        self.manager.reload()
+        logger.warning("The checkpoint of step %d in %s is unreadable (%s: %s); moved it to %s "
+                       "and trying the next older one.", step, self.directory,
+                       type(error).__name__, str(error)[:300], aside)
 
     def save(self, state: TrainState) -> None:
         step = int(state.step)
@@ -67,6 +107,23 @@ class ModelCheckpoint(Callback):
     def on_fit_end(self, trainer: Trainer, state: TrainState) -> None:
         self.save(state)
         self.manager.close()
+
+
+def _check_same_model(saved, target, step: int, directory: str) -> None:
+    """CheckpointError naming the first parameter whose shape or presence differs."""
+    saved = traverse_util.flatten_dict(saved, sep="/")
+    wanted = traverse_util.flatten_dict(flax.core.unfreeze(target), sep="/")
+    for name in sorted(set(saved) | set(wanted)):
+        if not name.startswith(("params/", "model_state/")):
+            continue
+        have = tuple(saved[name].shape) if name in saved else None
+        want = tuple(wanted[name].shape) if name in wanted else None
+        if have != want:
+            raise CheckpointError(
+                f"The checkpoint of step {step} in {directory} is of a different model: "
+                f"{name} is {'absent' if have is None else have} there and "
+                f"{'absent' if want is None else want} in this config. Use a new --workdir "
+                "for this model, or restore the config the workdir was trained with.")
 
 
 class EarlyStopping(Callback):

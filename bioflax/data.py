@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from bioflax import models
+from bioflax.errors import DataNotFoundError
 
 # TensorFlow only feeds data here; keep it off the accelerators that JAX uses.
 try:
@@ -57,10 +58,6 @@ _TF_ALIGNMENT = 64
 _VAL_SPLIT_STREAM = 0x76616C  # "val"
 _TEACHER_STREAM = 0x746561  # "tea"
 _SINREG_STREAM = 0x73696E  # "sin"
-
-
-class DataNotFoundError(RuntimeError):
-    """A data set could not be found, downloaded or read."""
 
 
 @dataclasses.dataclass(frozen=True)

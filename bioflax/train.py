@@ -1,5 +1,6 @@
 """``train_and_evaluate(config, workdir)``: a config becomes data, model, optimizer, trainer."""
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -11,18 +12,16 @@ from clu import metric_writers
 from flax import linen as nn
 
 from bioflax import callbacks as callbacks_lib
+from bioflax import config_validation
 from bioflax import data as data_lib
 from bioflax import metrics as metrics_lib
 from bioflax import models
 from bioflax import plots
+from bioflax import workdir as workdir_lib
 from bioflax.events import read_scalars
 from bioflax.trainer import Task, Trainer, make_mesh
 
 logger = logging.getLogger(__name__)
-
-INITIALIZERS = ("lecun_normal", "uniform", "variance_scaling")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "cosine")
 
 
 def get_initializer(name: str, scale: float) -> nn.initializers.Initializer:
@@ -34,7 +33,8 @@ def get_initializer(name: str, scale: float) -> nn.initializers.Initializer:
             key, shape, dtype, -scale, scale)
     if name == "variance_scaling":
         return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-    raise ValueError(f"Unknown initializer {name!r}; choose one of {list(INITIALIZERS)}.")
+    raise ValueError(f"Unknown initializer {name!r}; choose one of "
+                     f"{list(config_validation.INITIALIZERS)}.")
 
 
 def build_model(model_config: ml_collections.ConfigDict, info: data_lib.DatasetInfo):
@@ -97,10 +97,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     The result holds ``history`` (one dict per epoch) and ``test`` (final test metrics).
     """
-    training = config.training
-    if training.multi_host:
+    if config.training.multi_host:
         jax.distributed.initialize()
-    info, splits = data_lib.load(config.data, config.seed)
+    config_validation.validate(config)
+    one_run_per_workdir = (workdir_lib.exclusive(workdir) if jax.process_index() == 0
+                           else contextlib.nullcontext())
+    with one_run_per_workdir:
+        info, splits = data_lib.load(config.data, config.seed)
+        return _train_and_evaluate(config, workdir, info, splits)
+
+
+def _train_and_evaluate(config, workdir, info, splits):
+    training = config.training
     mesh = make_mesh(training.num_devices or None)
     fast_dev_run = training.fast_dev_run
     steps_per_epoch = data_lib.steps_per_epoch(len(splits["train"]), config.data.batch_size)
@@ -108,8 +116,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         steps_per_epoch = min(steps_per_epoch, training.limit_train_batches)
     total_steps = fast_dev_run or steps_per_epoch * training.epochs
     task = build_task(config, info, total_steps)
-
-    os.makedirs(workdir, exist_ok=True)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     writer.write_hparams(_flat_hparams(config))

@@ -14,9 +14,12 @@ resumed from a checkpoint at step ``s`` continues with exactly the batches an
 uninterrupted run would have seen.
 """
 
+import contextlib
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax
@@ -31,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bioflax import data as data_lib
 from bioflax import metrics as metrics_lib
+from bioflax.errors import TrainingDivergedError, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +43,6 @@ class TrainState(train_state.TrainState):
     """Flax's TrainState plus ``model_state``: variables that are not trained (e.g. fixed B)."""
 
     model_state: Any = None
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss or the parameters stopped being finite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +288,36 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_fit_start(self, state)
         progress = self._progress(total_steps, int(state.step))
+        with self._stop_on_signals() as received:
+            history = self._loop(task, state, train, val, batch_size, eval_batch_size,
+                                 steps_per_epoch, total_steps, program, progress, received)
+        return history
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT/SIGTERM end the loop after the current chunk; a second one acts at once."""
+        received: list[str] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield received
+            return
+
+        def handle(signum, frame):
+            del frame
+            received.append(signal.Signals(signum).name)
+            self.should_stop = True
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+        previous = {number: signal.signal(number, handle)
+                    for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield received
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _loop(self, task, state, train, val, batch_size, eval_batch_size, steps_per_epoch,
+              total_steps, program, progress, received):
         history = []
         step = int(state.step)
         while step < total_steps and not self.should_stop:
@@ -305,7 +335,9 @@ class Trainer:
                 progress(step, epoch, logs)
                 for callback in self.callbacks:
                     callback.on_train_chunk_end(self, state, step, logs)
-            if step % steps_per_epoch == 0:
+                if received:
+                    break
+            if step % steps_per_epoch == 0 and not received:
                 logs = {"epoch": epoch + 1, **logs}
                 if val is not None and len(val):
                     val_logs = self._evaluate_state(task, state, val, eval_batch_size)
@@ -320,6 +352,8 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_fit_end(self, state)
         self.writer.flush()
+        if received:
+            raise TrainingInterrupted(received[0], step)
         return history
 
     def _check_finite(self, losses: np.ndarray, params_finite: bool, step: int) -> None:

@@ -1,0 +1,117 @@
+"""Checks a whole config before any data is loaded or any program compiled.
+
+Each problem raises :class:`bioflax.errors.ConfigError` naming the field, the bad value
+and what is allowed.
+"""
+
+import numbers
+
+import jax
+import ml_collections
+
+from bioflax import data, models
+from bioflax.errors import ConfigError
+
+
+INITIALIZERS = ("lecun_normal", "uniform", "variance_scaling")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine")
+
+
+def _choice(config, field: str, allowed) -> None:
+    value = _get(config, field)
+    if value not in allowed:
+        raise ConfigError(field, value, f"choose one of {list(allowed)}")
+
+
+def _get(config, field: str):
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def _positive(config, field: str, integer: bool = True, allow_zero: bool = False) -> None:
+    value = _get(config, field)
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (
+            value == 0 and not allow_zero):
+        what = "an integer" if integer else "a number"
+        raise ConfigError(field, value, f"must be {what} {'>= 0' if allow_zero else '> 0'}")
+
+
+def num_outputs(config: ml_collections.ConfigDict) -> int:
+    """The network's output width that the data set implies."""
+    if config.data.dataset == "mnist":
+        return data.MNIST_NUM_CLASSES
+    return int(config.data.output_dim)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError for the first field that cannot work; returns None otherwise."""
+    _choice(config, "data.dataset", data.DATASETS)
+    _choice(config, "model.mode", models.MODES)
+    _choice(config, "optimizer.name", OPTIMIZERS)
+    _choice(config, "optimizer.schedule", SCHEDULES)
+    _choice(config, "model.kernel_init", INITIALIZERS)
+    _choice(config, "model.feedback_init", INITIALIZERS)
+
+    hidden, activations = tuple(config.model.hidden_layers), tuple(config.model.activations)
+    if len(hidden) != len(activations):
+        raise ConfigError("model.activations", activations,
+                          f"needs one activation per hidden layer, and model.hidden_layers = "
+                          f"{hidden} has {len(hidden)}")
+    for index, name in enumerate(activations):
+        if name not in models.ACTIVATIONS:
+            raise ConfigError(f"model.activations[{index}]", name,
+                              f"choose one of {sorted(models.ACTIVATIONS)}")
+    for index, width in enumerate(hidden):
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width <= 0:
+            raise ConfigError(f"model.hidden_layers[{index}]", width, "must be an integer > 0")
+    if config.model.mode == "dfa":
+        outputs = num_outputs(config)
+        for index, width in enumerate(hidden):
+            if width < outputs:
+                raise ConfigError(
+                    f"model.hidden_layers[{index}]", width,
+                    f"a DFA hidden layer passes the {outputs}-wide output error down through "
+                    f"its own width, so it needs at least {outputs} units")
+    if not 0.0 <= config.model.interpolation_factor <= 1.0:
+        raise ConfigError("model.interpolation_factor", config.model.interpolation_factor,
+                          "must lie in [0, 1] (1 = FA, 0 = BP)")
+
+    for field in ("data.batch_size", "data.eval_batch_size", "training.epochs",
+                  "training.log_every_steps", "training.checkpoint_every_steps",
+                  "training.keep_checkpoints", "alignment.every_steps"):
+        _positive(config, field)
+    for field in ("training.limit_train_batches", "training.fast_dev_run",
+                  "training.early_stopping_patience", "training.num_devices",
+                  "optimizer.warmup_steps"):
+        _positive(config, field, allow_zero=True)
+    _positive(config, "optimizer.learning_rate", integer=False)
+    for field in ("optimizer.momentum", "optimizer.weight_decay"):
+        _positive(config, field, integer=False, allow_zero=True)
+    for field in ("model.kernel_init_scale", "model.feedback_init_scale",
+                  "data.normalize_std"):
+        _positive(config, field, integer=False)
+    if config.data.dataset != "mnist":
+        for field in ("data.input_dim", "data.output_dim", "data.train_size",
+                      "data.test_size"):
+            _positive(config, field)
+    if config.data.dataset == "sinreg":
+        for field in ("data.input_dim", "data.output_dim"):
+            if _get(config, field) != 1:
+                raise ConfigError(field, _get(config, field), "sinreg is y = sin(x): must be 1")
+    val_split = config.data.val_split
+    if not isinstance(val_split, numbers.Real) or not 0.0 <= val_split < 1.0:
+        raise ConfigError("data.val_split", val_split, "must lie in [0, 1); 0 means none")
+
+    devices = num_devices or config.training.num_devices or jax.device_count()
+    if config.training.num_devices > jax.device_count():
+        raise ConfigError("training.num_devices", config.training.num_devices,
+                          f"only {jax.device_count()} devices exist")
+    for field in ("data.batch_size", "data.eval_batch_size"):
+        if _get(config, field) % devices:
+            raise ConfigError(field, _get(config, field),
+                              f"the global batch is split evenly over {devices} devices, so it "
+                              f"must be a multiple of {devices}")

@@ -1,0 +1,42 @@
+"""The errors a user can cause and fix: each message names the problem and the fix.
+
+``main.py`` prints any :class:`BioflaxError` as one line and exits non-zero, without a
+traceback; everything else is a bug and keeps its traceback.
+"""
+
+
+class BioflaxError(Exception):
+    """Base of the errors caused by input (config, data, workdir), not by bioflax."""
+
+
+class ConfigError(BioflaxError, ValueError):
+    """A config field holds a value that bioflax cannot use."""
+
+    def __init__(self, field: str, value, allowed: str):
+        super().__init__(f"config field {field} = {value!r} is invalid: {allowed}.")
+        self.field, self.value = field, value
+
+
+class DataNotFoundError(BioflaxError, RuntimeError):
+    """A data set could not be found, downloaded or read."""
+
+
+class TrainingDivergedError(BioflaxError, RuntimeError):
+    """The loss or the parameters stopped being finite."""
+
+
+class CheckpointError(BioflaxError, RuntimeError):
+    """The workdir's checkpoints cannot be used for this run."""
+
+
+class WorkdirLockedError(BioflaxError, RuntimeError):
+    """Another live run is using the same workdir."""
+
+
+class TrainingInterrupted(BioflaxError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written."""
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(f"{signal_name} stopped training at step {step}; the state of that "
+                         "step is checkpointed. Run the same command again to resume.")
+        self.signal_name, self.step = signal_name, step

@@ -1,0 +1,38 @@
+"""One run per workdir: an advisory lock that the kernel drops when its process dies."""
+
+import contextlib
+import fcntl
+import os
+import socket
+
+from bioflax.errors import WorkdirLockedError
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str):
+    """Holds ``workdir/.lock`` for the block; raises WorkdirLockedError if a live run holds it.
+
+    ``flock`` locks belong to the open file, so a run killed with ``kill -9`` leaves no
+    stale lock behind: the file stays, the lock does not.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    with open(path, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise WorkdirLockedError(
+                f"{workdir} is in use by a run that is still going ({holder}). Wait for it to "
+                "finish or stop it, or give this run its own --workdir.") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
