@@ -1,0 +1,275 @@
+"""Tests of bioflax.models: BioNeuralNetwork's structure and errors, TeacherNetwork's forward.
+
+Expected values come from float64 NumPy forward passes written here. 64-bit floats are
+enabled only inside each test (``jax.enable_x64`` context in an autouse fixture).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bioflax import BioNeuralNetwork, TeacherNetwork
+from bioflax.models import ACTIVATIONS, MODES
+
+RTOL = 1e-10
+ATOL = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+NP_ACTIVATIONS = {
+    "identity": lambda a: a,
+    "relu": lambda a: np.maximum(a, 0.0),
+    "tanh": np.tanh,
+    "sigmoid": lambda a: 1.0 / (1.0 + np.exp(-a)),
+}
+
+
+def abstract_init(module, x):
+    """The variables' shapes and dtypes, traced without running (or compiling) the
+    initializers; every test then draws its own float64 values with ``randomize``."""
+    return jax.eval_shape(module.init, jax.random.key(0), x)
+
+
+def randomize(variables, seed):
+    """Fresh float64 values for every variable (biases nonzero)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        shape = leaf.shape
+        if len(shape) == 2:
+            return jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]))
+        return jnp.asarray(0.5 * rng.normal(size=shape))
+
+    return jax.tree_util.tree_map(draw, variables)
+
+
+def np_mlp(x, layers, activations, output_activation="identity"):
+    """``layers`` = [(W, b), ...]; ``activations[i]`` after hidden layer i."""
+    h = x.reshape(x.shape[0], -1)
+    for index, (kernel, bias) in enumerate(layers):
+        a = h @ kernel + bias
+        if index < len(layers) - 1:
+            h = NP_ACTIVATIONS[activations[index]](a)
+        else:
+            h = NP_ACTIVATIONS[output_activation](a)
+    return h
+
+
+def layers_of(params, names):
+    return [(np.asarray(params[n]["kernel"]), np.asarray(params[n]["bias"])) for n in names]
+
+
+HIDDEN = (6, 5, 4)
+ACTS = ("tanh", "sigmoid", "relu")
+N_OUT = 3
+
+
+def _init(mode, x, **kwargs):
+    model = BioNeuralNetwork(HIDDEN, ACTS, N_OUT, mode=mode, **kwargs)
+    return model, abstract_init(model, jnp.asarray(x))
+
+
+# --- parameter trees ------------------------------------------------------------------
+
+
+def test_kernel_and_bias_tree_identical_across_modes():
+    x = np.ones((2, 7))
+
+    def kernel_bias_tree(variables):
+        return {layer: {k: v.shape for k, v in leaves.items() if k in ("kernel", "bias")}
+                for layer, leaves in variables["params"].items()}
+
+    _, reference = _init("bp", x)
+    expected = {
+        "layer_0": {"kernel": (7, 6), "bias": (6,)},
+        "layer_1": {"kernel": (6, 5), "bias": (5,)},
+        "layer_2": {"kernel": (5, 4), "bias": (4,)},
+        "layer_3": {"kernel": (4, 3), "bias": (3,)},
+    }
+    assert kernel_bias_tree(reference) == expected
+    assert set(MODES) == {"bp", "fa", "kp", "dfa", "interpolate_fa_bp"}
+    for mode in MODES:
+        _, variables = _init(mode, x)
+        assert kernel_bias_tree(variables) == expected, mode
+        # and nothing else in 'params' but KP's feedback kernels
+        for layer, leaves in variables["params"].items():
+            extra = set(leaves) - {"kernel", "bias"}
+            assert extra == ({"feedback_kernel"} if mode == "kp" else set()), (mode, layer)
+
+
+def test_feedback_variables_per_mode():
+    x = np.ones((2, 7))
+    _, bp = _init("bp", x)
+    assert set(bp) == {"params"}
+    _, kp = _init("kp", x)
+    assert set(kp) == {"params"}
+    for mode in ("fa", "interpolate_fa_bp"):
+        _, v = _init(mode, x)
+        assert {k: leaf["feedback_kernel"].shape for k, leaf in v["feedback"].items()} == {
+            "layer_0": (7, 6), "layer_1": (6, 5), "layer_2": (5, 4), "layer_3": (4, 3)}
+    _, dfa = _init("dfa", x)
+    # DFA: B of every hidden layer maps the outputs to the layer; the output layer has none
+    assert {k: leaf["feedback_kernel"].shape for k, leaf in dfa["feedback"].items()} == {
+        "layer_0": (6, 3), "layer_1": (5, 3), "layer_2": (4, 3)}
+
+
+def test_no_hidden_layers_is_a_linear_model():
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    for mode in MODES:
+        model = BioNeuralNetwork((), (), 2, mode=mode)
+        variables = randomize(abstract_init(model, jnp.asarray(x)), 1)
+        assert set(variables["params"]) == {"layer_0"}
+        (kernel, bias), = layers_of(variables["params"], ["layer_0"])
+        np.testing.assert_allclose(model.apply(variables, jnp.asarray(x)), x @ kernel + bias,
+                                   rtol=RTOL, atol=ATOL)
+
+
+# --- forward pass ---------------------------------------------------------------------
+
+
+def test_forward_matches_numpy_in_every_mode_with_shared_weights():
+    """Every rule keeps the forward pass: same kernels/biases -> same output as NumPy."""
+    x = np.random.default_rng(1).normal(size=(5, 7))
+    _, reference = _init("bp", x)
+    params = randomize(reference, 2)["params"]
+    names = [f"layer_{i}" for i in range(4)]
+    expected = np_mlp(x, layers_of(params, names), ACTS)
+    for mode in MODES:
+        model, variables = _init(mode, x)
+        variables = randomize(variables, 3)  # fresh feedback matrices
+        for name in names:  # ... with the shared kernels and biases
+            variables["params"][name]["kernel"] = params[name]["kernel"]
+            variables["params"][name]["bias"] = params[name]["bias"]
+        out = model.apply(variables, jnp.asarray(x))
+        assert out.shape == (5, N_OUT)
+        np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL, err_msg=mode)
+
+
+@pytest.mark.parametrize("mode", ["bp", "fa", "dfa"])
+def test_image_shaped_input_is_flattened(mode):
+    rng = np.random.default_rng(4)
+    images = rng.normal(size=(3, 2, 3, 2))  # batch of 2x3 images with 2 channels
+    model, variables = _init(mode, images)
+    assert variables["params"]["layer_0"]["kernel"].shape == (12, HIDDEN[0])
+    variables = randomize(variables, 5)
+    out = model.apply(variables, jnp.asarray(images))
+    flat = model.apply(variables, jnp.asarray(images.reshape(3, 12)))
+    np.testing.assert_array_equal(out, flat)
+    names = [f"layer_{i}" for i in range(4)]
+    np.testing.assert_allclose(out, np_mlp(images, layers_of(variables["params"], names), ACTS),
+                               rtol=RTOL, atol=ATOL)
+    # gradients w.r.t. an image come back in the image's shape
+    grad = jax.grad(lambda im: jnp.sum(model.apply(variables, im) ** 2))(jnp.asarray(images))
+    assert grad.shape == images.shape
+
+
+def test_activations_follow_their_hidden_layer_and_output_is_linear():
+    # identity/relu order matters: relu after layer 0 zeroes negative pre-activations.
+    x = np.random.default_rng(6).normal(size=(8, 3))
+    model = BioNeuralNetwork((4, 4), ("relu", "identity"), 2, mode="fa")
+    variables = randomize(abstract_init(model, jnp.asarray(x)), 7)
+    names = ["layer_0", "layer_1", "layer_2"]
+    layers = layers_of(variables["params"], names)
+    out = np.asarray(model.apply(variables, jnp.asarray(x)))
+    np.testing.assert_allclose(out, np_mlp(x, layers, ("relu", "identity")), rtol=RTOL,
+                               atol=ATOL)
+    assert not np.allclose(out, np_mlp(x, layers, ("identity", "relu")))
+    assert (out < 0).any()  # the output layer is linear (no relu on the output)
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+def test_unknown_mode_raises_with_choices():
+    model = BioNeuralNetwork((4,), ("relu",), 2, mode="feedback_alignment")
+    with pytest.raises(ValueError) as info:
+        abstract_init(model, jnp.ones((1, 3)))
+    message = str(info.value)
+    assert "feedback_alignment" in message
+    for mode in MODES:
+        assert mode in message
+
+
+def test_unknown_activation_raises_with_choices():
+    model = BioNeuralNetwork((4, 4), ("relu", "swishy"), 2, mode="fa")
+    with pytest.raises(ValueError) as info:
+        abstract_init(model, jnp.ones((1, 3)))
+    message = str(info.value)
+    assert "swishy" in message and "tanh" in message and "sigmoid" in message
+    with pytest.raises(ValueError, match="swishy"):
+        abstract_init(TeacherNetwork((3,), 2, activation="swishy"), jnp.ones((1, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mismatched_lengths_raise(mode):
+    model = BioNeuralNetwork((4, 4), ("relu",), 2, mode=mode)
+    with pytest.raises(ValueError, match="same length") as info:
+        abstract_init(model, jnp.ones((1, 3)))
+    assert "(4, 4)" in str(info.value) and "relu" in str(info.value)
+
+
+def test_dfa_hidden_narrower_than_outputs_raises():
+    model = BioNeuralNetwork((8, 2), ("relu", "tanh"), 3, mode="dfa")
+    with pytest.raises(ValueError, match="features >= final_output_dim"):
+        abstract_init(model, jnp.ones((1, 3)))
+    # the same widths are fine for the other rules
+    abstract_init(BioNeuralNetwork((8, 2), ("relu", "tanh"), 3, mode="fa"), jnp.ones((1, 3)))
+
+
+def test_interpolation_factor_out_of_range_raises():
+    model = BioNeuralNetwork((4,), ("relu",), 2, mode="interpolate_fa_bp",
+                             interpolation_factor=1.2)
+    with pytest.raises(ValueError, match="interpolation_factor"):
+        abstract_init(model, jnp.ones((1, 3)))
+
+
+def test_activation_registry_contains_the_documented_names():
+    for name in ("relu", "tanh", "sigmoid", "identity"):
+        assert name in ACTIVATIONS
+    a = np.linspace(-2, 2, 9)
+    for name, fn in NP_ACTIVATIONS.items():
+        np.testing.assert_allclose(ACTIVATIONS[name](jnp.asarray(a)), fn(a), rtol=1e-12,
+                                   atol=1e-12)
+
+
+# --- teacher ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["identity", "tanh", "sigmoid"])
+def test_teacher_forward_matches_numpy(activation):
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(6, 2, 2))  # also flattened
+    teacher = TeacherNetwork((5, 4), 3, activation=activation)
+    variables = randomize(abstract_init(teacher, jnp.asarray(x)), 9)
+    params = variables["params"]
+    names = sorted(params, key=lambda n: int(n.rsplit("_", 1)[-1]))
+    assert [params[n]["kernel"].shape for n in names] == [(4, 5), (5, 4), (4, 3)]
+    # the teacher applies its activation after EVERY layer, the output layer included
+    expected = np_mlp(x, layers_of(params, names), (activation,) * 2,
+                      output_activation=activation)
+    out = teacher.apply(variables, jnp.asarray(x))
+    assert out.shape == (6, 3)
+    np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
+    if activation == "sigmoid":
+        assert np.all((np.asarray(out) > 0) & (np.asarray(out) < 1))
+
+
+def test_linear_teacher_is_an_affine_map():
+    # identity teacher: y = T x + c with T = W1 W2 W3 and c from the biases
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(7, 4))
+    teacher = TeacherNetwork((5, 6), 2)
+    variables = randomize(abstract_init(teacher, jnp.asarray(x)), 11)
+    params = variables["params"]
+    names = sorted(params, key=lambda n: int(n.rsplit("_", 1)[-1]))
+    (w1, b1), (w2, b2), (w3, b3) = layers_of(params, names)
+    t_matrix = w1 @ w2 @ w3
+    c = (b1 @ w2 + b2) @ w3 + b3
+    np.testing.assert_allclose(teacher.apply(variables, jnp.asarray(x)), x @ t_matrix + c,
+                               rtol=RTOL, atol=ATOL)
