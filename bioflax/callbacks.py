@@ -113,7 +113,7 @@ def _check_same_model(saved, target, step: int, directory: str) -> None:
     """CheckpointError naming the first parameter whose shape or presence differs."""
     saved = traverse_util.flatten_dict(saved, sep="/")
     wanted = traverse_util.flatten_dict(flax.core.unfreeze(target), sep="/")
-    for name in sorted(set(saved) | set(wanted)):
+    for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params/"), n)):
         if not name.startswith(("params/", "model_state/")):
             continue
         have = tuple(saved[name].shape) if name in saved else None
