@@ -1,0 +1,393 @@
+"""The alignment metrics, checked against NumPy and against the laws they should show.
+
+* On a small network every value of :class:`metrics.Alignment` agrees with cosines and
+  angles computed here in NumPy from gradients derived by hand (forward and backward pass
+  of an MLP under each rule, in float64).
+* :func:`metrics.cosine` / :func:`metrics.angle_degrees` give the closed-form values, and a
+  backprop network measured against itself gives angle 0 and cosine 1.
+* FA on a linear teacher (Lillicrap et al. 2016): the hidden layer's gradient angle to
+  backprop starts near 90° and falls well below it while the network learns.
+* KP with weight decay (Kolen & Pollack 1994): ``cos(W, B)`` rises from ~0 towards 1 and
+  ``‖W_t − B_t‖ = (1 − lr·wd)^t ‖W_0 − B_0‖`` exactly (plain SGD).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bioflax import data, layers, metrics, models
+from bioflax.trainer import Callback, Task, Trainer
+
+# --- a NumPy reference MLP ---------------------------------------------------------------
+
+_NUMPY_ACTIVATIONS = {
+    # name: (φ, φ')
+    "tanh": (np.tanh, lambda a: 1.0 - np.tanh(a) ** 2),
+    "sigmoid": (lambda a: 1.0 / (1.0 + np.exp(-a)),
+                lambda a: np.exp(-a) / (1.0 + np.exp(-a)) ** 2),
+    "identity": (lambda a: a, np.ones_like),
+}
+
+
+def _f64(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def numpy_gradients(params, feedback, x, t, activations, rule, lam=None):
+    """Per-layer ``(dW, db)`` of the mean-over-batch MSE under ``rule``, by hand.
+
+    ``params[l]`` = (W_l, b_l); ``feedback[l]`` = B_l (or None). ``rule`` is 'bp', 'fa',
+    'kp', 'interp' (signal δ (λB + (1−λ)W)ᵀ) or 'dfa' (δ_l = φ'(a_l) ⊙ (e B_lᵀ)).
+    """
+    x = np.asarray(x, np.float64)
+    t = np.asarray(t, np.float64)
+    num_layers = len(params)
+    hs, pre = [x], []
+    for l, (w, b) in enumerate(params):
+        a = hs[-1] @ w + b
+        pre.append(a)
+        if l < num_layers - 1:
+            hs.append(_NUMPY_ACTIVATIONS[activations[l]][0](a))
+    y = pre[-1]
+    e = 2.0 * (y - t) / y.size  # ∂/∂y of mean over batch and outputs of (y − t)²
+    grads = [None] * num_layers
+    delta = e
+    for l in reversed(range(num_layers)):
+        if rule == "dfa" and l < num_layers - 1:
+            delta = _NUMPY_ACTIVATIONS[activations[l]][1](pre[l]) * (e @ feedback[l].T)
+        grads[l] = (hs[l].T @ delta, delta.sum(0))
+        if l == 0 or rule == "dfa":
+            continue
+        w = params[l][0]
+        backward = {"bp": w, "fa": feedback[l], "kp": feedback[l],
+                    "interp": None if lam is None else lam * feedback[l] + (1 - lam) * w}[rule]
+        delta = (delta @ backward.T) * _NUMPY_ACTIVATIONS[activations[l - 1]][1](pre[l - 1])
+    return grads
+
+
+def numpy_cosine(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def numpy_angle(a, b):
+    return float(np.degrees(np.arccos(np.clip(numpy_cosine(a, b), -1.0, 1.0))))
+
+
+def _flat(grads):
+    return np.concatenate([np.concatenate([dw.ravel(), db.ravel()]) for dw, db in grads])
+
+
+HIDDEN = (6, 5)
+ACTIVATIONS = ("tanh", "sigmoid")
+OUTPUTS = 3
+
+
+def small_problem(mode, interpolation_factor=0.5, seed=0):
+    """A 3-layer BioNeuralNetwork, its variables, and a batch of 16 regression examples."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    t = rng.normal(size=(16, OUTPUTS)).astype(np.float32)
+    model = models.BioNeuralNetwork(hidden_layers=HIDDEN, activations=ACTIVATIONS,
+                                    features=OUTPUTS, mode=mode,
+                                    interpolation_factor=interpolation_factor)
+    variables = dict(model.init(jax.random.key(seed), jnp.asarray(x)))
+    params = variables.pop("params")
+    return model, params, variables, x, t
+
+
+def _weights_and_feedback(mode, params, model_state):
+    names = [f"layer_{i}" for i in range(len(HIDDEN) + 1)]
+    weights = [(np.asarray(params[n]["kernel"], np.float64),
+                np.asarray(params[n]["bias"], np.float64)) for n in names]
+    if mode == "kp":
+        feedback = [np.asarray(params[n][layers.FEEDBACK_KERNEL], np.float64) for n in names]
+    elif mode in ("fa", "interpolate_fa_bp", "dfa"):
+        fixed = model_state[layers.FEEDBACK_COLLECTION]
+        feedback = [np.asarray(fixed[n][layers.FEEDBACK_KERNEL], np.float64) if n in fixed
+                    else None for n in names]
+    else:
+        feedback = [None] * len(names)
+    return names, weights, feedback
+
+
+def _run_alignment(model, params, model_state, x, t, grads):
+    def loss_of_params(p):
+        outputs = model.apply({"params": p, **model_state}, jnp.asarray(x))
+        return metrics.mean_squared_error(outputs, jnp.asarray(t)).mean()
+
+    # As the trainer does: inside a compiled function.
+    values = jax.jit(lambda p, s, g: metrics.Alignment(every=1)(loss_of_params, p, s, g))(
+        params, model_state, grads)
+    return {k: float(v) for k, v in values.items()}, loss_of_params
+
+
+@pytest.mark.parametrize("mode, rule, lam", [("fa", "fa", None), ("kp", "kp", None),
+                                             ("interpolate_fa_bp", "interp", 0.5),
+                                             ("interpolate_fa_bp", "interp", 0.8)])
+def test_alignment_matches_a_numpy_computation(mode, rule, lam):
+    model, params, model_state, x, t = small_problem(mode, interpolation_factor=lam or 0.5)
+    names, weights, feedback = _weights_and_feedback(mode, params, model_state)
+    rule_grads = numpy_gradients(weights, feedback, x, t, ACTIVATIONS, rule, lam)
+    bp_grads = numpy_gradients(weights, feedback, x, t, ACTIVATIONS, "bp")
+
+    # Sanity of the NumPy reference: the rule's gradients are what jax.grad of the model gives.
+    def loss_of_params(p):
+        outputs = model.apply({"params": p, **model_state}, jnp.asarray(x))
+        return metrics.mean_squared_error(outputs, jnp.asarray(t)).mean()
+
+    jax_grads = jax.grad(loss_of_params)(params)
+    for name, (dw, db) in zip(names, rule_grads):
+        np.testing.assert_allclose(jax_grads[name]["kernel"], dw, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(jax_grads[name]["bias"], db, rtol=1e-4, atol=1e-7)
+    # The hidden layers' rule gradients really differ from backprop's (else this tests little).
+    assert numpy_angle(_flat(rule_grads[:1]), _flat(bp_grads[:1])) > 1.0
+
+    # Pass the rule's gradients computed here. For KP add a wild B-gradient: only (dW, db)
+    # may enter the gradient alignment.
+    grads = {}
+    rng = np.random.default_rng(1)
+    for name, (dw, db) in zip(names, rule_grads):
+        grads[name] = {"kernel": jnp.asarray(dw, jnp.float32),
+                       "bias": jnp.asarray(db, jnp.float32)}
+        if mode == "kp":
+            grads[name][layers.FEEDBACK_KERNEL] = jnp.asarray(
+                100 * rng.normal(size=dw.shape), jnp.float32)
+    values, _ = _run_alignment(model, params, model_state, x, t, grads)
+
+    expected = {}
+    for name, rule_g, bp_g in zip(names, rule_grads, bp_grads):
+        expected[f"alignment/grad_cosine/{name}"] = numpy_cosine(_flat([rule_g]), _flat([bp_g]))
+        expected[f"alignment/grad_angle/{name}"] = numpy_angle(_flat([rule_g]), _flat([bp_g]))
+    expected["alignment/grad_cosine/all"] = numpy_cosine(_flat(rule_grads), _flat(bp_grads))
+    expected["alignment/grad_angle/all"] = numpy_angle(_flat(rule_grads), _flat(bp_grads))
+    expected["alignment/relative_grad_norm"] = float(
+        np.linalg.norm(_flat(bp_grads)) / np.linalg.norm(_flat(rule_grads)))
+    for name, (w, _), b in zip(names, weights, feedback):
+        expected[f"alignment/weight_cosine/{name}"] = numpy_cosine(w, b)
+        expected[f"alignment/weight_difference_norm/{name}"] = float(np.linalg.norm(w - b))
+
+    assert set(values) == set(expected)
+    for key, value in expected.items():
+        if "grad_angle" in key:
+            assert values[key] == pytest.approx(value, abs=2e-3), key
+        else:
+            assert values[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # The output layer of FA/KP/interpolation is trained by the true error.
+    assert values[f"alignment/grad_angle/{names[-1]}"] < 1e-2
+    # Sanity: the rules' hidden layers are not aligned with BP at init to this precision.
+    assert values["alignment/grad_angle/layer_0"] > 1.0
+
+
+def test_alignment_of_dfa_matches_numpy_and_has_no_weight_alignment():
+    model, params, model_state, x, t = small_problem("dfa")
+    names, weights, feedback = _weights_and_feedback("dfa", params, model_state)
+    assert feedback[0].shape == (HIDDEN[0], OUTPUTS) and feedback[-1] is None
+    rule_grads = numpy_gradients(weights, feedback, x, t, ACTIVATIONS, "dfa")
+    bp_grads = numpy_gradients(weights, feedback, x, t, ACTIVATIONS, "bp")
+    grads = {name: {"kernel": jnp.asarray(dw, jnp.float32), "bias": jnp.asarray(db, jnp.float32)}
+             for name, (dw, db) in zip(names, rule_grads)}
+    values, loss_of_params = _run_alignment(model, params, model_state, x, t, grads)
+
+    jax_grads = jax.grad(loss_of_params)(params)
+    for name, (dw, db) in zip(names, rule_grads):
+        np.testing.assert_allclose(jax_grads[name]["kernel"], dw, rtol=1e-4, atol=1e-7)
+
+    assert set(values) == (
+        {f"alignment/grad_{kind}/{n}" for kind in ("cosine", "angle") for n in names}
+        | {"alignment/grad_cosine/all", "alignment/grad_angle/all",
+           "alignment/relative_grad_norm"})
+    assert not any("weight_" in k for k in values)
+    for name, rule_g, bp_g in zip(names, rule_grads, bp_grads):
+        assert values[f"alignment/grad_cosine/{name}"] == pytest.approx(
+            numpy_cosine(_flat([rule_g]), _flat([bp_g])), rel=1e-5, abs=1e-6)
+        assert values[f"alignment/grad_angle/{name}"] == pytest.approx(
+            numpy_angle(_flat([rule_g]), _flat([bp_g])), abs=2e-3)
+    assert values["alignment/grad_cosine/all"] == pytest.approx(
+        numpy_cosine(_flat(rule_grads), _flat(bp_grads)), rel=1e-5)
+    assert values["alignment/relative_grad_norm"] == pytest.approx(
+        np.linalg.norm(_flat(bp_grads)) / np.linalg.norm(_flat(rule_grads)), rel=1e-5)
+
+
+# --- closed-form values --------------------------------------------------------------------
+
+
+def test_cosine_and_angle_closed_form_values():
+    rng = np.random.default_rng(0)
+    for shape in [(7,), (5, 3), (2, 3, 4)]:
+        a = rng.normal(size=shape).astype(np.float32)
+        b = rng.normal(size=shape).astype(np.float32)
+        assert float(metrics.angle_degrees(a, a)) == pytest.approx(0.0, abs=1e-4)
+        assert float(metrics.cosine(a, a)) == pytest.approx(1.0, abs=1e-6)
+        assert float(metrics.angle_degrees(a, 3.5 * a)) == pytest.approx(0.0, abs=1e-3)
+        assert float(metrics.cosine(a, 3.5 * a)) == pytest.approx(1.0, abs=1e-6)
+        assert float(metrics.angle_degrees(a, -a)) == pytest.approx(180.0, abs=1e-4)
+        assert float(metrics.cosine(a, -a)) == pytest.approx(-1.0, abs=1e-6)
+        # Orthogonal: b minus its projection on a (Gram-Schmidt in float64).
+        a64, b64 = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+        ortho = (b64 - (a64 @ b64) / (a64 @ a64) * a64).reshape(shape).astype(np.float32)
+        assert float(metrics.angle_degrees(a, ortho)) == pytest.approx(90.0, abs=1e-3)
+        assert float(metrics.cosine(a, ortho)) == pytest.approx(0.0, abs=1e-6)
+        # A generic pair agrees with arccos of the NumPy cosine.
+        cos = numpy_cosine(a64, b64)
+        assert float(metrics.cosine(a, b)) == pytest.approx(cos, abs=1e-6)
+        assert float(metrics.angle_degrees(a, b)) == pytest.approx(
+            np.degrees(np.arccos(cos)), abs=1e-3)
+    # 45° and 60° in the plane.
+    assert float(metrics.angle_degrees(np.array([1.0, 0.0]), np.array([1.0, 1.0]))) == \
+        pytest.approx(45.0, abs=1e-4)
+    assert float(metrics.angle_degrees(np.array([1.0, 0.0]),
+                                       np.array([0.5, np.sqrt(3) / 2]))) == \
+        pytest.approx(60.0, abs=1e-4)
+    # A zero vector has cosine 0 (documented), not NaN.
+    assert float(metrics.cosine(np.zeros(3, np.float32), np.ones(3, np.float32))) == 0.0
+
+
+def test_dense_layers_finds_every_kernel_by_path():
+    model, params, model_state, x, t = small_problem("kp")
+    found = metrics.dense_layers(params)
+    assert set(found) == {"layer_0", "layer_1", "layer_2"}
+    assert set(found["layer_0"]) == {"kernel", "bias", layers.FEEDBACK_KERNEL}
+    np.testing.assert_array_equal(found["layer_1"]["kernel"], params["layer_1"]["kernel"])
+    nested = {"block": {"dense": {"kernel": np.ones((2, 2))}, "norm": {"scale": np.ones(2)}}}
+    assert set(metrics.dense_layers(nested)) == {"block/dense"}
+
+
+class Recorder(Callback):
+    """Copies of the logs and parameters at the start and at every chunk end."""
+
+    def __init__(self):
+        self.logs = []
+        self.params = {}
+
+    def _keep(self, step, state):
+        # Copies: the next chunk program donates the state's buffers.
+        self.params[step] = jax.tree.map(lambda a: np.array(a, np.float64, copy=True),
+                                         state.params)
+
+    def on_fit_start(self, trainer, state):
+        self._keep(int(state.step), state)
+
+    def on_train_chunk_end(self, trainer, state, step, logs):
+        assert int(state.step) == step
+        self.logs.append((step, dict(logs)))
+        self._keep(step, state)
+
+
+def linear_teacher(n, seed, inputs=30, outputs=10):
+    rng = np.random.default_rng(seed)
+    teacher = (rng.normal(size=(inputs, outputs)) / np.sqrt(inputs)).astype(np.float32)
+    x = rng.uniform(-1, 1, (n, inputs)).astype(np.float32)
+    return data.Split(x, (x @ teacher).astype(np.float32))
+
+
+@pytest.mark.parametrize("mode, factor", [("bp", 0.5), ("interpolate_fa_bp", 0.0)])
+def test_backprop_trained_with_alignment_has_angle_zero(mode, factor):
+    """BP, and the interpolation at λ = 0 (which is BP), match the reference exactly."""
+    recorder = Recorder()
+    task = Task(module=models.BioNeuralNetwork(hidden_layers=(8,), activations=("tanh",),
+                                               features=3, mode=mode,
+                                               interpolation_factor=factor),
+                loss=metrics.mean_squared_error, optimizer=optax.sgd(0.1),
+                metrics=metrics.RegressionMetrics, step_metrics=[metrics.Alignment(every=3)])
+    Trainer(max_epochs=2, log_every_steps=4, callbacks=[recorder], progress_bar=False).fit(
+        task, linear_teacher(128, 0, inputs=5, outputs=3), batch_size=16)
+    assert len(recorder.logs) == 4
+    for _, logs in recorder.logs:
+        angles = {k: v for k, v in logs.items() if k.startswith("alignment/grad_angle/")}
+        assert set(angles) == {"alignment/grad_angle/layer_0", "alignment/grad_angle/layer_1",
+                               "alignment/grad_angle/all"}
+        assert all(0.0 <= v < 1e-3 for v in angles.values()), angles
+        for key in ("layer_0", "layer_1", "all"):
+            assert logs[f"alignment/grad_cosine/{key}"] == pytest.approx(1.0, abs=1e-6)
+        assert logs["alignment/relative_grad_norm"] == pytest.approx(1.0, abs=1e-5)
+
+
+# --- Lillicrap et al. 2016: FA comes to align with backprop --------------------------------
+
+
+def test_feedback_alignment_angle_falls_below_90_on_a_linear_teacher():
+    recorder = Recorder()
+    task = Task(module=models.BioNeuralNetwork(hidden_layers=(20,), activations=("identity",),
+                                               features=10, mode="fa"),
+                loss=metrics.mean_squared_error, optimizer=optax.sgd(0.3),
+                metrics=metrics.RegressionMetrics, step_metrics=[metrics.Alignment(every=4)])
+    # 32 steps per epoch, one log interval per epoch, 8 alignment samples per interval.
+    Trainer(max_epochs=20, log_every_steps=32, callbacks=[recorder], progress_bar=False,
+            seed=0).fit(task, linear_teacher(1024, 0), batch_size=32)
+    assert [s for s, _ in recorder.logs] == list(range(32, 641, 32))
+    angles = np.array([logs["alignment/grad_angle/layer_0"] for _, logs in recorder.logs])
+    losses = np.array([logs["train/loss"] for _, logs in recorder.logs])
+    cosines = np.array([logs["alignment/grad_cosine/layer_0"] for _, logs in recorder.logs])
+    # It learns.
+    assert losses[-1] < 0.01 * losses[0]
+    # The hidden layer's angle starts near 90° (random B) and falls well below it.
+    assert 75.0 < angles[0] < 105.0, angles
+    assert angles[-5:].mean() < 70.0, angles
+    assert angles[-5:].mean() < angles[0] - 15.0, angles
+    # ... and decreases over training: each third of the run is lower on average.
+    thirds = [part.mean() for part in np.array_split(angles, 3)]
+    assert thirds[0] > thirds[1] > thirds[2], (thirds, angles)
+    # The cosine is the cosine of that angle (both averaged over the same steps, so only
+    # approximately), and the output layer is trained by the true error.
+    assert np.all(cosines[-5:] > 0.3)
+    assert all(logs["alignment/grad_angle/layer_1"] < 1e-3 for _, logs in recorder.logs)
+
+
+# --- Kolen & Pollack 1994: B follows W under weight decay ----------------------------------
+
+
+def test_kolen_pollack_with_weight_decay_aligns_w_and_b_geometrically():
+    lr, wd, every = 0.2, 0.1, 16
+    ratio = 1.0 - lr * wd
+    recorder = Recorder()
+    task = Task(module=models.BioNeuralNetwork(hidden_layers=(20,), activations=("tanh",),
+                                               features=10, mode="kp"),
+                loss=metrics.mean_squared_error,
+                optimizer=optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr)),
+                metrics=metrics.RegressionMetrics,
+                step_metrics=[metrics.Alignment(every=every)])
+    trainer = Trainer(max_epochs=20, log_every_steps=every, callbacks=[recorder],
+                      progress_bar=False, seed=0)
+    trainer.fit(task, linear_teacher(512, 0), batch_size=32)
+    total = 20 * 512 // 32
+    assert int(trainer.state.step) == total
+    assert [s for s, _ in recorder.logs] == list(range(every, total + 1, every))
+
+    for name in ("layer_0", "layer_1"):
+        w0 = recorder.params[0][name]["kernel"]
+        b0 = recorder.params[0][name][layers.FEEDBACK_KERNEL]
+        initial = np.linalg.norm(w0 - b0)
+        assert abs(numpy_cosine(w0, b0)) < 0.3  # independent random init
+
+        # (b) ‖W_t − B_t‖ = (1 − lr·wd)^t ‖W_0 − B_0‖ at every chunk end and at the end.
+        for step, params in recorder.params.items():
+            difference = np.linalg.norm(params[name]["kernel"] -
+                                        params[name][layers.FEEDBACK_KERNEL])
+            assert difference == pytest.approx(initial * ratio ** step, rel=1e-4), (name, step)
+        final = trainer.state.params[name]
+        assert np.linalg.norm(np.asarray(final["kernel"], np.float64) -
+                              np.asarray(final[layers.FEEDBACK_KERNEL], np.float64)) == \
+            pytest.approx(initial * ratio ** total, rel=1e-4)
+        assert ratio ** total < 1e-2  # it really shrank
+
+        # The logged norm: one alignment per interval, at its first step s, before the update.
+        for step, logs in recorder.logs:
+            s = step - every
+            assert logs[f"alignment/weight_difference_norm/{name}"] == pytest.approx(
+                initial * ratio ** s, rel=1e-4), (name, step)
+            # and the logged weight cosine is that of the parameters at step s.
+            params = recorder.params[s][name]
+            assert logs[f"alignment/weight_cosine/{name}"] == pytest.approx(
+                numpy_cosine(params["kernel"], params[layers.FEEDBACK_KERNEL]), abs=1e-5)
+
+        # (a) the weight alignment rises from ~0 towards 1.
+        cosines = np.array([logs[f"alignment/weight_cosine/{name}"]
+                            for _, logs in recorder.logs])
+        assert abs(cosines[0]) < 0.3, cosines
+        assert cosines[-1] > 0.99, cosines
+        assert np.all(np.diff(cosines[len(cosines) // 4:]) > 0), cosines
+    # W itself did not just decay away: B converged to a W that still carries the task.
+    assert np.linalg.norm(np.asarray(trainer.state.params["layer_0"]["kernel"])) > 0.1
