@@ -243,7 +243,7 @@ class Trainer:
                 indices = np.zeros((k, batch_size), np.int32)
                 indices[:n] = order[first * batch_size:(first + n) * batch_size].reshape(
                     n, batch_size)
-                yield (self._dataset_on_device, jax.device_put(indices, self.replicated)), n
+                yield (self._dataset_on_device, self._global(indices, self.replicated)), n
             return
         batches = data_lib.train_batches(
             train, batch_size, self.seed, epoch, start_step=start, chunk=k,
@@ -280,7 +280,7 @@ class Trainer:
             total_steps = min(total_steps, self.max_steps)
         state = initial_state or self.init_state(task, train.inputs[:1])
         if self.in_memory:
-            self._dataset_on_device = jax.device_put(
+            self._dataset_on_device = self._global(
                 {"input": train.inputs, "target": train.targets}, self.replicated)
         program = self._chunk_program(task, self.in_memory)
         parameter_overview.log_parameter_overview(state.params)
