@@ -31,16 +31,19 @@ from typing import Iterator
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from bioflax import models
 from bioflax.errors import DataNotFoundError
 
-# TensorFlow only feeds data here; keep it off the accelerators that JAX uses.
-try:
-    tf.config.set_visible_devices([], "GPU")
-except (RuntimeError, ValueError):  # TF already initialised its devices, or has none.
-    pass
+def _tensorflow():
+    """TensorFlow, imported on first use (only the tf.data paths need it) and kept off the
+    accelerators that JAX uses."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # TF already initialised its devices, or has none.
+        pass
+    return tf
 
 TASKS = ("classification", "regression")
 DATASETS = ("mnist", "teacher", "sinreg")
@@ -306,15 +309,16 @@ def _local_columns(global_batch_size: int, process_index: int, process_count: in
     return slice(process_index * local, (process_index + 1) * local)
 
 
-def _as_tensors(split: Split) -> tuple[tf.Tensor, tf.Tensor]:
+def _as_tensors(split: Split):
     return _to_tensor(split.inputs), _to_tensor(split.targets)
 
 
-def _to_tensor(array: np.ndarray) -> tf.Tensor:
+def _to_tensor(array: np.ndarray):
     """``array`` as a CPU tensor. An array aligned as TF requires (as :func:`load` makes
     them) is shared through DLPack, so that a new pipeline per epoch does not copy the data
     set; the split must then not be modified while a pipeline over it runs. Any other array
     is copied."""
+    tf = _tensorflow()
     if (array.size and array.flags.c_contiguous
             and array.ctypes.data % _TF_ALIGNMENT == 0):
         try:
@@ -359,6 +363,7 @@ def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int, *
 
     order = epoch_order(seed, epoch, n)[:steps * global_batch_size]
     local_idx = order.reshape(steps, global_batch_size)[start_step:, columns]
+    tf = _tensorflow()
     inputs, targets = _as_tensors(split)
 
     def gather(idx):
@@ -388,6 +393,7 @@ def eval_batches(split: Split, global_batch_size: int, *, process_index: int = 0
     padded = np.where(padded < n, padded, 0)
     local_idx = padded.reshape(num_batches, global_batch_size)[:, columns]
     local_mask = mask.reshape(num_batches, global_batch_size)[:, columns]
+    tf = _tensorflow()
     inputs, targets = _as_tensors(split)
 
     def gather(idx, m):

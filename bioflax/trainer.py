@@ -16,6 +16,7 @@ uninterrupted run would have seen.
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import sys
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from flax import linen as nn
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec
@@ -49,9 +50,10 @@ class TrainState(train_state.TrainState):
 class Task:
     """What to train: a module, a per-example ``loss(outputs, targets)``, a clu metric
     collection built from ``loss=``, ``logits=``, ``labels=`` (and ``mask=``), an optax
-    optimizer, and ``step_metrics``: callables with an ``every`` attribute, called every
-    ``every`` steps inside the compiled step as ``metric(loss_of_params, params,
-    model_state, grads)`` and returning a dict of scalars (see ``metrics.Alignment``)."""
+    optimizer, and ``step_metrics``: callables with an ``every`` attribute, called inside
+    the compiled step on the steps whose index within the epoch is a multiple of ``every``,
+    as ``metric(loss_of_params, params, model_state, grads)``, returning a dict of scalars
+    (see ``metrics.Alignment``)."""
 
     module: nn.Module
     loss: Callable[[jax.Array, jax.Array], jax.Array]
@@ -105,6 +107,8 @@ class Trainer:
       limit_eval_batches: at most this many batches per evaluation.
       mesh: the device mesh (default: all devices on a ``'data'`` axis).
       progress_bar: a live tqdm bar (default: when stderr is a terminal).
+      report_progress: log steps/s and ETA with ``clu.periodic_actions.ReportProgress``.
+      writer: a clu ``MetricWriter`` (default: TensorBoard files in ``workdir`` and logs).
     """
 
     def __init__(self, *, workdir: Optional[str] = None, max_epochs: int = 1,
@@ -113,8 +117,8 @@ class Trainer:
                  limit_train_batches: Optional[int] = None,
                  limit_eval_batches: Optional[int] = None,
                  mesh: Optional[jax.sharding.Mesh] = None,
-                 progress_bar: Optional[bool] = None,
-                 writer: Optional[metric_writers.MetricWriter] = None):
+                 progress_bar: Optional[bool] = None, report_progress: bool = True,
+                 writer=None):
         if log_every_steps <= 0:
             raise ValueError(f"log_every_steps must be positive, got {log_every_steps}.")
         self.workdir = workdir
@@ -128,8 +132,13 @@ class Trainer:
         self.limit_eval_batches = limit_eval_batches
         self.mesh = mesh or make_mesh()
         self.progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
-        self.writer = writer or metric_writers.create_default_writer(
-            workdir, just_logging=jax.process_index() > 0 or workdir is None)
+        self.report_progress = report_progress
+        if writer is None:
+            # clu's writers import TensorFlow (for TensorBoard files): only when needed.
+            from clu import metric_writers  # pylint: disable=import-outside-toplevel
+            writer = metric_writers.create_default_writer(
+                workdir, just_logging=jax.process_index() > 0 or workdir is None)
+        self.writer = writer
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharded = NamedSharding(self.mesh, PartitionSpec("data"))
         self.chunk_sharded = NamedSharding(self.mesh, PartitionSpec(None, "data"))
@@ -150,7 +159,8 @@ class Trainer:
 
     # --- compiled programs ---------------------------------------------------------------
 
-    def _train_step(self, task: Task, state: TrainState, batch):
+    def _train_step(self, task: Task, state: TrainState, batch, due: tuple[bool, ...]):
+        """One update; ``due[i]`` says whether ``task.step_metrics[i]`` runs at this step."""
         def loss_and_outputs(params):
             outputs = state.apply_fn({"params": params, **state.model_state}, batch["input"])
             per_example = task.loss(outputs, batch["target"])
@@ -161,55 +171,70 @@ class Trainer:
         metrics = task.metrics.single_from_model_output(
             loss=per_example, logits=outputs, labels=batch["target"])
         step_metrics = {}
-        for metric in task.step_metrics:
+        for metric, is_due in zip(task.step_metrics, due):
             def compute(metric=metric):
                 return metric(lambda p: loss_and_outputs(p)[0], state.params,
                               state.model_state, grads)
-            is_due = state.step % metric.every == 0
-            values = jax.lax.cond(is_due, compute,
-                                  lambda compute=compute: _zeros_like_shapes(
-                                      jax.eval_shape(compute)))
-            step_metrics.update(metrics_lib.averages(values, is_due))
+            values = compute() if is_due else _zeros_like_shapes(jax.eval_shape(compute))
+            step_metrics.update(metrics_lib.averages(values, int(is_due)))
         return state.apply_gradients(grads=grads), (metrics, step_metrics), loss
 
-    def _train_chunk(self, task: Task, get_batch, state: TrainState, xs, num_valid):
-        """``num_valid`` steps (≤ the length of ``xs``) as one ``lax.scan``."""
-        first_batch = get_batch(jax.tree.map(lambda x: x[0], xs))
-        empty = _zeros_like_shapes(jax.eval_shape(
-            lambda: self._train_step(task, state, first_batch)[1]))
+    def _train_chunk(self, task: Task, get_batch, plan, state: TrainState, xs):
+        """The steps of ``xs`` in order: one ``lax.scan`` per run of ``plan``.
 
-        def body(carry, step_input):
+        ``plan`` is a static tuple of ``(length, due)`` runs, so a step metric costs nothing
+        on the steps where it is not due, and no step waits on a device-side condition
+        (which on GPUs means a round trip to the host).
+        """
+        def step(carry, x, due):
             state, (metrics, step_metrics) = carry
-            index, x = step_input
+            state, (m, s), loss = self._train_step(task, state, get_batch(x), due)
+            return (state, (metrics.merge(m), metrics_lib.merge_averages(step_metrics, s))), loss
 
-            def run():
-                new_state, (m, s), loss = self._train_step(task, state, get_batch(x))
-                return new_state, (metrics.merge(m),
-                                   metrics_lib.merge_averages(step_metrics, s)), loss
+        first = jax.tree.map(lambda x: x[0], xs)
+        carry = (state, _zeros_like_shapes(jax.eval_shape(
+            lambda: self._train_step(task, state, get_batch(first), plan[0][1])[1])))
+        losses, offset = [], 0
+        for length, due in plan:
+            run = jax.tree.map(lambda x, o=offset, n=length: x[o:o + n], xs)
+            carry, run_losses = jax.lax.scan(functools.partial(step, due=due), carry, run)
+            losses.append(run_losses)
+            offset += length
+        state, metrics = carry
+        return state, metrics, jnp.concatenate(losses), _all_finite(state.params)
 
-            def skip():
-                return state, (metrics, step_metrics), jnp.zeros((), jnp.float32)
+    @staticmethod
+    def _plan(task: Task, first_step: int, num_steps: int) -> tuple:
+        """Runs of consecutive steps that need the same step metrics.
 
-            new_state, new_metrics, loss = jax.lax.cond(index < num_valid, run, skip)
-            return (new_state, new_metrics), loss.astype(jnp.float32)
-
-        length = jax.tree.leaves(xs)[0].shape[0]
-        (state, metrics), losses = jax.lax.scan(body, (state, empty), (jnp.arange(length), xs))
-        return state, metrics, losses, _all_finite(state.params)
+        Steps are counted within the epoch (``first_step`` is the chunk's first step in its
+        epoch): a metric is due where that count is a multiple of its ``every``. Chunks
+        start at the same places in every epoch, so the plans, and the compiled programs,
+        repeat from one epoch to the next.
+        """
+        plan: list[list] = []
+        for step in range(first_step, first_step + num_steps):
+            due = tuple(step % metric.every == 0 for metric in task.step_metrics)
+            if plan and plan[-1][1] == due:
+                plan[-1][0] += 1
+            else:
+                plan.append([1, due])
+        return tuple((length, due) for length, due in plan)
 
     def _chunk_program(self, task: Task, in_memory: bool):
+        """``program(plan, state, *data)``, compiled once per distinct plan."""
         key = (id(task), in_memory)
         if key not in self._compiled:
             if in_memory:
-                def program(state, dataset, indices, num_valid):
+                def program(plan, state, dataset, indices):
                     def gather(idx):
                         batch = jax.tree.map(lambda a: a[idx], dataset)
                         return jax.lax.with_sharding_constraint(batch, self.batch_sharded)
-                    return self._train_chunk(task, gather, state, indices, num_valid)
+                    return self._train_chunk(task, gather, plan, state, indices)
             else:
-                def program(state, batches, num_valid):
-                    return self._train_chunk(task, lambda b: b, state, batches, num_valid)
-            self._compiled[key] = jax.jit(program, donate_argnums=(0,),
+                def program(plan, state, batches):
+                    return self._train_chunk(task, lambda b: b, plan, state, batches)
+            self._compiled[key] = jax.jit(program, static_argnums=(0,), donate_argnums=(1,),
                                           out_shardings=self.replicated)
         return self._compiled[key]
 
@@ -234,15 +259,15 @@ class Trainer:
 
     def _chunks(self, train: data_lib.Split, batch_size: int, epoch: int, start: int,
                 stop: int) -> Iterator[tuple[tuple, int]]:
-        """Arguments (after the state) of the chunk program for steps [start, stop) of an epoch."""
+        """Data arguments of the chunk program for steps [start, stop) of an epoch, and the
+        number of steps each covers (``log_every_steps``, or fewer at the epoch's end)."""
         k = self.log_every_steps
         if self.in_memory:
             order = data_lib.epoch_order(self.seed, epoch, len(train))
             for first in range(start, stop, k):
                 n = min(k, stop - first)
-                indices = np.zeros((k, batch_size), np.int32)
-                indices[:n] = order[first * batch_size:(first + n) * batch_size].reshape(
-                    n, batch_size)
+                indices = order[first * batch_size:(first + n) * batch_size].reshape(
+                    n, batch_size).astype(np.int32)
                 yield (self._dataset_on_device, self._global(indices, self.replicated)), n
             return
         batches = data_lib.train_batches(
@@ -253,10 +278,7 @@ class Trainer:
             n = min(len(chunk["input"]), stop - first)
             if n <= 0:
                 break
-            padded = jax.tree.map(
-                lambda x: np.concatenate([x[:n], np.zeros((k - n, *x.shape[1:]), x.dtype)]),
-                chunk)
-            yield (self._global(padded, self.chunk_sharded),), n
+            yield (self._global(jax.tree.map(lambda x: x[:n], chunk), self.chunk_sharded),), n
             first += n
 
     # --- the loop ------------------------------------------------------------------------
@@ -325,8 +347,8 @@ class Trainer:
             stop = min(steps_per_epoch, in_epoch + total_steps - step)
             for args, n in self._chunks(train, batch_size, epoch, in_epoch, stop):
                 state, (metrics, step_metrics), losses, params_finite = program(
-                    state, *args, n)
-                self._check_finite(np.asarray(losses)[:n], bool(params_finite), step)
+                    self._plan(task, step - epoch * steps_per_epoch, n), state, *args)
+                self._check_finite(np.asarray(losses), bool(params_finite), step)
                 step += n
                 logs = {f"train/{k}": v for k, v in metrics.compute().items()}
                 logs.update(metrics_lib.compute_averages(step_metrics))
@@ -368,8 +390,11 @@ class Trainer:
                 "scale and run again; the run resumes from that checkpoint.")
 
     def _progress(self, total_steps: int, first_step: int):
-        report = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                                 writer=self.writer, every_secs=30.0)
+        report = None
+        if self.report_progress:
+            from clu import periodic_actions  # pylint: disable=import-outside-toplevel
+            report = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                                     writer=self.writer, every_secs=30.0)
         bar = None
         if self.progress_bar:
             import tqdm  # pylint: disable=import-outside-toplevel
@@ -378,7 +403,8 @@ class Trainer:
 
         class Progress:
             def __call__(self, step, epoch, logs):
-                report(step)
+                if report is not None:
+                    report(step)
                 if bar is not None:
                     bar.set_description(f"epoch {epoch + 1}")
                     bar.set_postfix(loss=f"{logs.get('train/loss', float('nan')):.4f}")

@@ -1,4 +1,8 @@
-"""Direct Feedback Alignment MLP on MNIST: 784-500-500-10 tanh (ReLU makes DFA logits blow up at this learning rate), SGD with momentum."""
+"""Direct Feedback Alignment MLP on MNIST: 784-500-500-10 tanh, SGD with momentum.
+
+Nøkland (2016) used tanh; with ReLU at this learning rate the DFA logits grow without
+bound (test loss in the thousands after 400 steps).
+"""
 
 from configs import default
 
