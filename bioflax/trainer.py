@@ -172,11 +172,10 @@ class Trainer:
             loss=per_example, logits=outputs, labels=batch["target"])
         step_metrics = {}
         for metric, is_due in zip(task.step_metrics, due):
-            def compute(metric=metric):
-                return metric(lambda p: loss_and_outputs(p)[0], state.params,
-                              state.model_state, grads)
-            values = compute() if is_due else _zeros_like_shapes(jax.eval_shape(compute))
-            step_metrics.update(metrics_lib.averages(values, int(is_due)))
+            if is_due:
+                step_metrics.update(metrics_lib.averages(
+                    metric(lambda p: loss_and_outputs(p)[0], state.params, state.model_state,
+                           grads), 1))
         return state.apply_gradients(grads=grads), (metrics, step_metrics), loss
 
     def _train_chunk(self, task: Task, get_batch, plan, state: TrainState, xs):
@@ -191,17 +190,25 @@ class Trainer:
             state, (m, s), loss = self._train_step(task, state, get_batch(x), due)
             return (state, (metrics.merge(m), metrics_lib.merge_averages(step_metrics, s))), loss
 
-        first = jax.tree.map(lambda x: x[0], xs)
-        carry = (state, _zeros_like_shapes(jax.eval_shape(
-            lambda: self._train_step(task, state, get_batch(first), plan[0][1])[1])))
+        first = get_batch(jax.tree.map(lambda x: x[0], xs))
+
+        def zero_metrics(due):
+            return _zeros_like_shapes(jax.eval_shape(
+                lambda: self._train_step(task, state, first, due)[1]))
+
+        metrics, totals = zero_metrics((True,) * len(task.step_metrics))
         losses, offset = [], 0
         for length, due in plan:
             run = jax.tree.map(lambda x, o=offset, n=length: x[o:o + n], xs)
-            carry, run_losses = jax.lax.scan(functools.partial(step, due=due), carry, run)
+            # A run carries only the step metrics due in it: none on most steps.
+            (state, (metrics, due_metrics)), run_losses = jax.lax.scan(
+                functools.partial(step, due=due), (state, (metrics, zero_metrics(due)[1])),
+                run)
+            totals = {**totals, **metrics_lib.merge_averages(
+                {name: totals[name] for name in due_metrics}, due_metrics)}
             losses.append(run_losses)
             offset += length
-        state, metrics = carry
-        return state, metrics, jnp.concatenate(losses), _all_finite(state.params)
+        return state, (metrics, totals), jnp.concatenate(losses), _all_finite(state.params)
 
     @staticmethod
     def _plan(task: Task, first_step: int, num_steps: int) -> tuple:
@@ -346,9 +353,11 @@ class Trainer:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             stop = min(steps_per_epoch, in_epoch + total_steps - step)
             for args, n in self._chunks(train, batch_size, epoch, in_epoch, stop):
-                state, (metrics, step_metrics), losses, params_finite = program(
+                state, *results = program(
                     self._plan(task, step - epoch * steps_per_epoch, n), state, *args)
-                self._check_finite(np.asarray(losses), bool(params_finite), step)
+                # One transfer for everything the host reads of this chunk.
+                (metrics, step_metrics), losses, params_finite = jax.device_get(results)
+                self._check_finite(losses, bool(params_finite), step)
                 step += n
                 logs = {f"train/{k}": v for k, v in metrics.compute().items()}
                 logs.update(metrics_lib.compute_averages(step_metrics))
