@@ -18,6 +18,8 @@ excluded, medians of ``--repeats`` epochs (5). Prints, for each rule:
 import argparse
 import importlib.util
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -55,21 +57,42 @@ class SilentWriter:
         pass
 
 
-def trainer_rate(task: Task, split: data.Split, batch: int, repeats: int, *,
-                 in_memory: bool = True) -> float:
-    """Median examples/s of ``repeats`` single-epoch ``fit`` calls after a warm-up epoch."""
-    trainer = Trainer(max_epochs=1, log_every_steps=100, in_memory=in_memory,
-                      progress_bar=False, report_progress=False, writer=SilentWriter())
-    trainer.fit(task, split, batch_size=batch)
-    seconds = []
-    for epoch in range(repeats):
-        trainer.max_epochs = epoch + 2
+class EpochTimer:
+    """A trainer and task, compiled and warmed up, that times one more epoch per call."""
+
+    def __init__(self, task: Task, split: data.Split, batch: int, in_memory: bool = True):
+        self.task, self.split, self.batch = task, split, batch
+        self.trainer = Trainer(max_epochs=1, log_every_steps=100, in_memory=in_memory,
+                               progress_bar=False, report_progress=False,
+                               writer=SilentWriter())
+        self.trainer.fit(task, split, batch_size=batch)
+        self.rates: list[float] = []
+
+    def time_epoch(self) -> None:
+        self.trainer.max_epochs += 1
         start = time.perf_counter()
-        trainer.fit(task, split, batch_size=batch, initial_state=trainer.state)
-        jax.block_until_ready(trainer.state)
-        seconds.append(time.perf_counter() - start)
-    examples = data.steps_per_epoch(len(split), batch) * batch
-    return examples / statistics.median(seconds)
+        self.trainer.fit(self.task, self.split, batch_size=self.batch,
+                         initial_state=self.trainer.state)
+        jax.block_until_ready(self.trainer.state)
+        examples = data.steps_per_epoch(len(self.split), self.batch) * self.batch
+        self.rates.append(examples / (time.perf_counter() - start))
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+
+def interleaved_rates(timers: dict, repeats: int) -> dict[str, float]:
+    """Median examples/s of each timer, its epochs interleaved with the others' so that a
+    machine that slows down or speeds up affects every figure alike."""
+    for _ in range(repeats):
+        for timer in timers.values():
+            timer.time_epoch()
+    return {name: timer.rate for name, timer in timers.items()}
+
+
+def trainer_rate(task: Task, split: data.Split, batch: int, repeats: int) -> float:
+    return interleaved_rates({"": EpochTimer(task, split, batch)}, repeats)[""]
 
 
 def flops_per_example(widths) -> int:
@@ -116,8 +139,7 @@ def torch_rate(split: data.Split, width: int, batch: int, repeats: int):
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
         return None
-    device = ("cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
-              else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = torch.nn.Sequential(torch.nn.Linear(784, width), torch.nn.ReLU(),
                                 torch.nn.Linear(width, width), torch.nn.ReLU(),
                                 torch.nn.Linear(width, 10)).to(device)
@@ -146,12 +168,29 @@ def torch_rate(split: data.Split, width: int, batch: int, repeats: int):
     return steps * batch / statistics.median(seconds), f"{torch.__version__} on {device}"
 
 
+def torch_rate_in_subprocess(width: int, batch: int, repeats: int):
+    command = [sys.executable, __file__, "--torch_only", "--repeats", str(repeats)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"the PyTorch reference failed:\n{result.stderr[-2000:]}")
+    line = result.stdout.strip().splitlines()[-1]
+    if line == "none":
+        return None
+    rate, version = line.split(" ", 1)
+    return float(rate), version
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per figure")
     parser.add_argument("--quick", action="store_true",
                         help="skip the width and batch scaling tables")
+    parser.add_argument("--torch_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.torch_only:
+        result = torch_rate(mnist_shaped(), 500, 128, args.repeats)
+        print("none" if result is None else f"{result[0]} {result[1]}")
+        return
 
     split = mnist_shaped()
     has_tensorflow = importlib.util.find_spec("tensorflow") is not None
@@ -163,15 +202,22 @@ def main():
     ceiling = matmul_ceiling((784, width, width, 10), batch, repeats)
     print(f"matmul ceiling: {ceiling:,.0f} ex/s "
           f"({ceiling * flops_per_example((784, width, width, 10)) / 1e9:.0f} GFLOP/s)")
-    rows = {}
+    timers = {}
     for rule in RULES:
-        rows[rule] = (
-            trainer_rate(make_task(rule, width), split, batch, repeats),
-            trainer_rate(make_task(rule, width), split, batch, repeats, in_memory=False)
-            if has_tensorflow else float("nan"),
-            trainer_rate(make_task(rule, width, alignment_every=100), split, batch, repeats))
-    # PyTorch last: its OpenMP threads keep spinning after a loop and would slow JAX down.
-    torch_result = torch_rate(split, width, batch, repeats)
+        timers[rule] = EpochTimer(make_task(rule, width), split, batch)
+        timers[f"{rule} aligned"] = EpochTimer(make_task(rule, width, alignment_every=100),
+                                               split, batch)
+    measured = interleaved_rates(timers, repeats)
+    del timers
+    # tf.data after the in-memory figures: its thread pools stay busy between epochs.
+    if has_tensorflow:
+        measured.update(interleaved_rates(
+            {f"{rule} tf.data": EpochTimer(make_task(rule, width), split, batch,
+                                           in_memory=False) for rule in RULES}, repeats))
+    rows = {rule: (measured[rule], measured.get(f"{rule} tf.data", float("nan")),
+                   measured[f"{rule} aligned"]) for rule in RULES}
+    # PyTorch in a process of its own, where no JAX or TensorFlow threads compete with it.
+    torch_result = torch_rate_in_subprocess(width, batch, repeats)
     if torch_result:
         print(f"plain PyTorch {torch_result[1]} loop: {torch_result[0]:,.0f} ex/s")
     else:

@@ -81,8 +81,9 @@ def _layer_vector(leaves):
 class Alignment:
     """How closely a rule's gradients follow backprop's, on the same parameters and batch.
 
-    Every ``every`` steps the trainer calls it inside the compiled step with the loss as a
-    function of the parameters and the rule's gradients; it computes backprop's gradients
+    The trainer calls it inside the compiled step, on the steps whose index within the
+    epoch is a multiple of ``every``, with the loss as a function of the parameters and
+    the rule's gradients; it computes backprop's gradients
     under :func:`bioflax.layers.exact_backprop` and returns, per dense layer ``l`` (its
     path in the parameter tree) and over all layers:
 

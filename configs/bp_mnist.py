@@ -1,14 +1,7 @@
-"""Backprop MLP on MNIST: 784-500-500-10 ReLU, SGD with momentum."""
+"""Backprop MLP on MNIST: 784-500-500-10 ReLU (see mnist_mlp.py)."""
 
-from configs import default
+from configs import mnist_mlp
 
 
 def get_config():
-    config = default.get_config()
-    config.model.mode = "bp"
-    config.model.hidden_layers = (500, 500)
-    config.model.activations = ("relu", "relu")
-    config.optimizer.learning_rate = 0.05
-    config.optimizer.schedule = "cosine"
-    config.training.epochs = 20
-    return config
+    return mnist_mlp.get_config("bp", "relu")

@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "mnist"  # 'mnist' (TFDS), 'teacher' (teacher-student regression), 'sinreg'
-    data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: default or $TFDS_DATA_DIR
+    # TFDS data directory; None: TFDS's default, or $TFDS_DATA_DIR when set.
+    data.data_dir = ml_collections.config_dict.placeholder(str)
     data.download = True  # MNIST: let TFDS download it when no prepared copy is found
     data.batch_size = 128  # global training batch, split evenly over all devices
     data.eval_batch_size = 1000  # global evaluation batch (the last one is padded and masked)
@@ -43,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     optimizer.name = "sgd"  # 'sgd' (with momentum) or 'adam'
     optimizer.learning_rate = 0.05
     optimizer.momentum = 0.9  # sgd only; 0 for plain SGD
-    optimizer.weight_decay = 0.0  # decoupled from the loss, applied to W (and KP's B) before the update
+    # wd * W is added to the gradient of W (and of KP's B) before the optimizer: L2 decay.
+    optimizer.weight_decay = 0.0
     optimizer.schedule = "constant"  # 'constant' or 'cosine' (decays to 0 over the run)
     optimizer.warmup_steps = 0  # linear warm-up from 0 before the schedule
 
@@ -61,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.alignment = alignment = ml_collections.ConfigDict()
     alignment.enabled = True  # gradient/weight alignment with backprop, inside the train step
-    alignment.every_steps = 100  # one extra backprop pass on these steps only
+    # Measured on the steps whose index within the epoch is a multiple of every_steps,
+    # with one extra backprop pass on those steps only.
+    alignment.every_steps = 100
 
     config.plots = True  # PNG figures and TensorBoard images at the end of the run
     return config

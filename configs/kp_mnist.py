@@ -1,15 +1,9 @@
-"""Kolen-Pollack MLP on MNIST: 784-500-500-10 ReLU, SGD with momentum and weight decay."""
+"""Kolen-Pollack MLP on MNIST: 784-500-500-10 ReLU, with the weight decay KP needs."""
 
-from configs import default
+from configs import mnist_mlp
 
 
 def get_config():
-    config = default.get_config()
-    config.model.mode = "kp"
-    config.model.hidden_layers = (500, 500)
-    config.model.activations = ("relu", "relu")
-    config.optimizer.learning_rate = 0.05
+    config = mnist_mlp.get_config("kp", "relu")
     config.optimizer.weight_decay = 1e-4
-    config.optimizer.schedule = "cosine"
-    config.training.epochs = 20
     return config

@@ -25,6 +25,7 @@ from bioflax import (
     RandomDenseLinearInterpolateFABP,
     RandomDenseLinearKP,
 )
+from random_variables import abstract_init, randomize
 
 RTOL = 1e-10
 ATOL = 1e-12
@@ -185,26 +186,6 @@ def np_reference(rule, x, kernels, biases, feedbacks, activations, targets, loss
 # =========================================================================================
 # Helpers on the JAX side
 # =========================================================================================
-
-
-def abstract_init(module, x):
-    """The variables' shapes and dtypes, traced without running (or compiling) the
-    initializers; every test then draws its own float64 values with ``randomize``."""
-    return jax.eval_shape(module.init, jax.random.key(0), x)
-
-
-def randomize(variables, seed):
-    """Replace every variable by fresh float64 values (kernels ~ N(0, 1/fan_in), biases
-    ~ N(0, 0.25)), so the tests do not depend on the initializers and biases are nonzero."""
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        shape = leaf.shape
-        if len(shape) == 2:
-            return jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]))
-        return jnp.asarray(0.5 * rng.normal(size=shape))
-
-    return jax.tree_util.tree_map(draw, variables)
 
 
 def make_data(seed, batch, in_shape, n_out, loss):

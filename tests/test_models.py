@@ -11,6 +11,7 @@ import pytest
 
 from bioflax import BioNeuralNetwork, TeacherNetwork
 from bioflax.models import ACTIVATIONS, MODES
+from random_variables import abstract_init, randomize
 
 RTOL = 1e-10
 ATOL = 1e-12
@@ -28,25 +29,6 @@ NP_ACTIVATIONS = {
     "tanh": np.tanh,
     "sigmoid": lambda a: 1.0 / (1.0 + np.exp(-a)),
 }
-
-
-def abstract_init(module, x):
-    """The variables' shapes and dtypes, traced without running (or compiling) the
-    initializers; every test then draws its own float64 values with ``randomize``."""
-    return jax.eval_shape(module.init, jax.random.key(0), x)
-
-
-def randomize(variables, seed):
-    """Fresh float64 values for every variable (biases nonzero)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        shape = leaf.shape
-        if len(shape) == 2:
-            return jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]))
-        return jnp.asarray(0.5 * rng.normal(size=shape))
-
-    return jax.tree_util.tree_map(draw, variables)
 
 
 def np_mlp(x, layers, activations, output_activation="identity"):
