@@ -228,10 +228,19 @@ class Trainer:
                 plan.append([1, due])
         return tuple((length, due) for length, due in plan)
 
+    def _compiled_for(self, task: Task, kind, build):
+        """``build()``'s jitted function for ``task``, built once per (task, kind).
+
+        The task is kept with it, so its ``id`` cannot be reused by another task.
+        """
+        key = (id(task), kind)
+        if key not in self._compiled:
+            self._compiled[key] = (task, build())
+        return self._compiled[key][1]
+
     def _chunk_program(self, task: Task, in_memory: bool):
         """``program(plan, state, *data)``, compiled once per distinct plan."""
-        key = (id(task), in_memory)
-        if key not in self._compiled:
+        def build():
             if in_memory:
                 def program(plan, state, dataset, indices):
                     def gather(idx):
@@ -241,21 +250,19 @@ class Trainer:
             else:
                 def program(plan, state, batches):
                     return self._train_chunk(task, lambda b: b, plan, state, batches)
-            self._compiled[key] = jax.jit(program, static_argnums=(0,), donate_argnums=(1,),
-                                          out_shardings=self.replicated)
-        return self._compiled[key]
+            return jax.jit(program, static_argnums=(0,), donate_argnums=(1,),
+                           out_shardings=self.replicated)
+        return self._compiled_for(task, ("train", in_memory), build)
 
     def _eval_program(self, task: Task):
-        key = (id(task), "eval")
-        if key not in self._compiled:
-            def evaluate(state, batch):
-                outputs = state.apply_fn({"params": state.params, **state.model_state},
-                                         batch["input"])
-                return task.metrics.single_from_model_output(
-                    loss=task.loss(outputs, batch["target"]), logits=outputs,
-                    labels=batch["target"], mask=batch["mask"])
-            self._compiled[key] = jax.jit(evaluate, out_shardings=self.replicated)
-        return self._compiled[key]
+        def evaluate(state, batch):
+            outputs = state.apply_fn({"params": state.params, **state.model_state},
+                                     batch["input"])
+            return task.metrics.single_from_model_output(
+                loss=task.loss(outputs, batch["target"]), logits=outputs,
+                labels=batch["target"], mask=batch["mask"])
+        return self._compiled_for(
+            task, "eval", lambda: jax.jit(evaluate, out_shardings=self.replicated))
 
     # --- data ----------------------------------------------------------------------------
 
@@ -453,16 +460,13 @@ class Trainer:
         state = state or self._fitted_state()
         split = data_lib.Split(inputs=np.asarray(inputs, np.float32),
                                targets=np.zeros(len(inputs), np.int32))
-        key = (id(task), "predict")
-        if key not in self._compiled:
-            self._compiled[key] = jax.jit(
-                lambda state, x: state.apply_fn(
-                    {"params": state.params, **state.model_state}, x),
-                out_shardings=self.replicated)
+        apply = self._compiled_for(task, "predict", lambda: jax.jit(
+            lambda state, x: state.apply_fn({"params": state.params, **state.model_state}, x),
+            out_shardings=self.replicated))
         outputs = []
         for batch in data_lib.eval_batches(split, batch_size, process_index=jax.process_index(),
                                            process_count=jax.process_count()):
-            out = self._compiled[key](state, self._global(batch["input"], self.batch_sharded))
+            out = apply(state, self._global(batch["input"], self.batch_sharded))
             outputs.append(np.asarray(out)[batch["mask"] > 0])
         return np.concatenate(outputs)
 
