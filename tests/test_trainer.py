@@ -1,16 +1,13 @@
 """The generic trainer, in process, on small synthetic data."""
 
-import jax
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import linen as nn
 
-from bioflax import callbacks, data, metrics
+from bioflax import callbacks, data, metrics, train
 from bioflax.trainer import Callback, Task, Trainer, TrainingDivergedError
 from configs import teacher as teacher_config
-from bioflax import train
 
 
 def linear_task(learning_rate=0.1):
