@@ -25,16 +25,7 @@ from bioflax import (
     RandomDenseLinearInterpolateFABP,
     RandomDenseLinearKP,
 )
-from random_variables import abstract_init, randomize
-
-RTOL = 1e-10
-ATOL = 1e-12
-
-
-@pytest.fixture(autouse=True)
-def _x64():
-    with jax.enable_x64(True):
-        yield
+from float64 import ATOL, RTOL, abstract_init, float64_only, randomize  # noqa: F401
 
 
 # =========================================================================================

@@ -11,16 +11,7 @@ import pytest
 
 from bioflax import BioNeuralNetwork, TeacherNetwork
 from bioflax.models import ACTIVATIONS, MODES
-from random_variables import abstract_init, randomize
-
-RTOL = 1e-10
-ATOL = 1e-12
-
-
-@pytest.fixture(autouse=True)
-def _x64():
-    with jax.enable_x64(True):
-        yield
+from float64 import ATOL, RTOL, abstract_init, float64_only, randomize  # noqa: F401
 
 
 NP_ACTIVATIONS = {

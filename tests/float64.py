@@ -1,8 +1,21 @@
-"""Shared by the layer and model tests: float64 variables of a module's shapes."""
+"""Shared by the layer and model tests: float64 throughout, and float64 variables.
+
+A test module that imports ``float64_only`` runs each of its tests with x64 enabled.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+RTOL = 1e-10
+ATOL = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def float64_only():
+    with jax.enable_x64(True):
+        yield
 
 
 def abstract_init(module, x):
