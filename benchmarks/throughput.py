@@ -10,7 +10,8 @@ excluded, medians of ``--repeats`` epochs (5). Prints, for each rule:
   (3.1 MFLOP per example at W = 500);
 - a plain PyTorch loop of the same network and optimizer, when torch is installed
   (``pip install -r benchmarks/requirements.txt``);
-- how the rate scales with width and batch size.
+- how the rate scales with width and batch size, and N seeds vmapped in one program
+  against one run.
 
     python benchmarks/throughput.py [--repeats 3] [--quick]
 """
@@ -59,11 +60,12 @@ class SilentWriter:
 class EpochTimer:
     """A trainer and task, compiled and warmed up, that times one more epoch per call."""
 
-    def __init__(self, task: Task, split: data.Split, batch: int, in_memory: bool = True):
-        self.task, self.split, self.batch = task, split, batch
+    def __init__(self, task: Task, split: data.Split, batch: int, in_memory: bool = True,
+                 num_seeds: int = 1):
+        self.task, self.split, self.batch, self.num_seeds = task, split, batch, num_seeds
         self.trainer = Trainer(max_epochs=1, log_every_steps=100, in_memory=in_memory,
                                progress_bar=False, report_progress=False,
-                               writer=SilentWriter())
+                               writer=SilentWriter(), num_seeds=num_seeds)
         self.trainer.fit(task, split, batch_size=batch)
         self.rates: list[float] = []
 
@@ -73,7 +75,7 @@ class EpochTimer:
         self.trainer.fit(self.task, self.split, batch_size=self.batch,
                          initial_state=self.trainer.state)
         jax.block_until_ready(self.trainer.state)
-        examples = data.steps_per_epoch(len(self.split), self.batch) * self.batch
+        examples = data.steps_per_epoch(len(self.split), self.batch) * self.batch * self.num_seeds
         self.rates.append(examples / (time.perf_counter() - start))
 
     @property
@@ -231,6 +233,12 @@ def main():
 
     if args.quick:
         return
+    seeds = 4
+    together = EpochTimer(make_task("kp", width), split, batch, num_seeds=seeds)
+    alone = EpochTimer(make_task("kp", width), split, batch)
+    rates = interleaved_rates({"together": together, "alone": alone}, repeats)
+    print(f"\n{seeds} KP seeds vmapped in one program: {rates['together']:,.0f} ex/s in all, "
+          f"{rates['together'] / rates['alone']:.2f}x one run ({rates['alone']:,.0f} ex/s)")
     small = data.Split(split.inputs[:8192], split.targets[:8192])  # wide nets are slow here
     print("\nwidth scaling (KP, batch 128, 8,192 examples): width, ex/s, fraction of that "
           "width's matmul ceiling")

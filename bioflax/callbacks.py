@@ -162,4 +162,6 @@ class LearningRateMonitor(Callback):
                            logs: Mapping[str, float]) -> None:
         learning_rate = getattr(state.opt_state, "hyperparams", {}).get("learning_rate")
         if learning_rate is not None:
-            trainer.writer.write_scalars(step, {"learning_rate": float(learning_rate)})
+            # The same for every seed when several are trained at once.
+            trainer.writer.write_scalars(
+                step, {"learning_rate": float(np.ravel(learning_rate)[0])})

@@ -80,7 +80,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         raise ConfigError("model.interpolation_factor", config.model.interpolation_factor,
                           "must lie in [0, 1] (1 = FA, 0 = BP)")
 
+    if config.training.num_seeds > 1 and not config.data.in_memory:
+        raise ConfigError("training.num_seeds", config.training.num_seeds,
+                          "several seeds at once need data.in_memory = True")
     for field in ("data.batch_size", "data.eval_batch_size", "training.epochs",
+                  "training.num_seeds",
                   "training.log_every_steps", "training.checkpoint_every_steps",
                   "training.keep_checkpoints", "alignment.every_steps"):
         _positive(config, field)

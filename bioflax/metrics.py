@@ -3,6 +3,7 @@
 No ``from __future__ import annotations`` here: clu collections read their field types.
 """
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax
@@ -137,7 +138,13 @@ def merge_averages(a: dict[str, clu_metrics.Average], b: dict[str, clu_metrics.A
     return {name: a[name].merge(b[name]) for name in a}
 
 
-def compute_averages(metrics: Mapping[str, clu_metrics.Average]) -> dict[str, float]:
-    """The averages that were counted at least once, as floats."""
-    return {name: float(np.asarray(m.total) / np.asarray(m.count))
-            for name, m in metrics.items() if int(m.count) > 0}
+def compute_collection(collection: clu_metrics.Collection) -> dict[str, np.ndarray]:
+    """Each metric's value; unlike ``Collection.compute`` it accepts a leading seed axis."""
+    return {field.name: np.asarray(getattr(collection, field.name).compute())
+            for field in dataclasses.fields(collection) if not field.name.startswith("_")}
+
+
+def compute_averages(metrics: Mapping[str, clu_metrics.Average]) -> dict[str, np.ndarray]:
+    """The averages that were counted at least once (per seed, when stacked)."""
+    return {name: np.asarray(m.total) / np.asarray(m.count)
+            for name, m in metrics.items() if np.all(np.asarray(m.count) > 0)}

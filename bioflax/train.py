@@ -95,7 +95,8 @@ def build_task(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains as ``config`` says, resuming from ``workdir/checkpoints``; returns metrics.
 
-    The result holds ``history`` (one dict per epoch) and ``test`` (final test metrics).
+    The result holds ``history`` (one dict per epoch), ``test`` (final test metrics,
+    ``test/loss`` ...) and ``state`` (the trained TrainState).
     """
     if config.training.multi_host:
         jax.distributed.initialize()
@@ -134,16 +135,17 @@ def _train_and_evaluate(config, workdir, info, splits):
         max_steps=total_steps, log_every_steps=min(training.log_every_steps, total_steps),
         callbacks=callbacks, seed=config.seed, in_memory=config.data.in_memory,
         limit_train_batches=training.limit_train_batches or fast_dev_run or None,
-        limit_eval_batches=fast_dev_run or None, mesh=mesh)
+        limit_eval_batches=fast_dev_run or None, mesh=mesh, num_seeds=training.num_seeds)
     state = trainer.init_state(task, splits["train"].inputs[:1])
     if checkpoint is not None:
         state = checkpoint.restore_latest(state) or state
     history = trainer.fit(task, splits["train"], splits.get("validation"),
                           batch_size=config.data.batch_size,
                           eval_batch_size=config.data.eval_batch_size, initial_state=state)
-    test = trainer.evaluate(task, splits["test"], batch_size=config.data.eval_batch_size)
+    test = trainer.evaluate(task, splits["test"], batch_size=config.data.eval_batch_size,
+                            prefix="test/")
     step = int(trainer.state.step)
-    writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})
+    writer.write_scalars(step, test)
     writer.flush()
     logger.info("Test metrics: %s", test)
     if config.plots and jax.process_index() == 0:
@@ -155,6 +157,8 @@ def _write_plots(workdir, writer, step, trainer, task, info, test):
     """Alignment curves and test predictions, as PNG files in workdir/plots and in TensorBoard."""
     sample = data_lib.Split(test.inputs[:1000], test.targets[:1000])
     outputs = trainer.predict(task, sample.inputs)
+    if trainer.num_seeds > 1:
+        outputs = outputs[0]  # the first seed's predictions
     figures = plots.run_figures(read_scalars(workdir), info.task, sample.inputs,
                                 sample.targets, outputs)
     plots.save_figures(figures, os.path.join(workdir, "plots"), writer, step)

@@ -108,6 +108,9 @@ class Trainer:
       mesh: the device mesh (default: all devices on a ``'data'`` axis).
       progress_bar: a live tqdm bar (default: when stderr is a terminal).
       report_progress: log steps/s and ETA with ``clu.periodic_actions.ReportProgress``.
+      num_seeds: train the seeds ``seed, seed+1, ...`` at once, vmapped in one program
+        (in-memory data only): each has its own initialisation and data order, as
+        separate runs would; metrics are logged per seed (``seed_i/...``) and averaged.
       writer: a clu ``MetricWriter`` (default: TensorBoard files in ``workdir`` and logs).
     """
 
@@ -118,7 +121,7 @@ class Trainer:
                  limit_eval_batches: Optional[int] = None,
                  mesh: Optional[jax.sharding.Mesh] = None,
                  progress_bar: Optional[bool] = None, report_progress: bool = True,
-                 writer=None):
+                 num_seeds: int = 1, writer=None):
         if log_every_steps <= 0:
             raise ValueError(f"log_every_steps must be positive, got {log_every_steps}.")
         self.workdir = workdir
@@ -133,6 +136,10 @@ class Trainer:
         self.mesh = mesh or make_mesh()
         self.progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
         self.report_progress = report_progress
+        if num_seeds < 1 or (num_seeds > 1 and not in_memory):
+            raise ValueError(f"num_seeds={num_seeds}: must be >= 1, and training several "
+                             "seeds at once needs the in-memory data path (in_memory=True).")
+        self.num_seeds = num_seeds
         if writer is None:
             # clu's writers import TensorFlow (for TensorBoard files): only when needed.
             from clu import metric_writers  # pylint: disable=import-outside-toplevel
@@ -140,7 +147,9 @@ class Trainer:
                 workdir, just_logging=jax.process_index() > 0 or workdir is None)
         self.writer = writer
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.batch_sharded = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.input_sharded = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.batch_sharded = NamedSharding(
+            self.mesh, PartitionSpec("data") if num_seeds == 1 else PartitionSpec(None, "data"))
         self.chunk_sharded = NamedSharding(self.mesh, PartitionSpec(None, "data"))
         self.state: Optional[TrainState] = None
         self.should_stop = False
@@ -149,13 +158,41 @@ class Trainer:
     # --- state -------------------------------------------------------------------------
 
     def init_state(self, task: Task, sample_input: np.ndarray) -> TrainState:
-        """Parameters from ``seed``, replicated over the mesh."""
-        variables = flax.core.unfreeze(
-            task.module.init(jax.random.key(self.seed), jnp.asarray(sample_input)))
-        params = variables.pop("params")
-        state = TrainState.create(apply_fn=task.module.apply, params=params,
-                                  tx=task.optimizer, model_state=variables)
+        """Parameters from ``seed`` (stacked for seed, seed+1, ... with ``num_seeds``),
+        replicated over the mesh."""
+        def variables_of(key):
+            variables = flax.core.unfreeze(task.module.init(key, jnp.asarray(sample_input)))
+            return variables.pop("params"), variables
+
+        if self.num_seeds == 1:
+            params, model_state = variables_of(jax.random.key(self.seed))
+            opt_state = task.optimizer.init(params)
+        else:
+            keys = jnp.stack([jax.random.key(self.seed + i) for i in range(self.num_seeds)])
+            params, model_state = jax.vmap(variables_of)(keys)
+            opt_state = jax.vmap(task.optimizer.init)(params)
+        state = TrainState(step=0, apply_fn=task.module.apply, params=params,
+                           tx=task.optimizer, opt_state=opt_state, model_state=model_state)
         return jax.device_put(state, self.replicated)
+
+    def _per_seed(self, function, state_arg: int = 0, batched_args=()):
+        """``function`` vmapped over the seed axis of its TrainState argument (the step
+        count is shared) and of ``batched_args``; unchanged with one seed."""
+        if self.num_seeds == 1:
+            return function
+
+        def vmapped(*args):
+            state = args[state_arg]
+            axes = state.replace(step=None, params=0, opt_state=0, model_state=0)
+            in_axes = [0 if i in batched_args else None for i in range(len(args))]
+            in_axes[state_arg] = axes
+            out = jax.vmap(function, in_axes=tuple(in_axes))(*args)
+            if isinstance(out, tuple) and isinstance(out[0], TrainState):
+                # Every seed counts the same steps: keep one shared count.
+                out = (out[0].replace(step=out[0].step[0]), *out[1:])
+            return out
+
+        return vmapped
 
     # --- compiled programs ---------------------------------------------------------------
 
@@ -185,16 +222,19 @@ class Trainer:
         on the steps where it is not due, and no step waits on a device-side condition
         (which on GPUs means a round trip to the host).
         """
+        def train_step(state, batch, due):
+            return self._per_seed(lambda st, b: self._train_step(task, st, b, due),
+                                  batched_args=(1,))(state, batch)
+
         def step(carry, x, due):
             state, (metrics, step_metrics) = carry
-            state, (m, s), loss = self._train_step(task, state, get_batch(x), due)
+            state, (m, s), loss = train_step(state, get_batch(x), due)
             return (state, (metrics.merge(m), metrics_lib.merge_averages(step_metrics, s))), loss
 
         first = get_batch(jax.tree.map(lambda x: x[0], xs))
 
         def zero_metrics(due):
-            return _zeros_like_shapes(jax.eval_shape(
-                lambda: self._train_step(task, state, first, due)[1]))
+            return _zeros_like_shapes(jax.eval_shape(lambda: train_step(state, first, due)[1]))
 
         metrics, totals = zero_metrics((True,) * len(task.step_metrics))
         losses, offset = [], 0
@@ -255,6 +295,7 @@ class Trainer:
         return self._compiled_for(task, ("train", in_memory), build)
 
     def _eval_program(self, task: Task):
+        @self._per_seed
         def evaluate(state, batch):
             outputs = state.apply_fn({"params": state.params, **state.model_state},
                                      batch["input"])
@@ -277,11 +318,14 @@ class Trainer:
         number of steps each covers (``log_every_steps``, or fewer at the epoch's end)."""
         k = self.log_every_steps
         if self.in_memory:
-            order = data_lib.epoch_order(self.seed, epoch, len(train))
+            orders = np.stack([data_lib.epoch_order(self.seed + i, epoch, len(train))
+                               for i in range(self.num_seeds)], axis=1)  # (N, seeds)
             for first in range(start, stop, k):
                 n = min(k, stop - first)
-                indices = order[first * batch_size:(first + n) * batch_size].reshape(
-                    n, batch_size).astype(np.int32)
+                indices = orders[first * batch_size:(first + n) * batch_size].reshape(
+                    n, batch_size, self.num_seeds).transpose(0, 2, 1).astype(np.int32)
+                if self.num_seeds == 1:
+                    indices = indices[:, 0]
                 yield (self._dataset_on_device, self._global(indices, self.replicated)), n
             return
         batches = data_lib.train_batches(
@@ -366,9 +410,9 @@ class Trainer:
                 (metrics, step_metrics), losses, params_finite = jax.device_get(results)
                 self._check_finite(losses, bool(params_finite), step)
                 step += n
-                logs = {f"train/{k}": v for k, v in metrics.compute().items()}
-                logs.update(metrics_lib.compute_averages(step_metrics))
-                logs = {k: float(v) for k, v in logs.items()}
+                logs = self._scalars({**{f"train/{k}": v for k, v in
+                                         metrics_lib.compute_collection(metrics).items()},
+                                      **metrics_lib.compute_averages(step_metrics)})
                 self.writer.write_scalars(step, logs)
                 progress(step, epoch, logs)
                 for callback in self.callbacks:
@@ -378,9 +422,10 @@ class Trainer:
             if step % steps_per_epoch == 0 and not received:
                 logs = {"epoch": epoch + 1, **logs}
                 if val is not None and len(val):
-                    val_logs = self._evaluate_state(task, state, val, eval_batch_size)
-                    logs.update({f"val/{k}": v for k, v in val_logs.items()})
-                    self.writer.write_scalars(step, {f"val/{k}": v for k, v in val_logs.items()})
+                    val_logs = self._evaluate_state(task, state, val, eval_batch_size,
+                                                    prefix="val/")
+                    logs.update(val_logs)
+                    self.writer.write_scalars(step, val_logs)
                 history.append(logs)
                 for callback in self.callbacks:
                     callback.on_epoch_end(self, state, epoch, logs)
@@ -394,11 +439,22 @@ class Trainer:
             raise TrainingInterrupted(received[0], step)
         return history
 
+    def _scalars(self, values) -> dict[str, float]:
+        """Metric values as floats; with several seeds, their mean under the metric's name
+        and each seed's value under ``seed_i/NAME``."""
+        if self.num_seeds == 1:
+            return {name: float(value) for name, value in values.items()}
+        logs = {name: float(np.mean(value)) for name, value in values.items()}
+        for name, value in values.items():
+            logs.update({f"seed_{i}/{name}": float(v) for i, v in enumerate(np.ravel(value))})
+        return logs
+
     def _check_finite(self, losses: np.ndarray, params_finite: bool, step: int) -> None:
-        bad = np.flatnonzero(~np.isfinite(losses))
+        per_step = np.reshape(losses, (len(losses), -1))  # (steps, seeds)
+        bad = np.flatnonzero(~np.isfinite(per_step).all(axis=1))
         if len(bad) or not params_finite:
             at = step + (int(bad[0]) + 1 if len(bad) else len(losses))
-            value = losses[bad[0]] if len(bad) else "finite, but the parameters are not"
+            value = per_step[bad[0]].max() if len(bad) else "finite, but the parameters are not"
             raise TrainingDivergedError(
                 f"Training diverged at step {at}: the loss is {value}. Nothing from this "
                 "step on was saved; the latest checkpoint is from before it. Lower the "
@@ -435,7 +491,7 @@ class Trainer:
     # --- evaluation and prediction -------------------------------------------------------
 
     def _evaluate_state(self, task: Task, state: TrainState, split: data_lib.Split,
-                        batch_size: int) -> dict[str, float]:
+                        batch_size: int, prefix: str = "") -> dict[str, float]:
         data_lib.check_batch_size(batch_size, self.mesh.size)
         evaluate = self._eval_program(task)
         total = None
@@ -444,31 +500,34 @@ class Trainer:
         for index, batch in enumerate(batches):
             if self.limit_eval_batches and index >= self.limit_eval_batches:
                 break
-            metrics = evaluate(state, self._global(batch, self.batch_sharded))
+            metrics = evaluate(state, self._global(batch, self.input_sharded))
             total = metrics if total is None else total.merge(metrics)
-        return {k: float(v) for k, v in total.compute().items()}
+        return self._scalars({prefix + name: value for name, value in
+                              metrics_lib.compute_collection(jax.device_get(total)).items()})
 
     def evaluate(self, task: Task, split: data_lib.Split, *, batch_size: int = 1000,
-                 state: Optional[TrainState] = None) -> dict[str, float]:
-        """Metrics of ``state`` (default: the fitted state) over every example of ``split``."""
+                 state: Optional[TrainState] = None, prefix: str = "") -> dict[str, float]:
+        """Metrics of ``state`` (default: the fitted state) over every example of ``split``,
+        named ``prefix + name`` (and ``seed_i/`` + that with several seeds)."""
         state = state or self._fitted_state()
-        return self._evaluate_state(task, state, split, batch_size)
+        return self._evaluate_state(task, state, split, batch_size, prefix)
 
     def predict(self, task: Task, inputs: np.ndarray, *, batch_size: int = 1000,
                 state: Optional[TrainState] = None) -> np.ndarray:
-        """The module's outputs for ``inputs``, computed in padded, sharded batches."""
+        """The module's outputs for ``inputs`` (``(batch, ...)``, or ``(seeds, batch, ...)``
+        with several seeds), computed in padded, sharded batches."""
         state = state or self._fitted_state()
         split = data_lib.Split(inputs=np.asarray(inputs, np.float32),
                                targets=np.zeros(len(inputs), np.int32))
-        apply = self._compiled_for(task, "predict", lambda: jax.jit(
-            lambda state, x: state.apply_fn({"params": state.params, **state.model_state}, x),
+        apply = self._compiled_for(task, "predict", lambda: jax.jit(self._per_seed(
+            lambda state, x: state.apply_fn({"params": state.params, **state.model_state}, x)),
             out_shardings=self.replicated))
         outputs = []
         for batch in data_lib.eval_batches(split, batch_size, process_index=jax.process_index(),
                                            process_count=jax.process_count()):
-            out = apply(state, self._global(batch["input"], self.batch_sharded))
-            outputs.append(np.asarray(out)[batch["mask"] > 0])
-        return np.concatenate(outputs)
+            out = apply(state, self._global(batch["input"], self.input_sharded))
+            outputs.append(np.asarray(out)[..., batch["mask"] > 0, :])
+        return np.concatenate(outputs, axis=-2)
 
     def _fitted_state(self) -> TrainState:
         if self.state is None:

@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     training.early_stopping_patience = 0  # epochs without improvement before stopping; 0: off
     training.early_stopping_monitor = "val/loss"
     training.num_devices = 0  # devices of the data-parallel mesh; 0: all local devices
+    # Train seeds seed, seed+1, ... at once, vmapped in one program (in-memory data only);
+    # metrics are logged per seed (seed_i/...) and as their mean.
+    training.num_seeds = 1
     training.multi_host = False  # call jax.distributed.initialize() first (multi-host runs)
 
     config.alignment = alignment = ml_collections.ConfigDict()

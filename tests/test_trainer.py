@@ -6,6 +6,7 @@ import pytest
 from flax import linen as nn
 
 from bioflax import callbacks, data, metrics, train
+from bioflax.models import BioNeuralNetwork
 from bioflax.trainer import Callback, Task, Trainer, TrainingDivergedError
 from configs import teacher as teacher_config
 
@@ -133,4 +134,31 @@ def test_train_and_evaluate_fast_dev_run_writes_no_checkpoint(tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path))
     assert int(result["state"].step) == 3
     assert not (tmp_path / "checkpoints").exists()
-    assert np.isfinite(result["test"]["loss"])
+    assert np.isfinite(result["test"]["test/loss"])
+
+
+def test_seeds_trained_at_once_match_separate_runs():
+    """Three seeds vmapped in one program = three runs with seeds 5, 6, 7."""
+    def task():
+        return Task(module=BioNeuralNetwork((8,), ("tanh",), 1, "kp"),
+                    loss=metrics.mean_squared_error, optimizer=optax.sgd(0.05),
+                    metrics=metrics.RegressionMetrics, step_metrics=[metrics.Alignment(4)])
+
+    split, val = linear_split(n=160), linear_split(n=50, seed=1)
+    together = Trainer(max_epochs=2, log_every_steps=4, seed=5, num_seeds=3,
+                       progress_bar=False)
+    history = together.fit(task(), split, val, batch_size=16)
+    for index in range(3):
+        alone = Trainer(max_epochs=2, log_every_steps=4, seed=5 + index, progress_bar=False)
+        alone_history = alone.fit(task(), split, val, batch_size=16)
+        for name in ("train/loss", "val/loss", "alignment/grad_angle/layer_0"):
+            np.testing.assert_allclose(history[-1][f"seed_{index}/{name}"],
+                                       alone_history[-1][name], rtol=1e-4, err_msg=name)
+        for name, value in alone.state.params["layer_0"].items():
+            np.testing.assert_allclose(together.state.params["layer_0"][name][index], value,
+                                       rtol=1e-4, atol=1e-6, err_msg=name)
+    losses = [history[-1][f"seed_{i}/train/loss"] for i in range(3)]
+    assert history[-1]["train/loss"] == pytest.approx(np.mean(losses))
+    assert len(set(losses)) == 3
+    predictions = together.predict(task(), val.inputs)
+    assert predictions.shape == (3, 50, 1)
