@@ -110,13 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config, workdir, info, splits):
     training = config.training
-    mesh = make_mesh(training.num_devices or None)
     fast_dev_run = training.fast_dev_run
-    steps_per_epoch = data_lib.steps_per_epoch(len(splits["train"]), config.data.batch_size)
-    if training.limit_train_batches:
-        steps_per_epoch = min(steps_per_epoch, training.limit_train_batches)
-    total_steps = fast_dev_run or steps_per_epoch * training.epochs
-    task = build_task(config, info, total_steps)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     writer.write_hparams(_flat_hparams(config))
@@ -132,10 +126,13 @@ def _train_and_evaluate(config, workdir, info, splits):
                                                      patience=training.early_stopping_patience))
     trainer = Trainer(
         workdir=workdir, writer=writer, max_epochs=training.epochs,
-        max_steps=total_steps, log_every_steps=min(training.log_every_steps, total_steps),
+        max_steps=fast_dev_run or None, log_every_steps=training.log_every_steps,
         callbacks=callbacks, seed=config.seed, in_memory=config.data.in_memory,
         limit_train_batches=training.limit_train_batches or fast_dev_run or None,
-        limit_eval_batches=fast_dev_run or None, mesh=mesh, num_seeds=training.num_seeds)
+        limit_eval_batches=fast_dev_run or None, mesh=make_mesh(training.num_devices or None),
+        num_seeds=training.num_seeds)
+    _, total_steps = trainer.schedule(len(splits["train"]), config.data.batch_size)
+    task = build_task(config, info, total_steps)
     state = trainer.init_state(task, splits["train"].inputs[:1])
     if checkpoint is not None:
         state = checkpoint.restore_latest(state) or state

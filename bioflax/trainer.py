@@ -341,6 +341,19 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
 
+    def schedule(self, num_examples: int, batch_size: int) -> tuple[int, int]:
+        """``(steps per epoch, total steps)`` that ``fit`` runs on ``num_examples``."""
+        steps_per_epoch = data_lib.steps_per_epoch(num_examples, batch_size)
+        if self.limit_train_batches:
+            steps_per_epoch = min(steps_per_epoch, self.limit_train_batches)
+        if steps_per_epoch == 0:
+            raise ValueError(f"The training split has {num_examples} examples, fewer than "
+                             f"one batch of {batch_size}: lower data.batch_size.")
+        total_steps = steps_per_epoch * self.max_epochs
+        if self.max_steps is not None:
+            total_steps = min(total_steps, self.max_steps)
+        return steps_per_epoch, total_steps
+
     def fit(self, task: Task, train: data_lib.Split, val: Optional[data_lib.Split] = None,
             *, batch_size: int, eval_batch_size: int = 1000,
             initial_state: Optional[TrainState] = None) -> list[dict[str, float]]:
@@ -349,15 +362,7 @@ class Trainer:
         Starts from ``initial_state`` (for example a restored checkpoint) when given.
         """
         data_lib.check_batch_size(batch_size, self.mesh.size)
-        steps_per_epoch = data_lib.steps_per_epoch(len(train), batch_size)
-        if self.limit_train_batches:
-            steps_per_epoch = min(steps_per_epoch, self.limit_train_batches)
-        if steps_per_epoch == 0:
-            raise ValueError(f"The training split has {len(train)} examples, fewer than one "
-                             f"batch of {batch_size}: lower data.batch_size.")
-        total_steps = steps_per_epoch * self.max_epochs
-        if self.max_steps is not None:
-            total_steps = min(total_steps, self.max_steps)
+        steps_per_epoch, total_steps = self.schedule(len(train), batch_size)
         state = initial_state or self.init_state(task, train.inputs[:1])
         if self.in_memory:
             self._dataset_on_device = self._global(
