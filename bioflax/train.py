@@ -1,8 +1,11 @@
 """``train_and_evaluate(config, workdir)``: a config becomes data, model, optimizer, trainer."""
 
 import contextlib
+import datetime
+import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -108,7 +111,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return _train_and_evaluate(config, workdir, info, splits)
 
 
+
+def write_result(workdir: str, test: dict[str, float], steps: int, first_step: int,
+                 wall_time_s: float) -> str:
+    """Writes ``workdir/result.json``, the mark of a finished run; returns its path.
+
+    It holds the final test metrics, the steps trained, the wall time of the session that
+    finished the run (``first_step`` > 0: it resumed there) and the devices it ran on. The
+    file is written whole (a temporary file renamed), so it is never half there.
+    """
+    devices = jax.devices()
+    result = {
+        "test": {name: float(value) for name, value in test.items()},
+        "steps": steps, "first_step": first_step, "wall_time_s": round(wall_time_s, 1),
+        "device": devices[0].device_kind, "platform": devices[0].platform,
+        "num_devices": len(devices), "jax_version": jax.__version__,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = os.path.join(workdir, workdir_lib.RESULT_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def _train_and_evaluate(config, workdir, info, splits):
+    started = time.perf_counter()
     training = config.training
     fast_dev_run = training.fast_dev_run
     writer = metric_writers.create_default_writer(
@@ -136,6 +164,7 @@ def _train_and_evaluate(config, workdir, info, splits):
     state = trainer.init_state(task, splits["train"].inputs[:1])
     if checkpoint is not None:
         state = checkpoint.restore_latest(state) or state
+    first_step = int(state.step)
     history = trainer.fit(task, splits["train"], splits.get("validation"),
                           batch_size=config.data.batch_size,
                           eval_batch_size=config.data.eval_batch_size, initial_state=state)
@@ -147,6 +176,8 @@ def _train_and_evaluate(config, workdir, info, splits):
     logger.info("Test metrics: %s", test)
     if config.plots and jax.process_index() == 0:
         _write_plots(workdir, writer, step, trainer, task, info, splits["test"])
+    if jax.process_index() == 0 and not fast_dev_run:
+        write_result(workdir, test, step, first_step, time.perf_counter() - started)
     return {"history": history, "test": test, "state": trainer.state}
 
 

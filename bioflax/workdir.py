@@ -1,4 +1,5 @@
-"""One run per workdir: an advisory lock that the kernel drops when its process dies."""
+"""One run per workdir: an advisory lock that the kernel drops when its process dies, and
+the file that marks a finished run."""
 
 import contextlib
 import fcntl
@@ -8,6 +9,7 @@ import socket
 from bioflax.errors import WorkdirLockedError
 
 LOCK_FILE = ".lock"
+RESULT_FILE = "result.json"  # written last, by a run that finished
 
 
 @contextlib.contextmanager

@@ -1,0 +1,37 @@
+"""Akrout et al. 2019, "Deep learning without weight transport", MNIST experiment of the
+reference code (github.com/makrout/Deep-Learning-without-Weight-Transport, experiments/mnist):
+784-500-10 sigmoid, plain SGD, batch 128, 400 epochs, learning rate 0.2 (BP, FA) / 0.3 (KP),
+no weight decay, pixels in [0, 1], all 60k training images, tested on the 10k test images.
+
+Run one rule with ``--config=configs/paper/akrout2019.py:fa`` (bp, fa or kp).
+
+Where bioflax differs from the reference code (written down in docs/results.md): softmax
+cross-entropy on the output instead of a sigmoid output with per-class binary cross-entropy;
+LeCun-normal initialisation instead of N(0, 1/(fan_in + fan_out)); a reshuffled order each
+epoch instead of the file order; biases trained at the learning rate (the reference code
+divides their update by the batch size twice).
+"""
+
+from configs import default
+
+LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "kp": 0.3}
+
+
+def get_config(mode: str = "bp"):
+    if mode not in LEARNING_RATES:
+        raise ValueError(f"akrout2019 has no {mode!r} setting; choose one of {list(LEARNING_RATES)}")
+    config = default.get_config()
+    config.data.val_split = 0.0
+    config.data.normalize_mean = 0.0
+    config.data.normalize_std = 1.0
+    config.model.mode = mode
+    config.model.hidden_layers = (500,)
+    config.model.activations = ("sigmoid",)
+    config.optimizer.learning_rate = LEARNING_RATES[mode]
+    config.optimizer.momentum = 0.0
+    config.training.epochs = 400
+    config.training.log_every_steps = 468  # about one log point per epoch
+    config.training.checkpoint_every_steps = 46_900  # every 100 epochs
+    config.alignment.every_steps = 468
+    config.plots = False
+    return config
