@@ -127,13 +127,17 @@ def _check_same_model(saved, target, step: int, directory: str) -> None:
 
 
 class EarlyStopping(Callback):
-    """Stops ``fit`` when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
+    """Stops ``fit`` when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs
+    (None: never for that reason), or at once when it reaches ``stopping_threshold`` (at or
+    above it in mode 'max', at or below in 'min'), as Lightning's EarlyStopping does."""
 
-    def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3,
-                 min_delta: float = 0.0):
+    def __init__(self, monitor: str = "val/loss", mode: str = "min",
+                 patience: Optional[int] = 3, min_delta: float = 0.0,
+                 stopping_threshold: Optional[float] = None):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {mode!r}.")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.stopping_threshold = stopping_threshold
         self.best = np.inf if mode == "min" else -np.inf
         self.wait = 0
 
@@ -143,13 +147,20 @@ class EarlyStopping(Callback):
             raise KeyError(f"EarlyStopping monitors {self.monitor!r}, which the epoch logs "
                            f"lack; they hold {sorted(logs)}.")
         value = logs[self.monitor]
+        threshold = self.stopping_threshold
+        if threshold is not None and (value >= threshold if self.mode == "max"
+                                      else value <= threshold):
+            logger.info("Stopping after epoch %d: %s = %g reached the threshold %g.",
+                        epoch + 1, self.monitor, value, threshold)
+            trainer.should_stop = True
+            return
         improved = (value < self.best - self.min_delta if self.mode == "min"
                     else value > self.best + self.min_delta)
         if improved:
             self.best, self.wait = value, 0
             return
         self.wait += 1
-        if self.wait >= self.patience:
+        if self.patience is not None and self.wait >= self.patience:
             logger.info("Early stopping after epoch %d: %s has not improved for %d epochs.",
                         epoch + 1, self.monitor, self.patience)
             trainer.should_stop = True

@@ -13,8 +13,8 @@ from bioflax import data, models
 from bioflax.errors import ConfigError
 
 
-INITIALIZERS = ("lecun_normal", "uniform", "variance_scaling")
-OPTIMIZERS = ("sgd", "adam")
+INITIALIZERS = ("lecun_normal", "uniform", "fan_in_uniform", "variance_scaling", "zeros")
+OPTIMIZERS = ("sgd", "rmsprop", "adam")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -55,6 +55,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _choice(config, "optimizer.schedule", SCHEDULES)
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
+    _choice(config, "training.early_stopping_mode", ("min", "max"))
 
     hidden, activations = tuple(config.model.hidden_layers), tuple(config.model.activations)
     if len(hidden) != len(activations):
@@ -93,6 +94,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                   "optimizer.warmup_steps"):
         _positive(config, field, allow_zero=True)
     _positive(config, "optimizer.learning_rate", integer=False)
+    if not 0.0 <= config.optimizer.rmsprop_decay < 1.0:
+        raise ConfigError("optimizer.rmsprop_decay", config.optimizer.rmsprop_decay,
+                          "must lie in [0, 1)")
     for field in ("optimizer.momentum", "optimizer.weight_decay"):
         _positive(config, field, integer=False, allow_zero=True)
     for field in ("model.kernel_init_scale", "model.feedback_init_scale",

@@ -28,9 +28,15 @@ logger = logging.getLogger(__name__)
 
 
 def get_initializer(name: str, scale: float) -> nn.initializers.Initializer:
-    """'lecun_normal'; 'uniform': U[−s, s]; 'variance_scaling': truncated normal, var s/fan_in."""
+    """'lecun_normal'; 'uniform': U[−s, s]; 'fan_in_uniform': U[−s/√fan_in, s/√fan_in]
+    (s = 1: PyTorch's nn.Linear default); 'variance_scaling': truncated normal, var
+    s/fan_in; 'zeros'."""
     if name == "lecun_normal":
         return nn.initializers.lecun_normal()
+    if name == "zeros":
+        return nn.initializers.zeros
+    if name == "fan_in_uniform":  # variance_scaling's uniform bound is √(3·v/fan_in)
+        return nn.initializers.variance_scaling(scale ** 2 / 3, "fan_in", "uniform")
     if name == "uniform":
         return lambda key, shape, dtype=jax.numpy.float32: jax.random.uniform(
             key, shape, dtype, -scale, scale)
@@ -71,6 +77,9 @@ def build_optimizer(config: ml_collections.ConfigDict, total_steps: int):
     def make(learning_rate):
         if config.name == "sgd":
             update = optax.sgd(learning_rate, momentum=config.momentum or None)
+        elif config.name == "rmsprop":  # PyTorch's and Torch7's form: g / (√ν + ε)
+            update = optax.rmsprop(learning_rate, decay=config.rmsprop_decay, eps=1e-8,
+                                   eps_in_sqrt=False)
         else:
             update = optax.adam(learning_rate)
         if config.weight_decay:
@@ -149,9 +158,11 @@ def _train_and_evaluate(config, workdir, info, splits):
             os.path.join(workdir, "checkpoints"), every_n_steps=training.checkpoint_every_steps,
             max_to_keep=training.keep_checkpoints)
         callbacks.append(checkpoint)
-    if training.early_stopping_patience:
-        callbacks.append(callbacks_lib.EarlyStopping(training.early_stopping_monitor,
-                                                     patience=training.early_stopping_patience))
+    if training.early_stopping_patience or training.stopping_threshold is not None:
+        callbacks.append(callbacks_lib.EarlyStopping(
+            training.early_stopping_monitor, mode=training.early_stopping_mode,
+            patience=training.early_stopping_patience or None,
+            stopping_threshold=training.stopping_threshold))
     trainer = Trainer(
         workdir=workdir, writer=writer, max_epochs=training.epochs,
         max_steps=fast_dev_run or None, log_every_steps=training.log_every_steps,

@@ -35,15 +35,19 @@ def get_config() -> ml_collections.ConfigDict:
     model.interpolation_factor = 0.5  # λ of interpolate_fa_bp: 1 = FA, 0 = BP
     model.hidden_layers = (500,)  # widths of the hidden layers
     model.activations = ("relu",)  # one activation name per hidden layer
-    model.kernel_init = "lecun_normal"  # W: 'lecun_normal', 'uniform' or 'variance_scaling'
-    model.kernel_init_scale = 1.0  # s of 'uniform' (U[-s, s]) or 'variance_scaling'
+    # W: 'lecun_normal', 'uniform' (U[-s, s]), 'fan_in_uniform' (U[-s, s] / sqrt(fan_in);
+    # s = 1 is PyTorch's nn.Linear default), 'variance_scaling' (truncated normal with
+    # variance s / fan_in) or 'zeros'
+    model.kernel_init = "lecun_normal"
+    model.kernel_init_scale = 1.0  # s of 'uniform', 'fan_in_uniform' or 'variance_scaling'
     model.feedback_init = "lecun_normal"  # B: same choices as kernel_init
     model.feedback_init_scale = 1.0
 
     config.optimizer = optimizer = ml_collections.ConfigDict()
-    optimizer.name = "sgd"  # 'sgd' (with momentum) or 'adam'
+    optimizer.name = "sgd"  # 'sgd' (with momentum), 'rmsprop' or 'adam'
     optimizer.learning_rate = 0.05
     optimizer.momentum = 0.9  # sgd only; 0 for plain SGD
+    optimizer.rmsprop_decay = 0.99  # rmsprop only: ν ← decay·ν + (1 − decay)·g²
     # wd * W is added to the gradient of W (and of KP's B) before the optimizer: L2 decay.
     optimizer.weight_decay = 0.0
     optimizer.schedule = "constant"  # 'constant' or 'cosine' (decays to 0 over the run)
@@ -57,7 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
     training.limit_train_batches = 0  # at most this many steps per epoch; 0: all
     training.fast_dev_run = 0  # n > 0: n steps and n evaluation batches, no checkpoints
     training.early_stopping_patience = 0  # epochs without improvement before stopping; 0: off
-    training.early_stopping_monitor = "val/loss"
+    training.early_stopping_monitor = "val/loss"  # an epoch metric: val/..., train/...
+    training.early_stopping_mode = "min"  # 'min': lower is better; 'max': higher is better
+    # Stop as soon as the monitored metric reaches this value (e.g. train/accuracy 0.9999,
+    # mode 'max'); None: no threshold.
+    training.stopping_threshold = ml_collections.config_dict.placeholder(float)
     training.num_devices = 0  # devices of the data-parallel mesh; 0: all local devices
     # Train seeds seed, seed+1, ... at once, vmapped in one program (in-memory data only);
     # metrics are logged per seed (seed_i/...) and as their mean.

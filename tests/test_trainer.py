@@ -162,3 +162,39 @@ def test_seeds_trained_at_once_match_separate_runs():
     assert len(set(losses)) == 3
     predictions = together.predict(task(), val.inputs)
     assert predictions.shape == (3, 50, 1)
+
+
+def test_early_stopping_stops_at_once_when_the_metric_reaches_its_threshold():
+    stop = callbacks.EarlyStopping("train/loss", mode="min", patience=None,
+                                   stopping_threshold=0.05)
+    history = Trainer(max_epochs=50, log_every_steps=8, progress_bar=False,
+                      callbacks=[stop]).fit(linear_task(), linear_split(), batch_size=32)
+    losses = [logs["train/loss"] for logs in history]
+    assert len(history) < 50 and losses[-1] <= 0.05
+    assert all(loss > 0.05 for loss in losses[:-1])
+
+
+def test_fan_in_uniform_and_zeros_initializers():
+    import jax  # pylint: disable=import-outside-toplevel
+    weights = np.asarray(train.get_initializer("fan_in_uniform", 2.0)(
+        jax.random.key(0), (400, 300)))
+    bound = 2.0 / np.sqrt(400)  # U[-s/√fan_in, s/√fan_in], fan_in = 400
+    assert np.abs(weights).max() <= bound and np.abs(weights).max() > 0.99 * bound
+    np.testing.assert_allclose(weights.var(), bound ** 2 / 3, rtol=0.02)
+    zeros = train.get_initializer("zeros", 1.0)(jax.random.key(0), (3, 2))
+    np.testing.assert_array_equal(zeros, np.zeros((3, 2)))
+
+
+def test_rmsprop_divides_by_the_root_of_the_running_square_plus_epsilon():
+    config = teacher_config.get_config().optimizer
+    config.name, config.learning_rate, config.rmsprop_decay = "rmsprop", 0.01, 0.9
+    optimizer = train.build_optimizer(config, total_steps=10)
+    params = np.array([1.0, -2.0], np.float32)
+    state = optimizer.init(params)
+    nu, expected = np.zeros(2), params.astype(np.float64)
+    for gradient in (np.array([0.5, -1.0]), np.array([2.0, 0.1])):
+        nu = 0.9 * nu + 0.1 * gradient ** 2
+        expected = expected - 0.01 * gradient / (np.sqrt(nu) + 1e-8)
+        updates, state = optimizer.update(gradient.astype(np.float32), state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params, expected, rtol=1e-5)
