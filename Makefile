@@ -10,7 +10,13 @@ ifneq ($(wildcard $(SHARED_TFDS)),)
 export TFDS_DATA_DIR ?= $(SHARED_TFDS)
 endif
 
-.PHONY: setup train test benchmark
+PAPER_ROOT ?= runs/paper
+PAPER_SEEDS ?= 0,1,2
+AKROUT := $(foreach rule,bp fa kp,configs/paper/akrout2019.py:$(rule))
+NOKLAND_7x240 := $(foreach rule,bp fa dfa,configs/paper/nokland2016.py:7x240_$(rule))
+NOKLAND_2x800 := $(foreach rule,bp fa dfa,configs/paper/nokland2016.py:2x800_$(rule))
+
+.PHONY: setup train test benchmark paper
 
 setup: $(VENV)/.installed
 
@@ -29,3 +35,14 @@ test: setup
 
 benchmark: setup
 	$(PY) benchmarks/throughput.py
+
+# The paper grid (docs/results.md): every config x seed in its own workdir, resumable; then
+# one report per setting in $(PAPER_ROOT)/report/SETTING.
+paper: setup
+	$(PY) -m bioflax.sweep $(AKROUT) $(NOKLAND_7x240) $(NOKLAND_2x800) \
+		--seeds=$(PAPER_SEEDS) --root=$(PAPER_ROOT)
+	$(PY) -m bioflax.report $(PAPER_ROOT)/akrout2019_* --out $(PAPER_ROOT)/report/akrout2019
+	$(PY) -m bioflax.report $(PAPER_ROOT)/nokland2016_7x240_* \
+		--out $(PAPER_ROOT)/report/nokland2016_7x240
+	$(PY) -m bioflax.report $(PAPER_ROOT)/nokland2016_2x800_* \
+		--out $(PAPER_ROOT)/report/nokland2016_2x800

@@ -1,12 +1,20 @@
-"""Compares finished runs: ``python -m bioflax.report runs/bp runs/fa runs/kp runs/dfa``.
+"""Compares finished runs: ``python -m bioflax.report runs/bp runs/fa runs/kp --out report``.
 
-Reads each workdir's event files and writes ``report.png`` (validation accuracy or loss
-and the gradient angle to backprop over training, final test metrics) and ``report.md``
-(one table row per run) into ``--out``.
+Each argument is one run's workdir, or a directory of seed workdirs (``seed_0``, ``seed_1``,
+... as ``python -m bioflax.sweep`` writes them) that becomes one row, as mean ± standard
+deviation over its seeds. Writes into ``--out``:
+
+- ``report.md``: one table row per argument (test metrics, final gradient angle of the
+  hidden layers to backprop, W·B cosine, wall time and device of the runs);
+- ``report.png``: validation accuracy (or training loss) and the hidden layers' mean
+  gradient angle over training, and the final test metric;
+- ``alignment.png``: the gradient angle of every layer over training, one panel per rule.
 """
 
 import argparse
+import json
 import os
+import re
 import sys
 from typing import Mapping, Optional, Sequence
 
@@ -17,71 +25,132 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from bioflax.events import read_scalars  # pylint: disable=wrong-import-position
+from bioflax.workdir import RESULT_FILE  # pylint: disable=wrong-import-position
 
 Scalars = Mapping[str, Sequence[tuple[int, float]]]
+ANGLE_PREFIX = "alignment/grad_angle/layer_"
+MIN_ANGLE = 0.1  # degrees; below it a rule is backprop up to float round-off
 
 
-def _last(scalars: Scalars, tag: str) -> Optional[float]:
-    points = scalars.get(tag)
-    return points[-1][1] if points else None
+class Run:
+    """One finished run: its scalar curves and what its ``result.json`` says (if any)."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.scalars = read_scalars(workdir)
+        if not self.scalars:
+            raise FileNotFoundError(f"No TensorBoard scalars in {workdir}: is it a run's workdir?")
+        result_path = os.path.join(workdir, RESULT_FILE)
+        self.result = {}
+        if os.path.exists(result_path):
+            with open(result_path, encoding="utf-8") as f:
+                self.result = json.load(f)
+
+    def last(self, tag: str) -> Optional[float]:
+        points = self.scalars.get(tag)
+        return points[-1][1] if points else None
 
 
-def _hidden_angle_tags(scalars: Scalars) -> list[str]:
-    """Per-layer gradient-angle tags, without the output layer (exact under every rule)."""
-    layers = sorted((t for t in scalars if t.startswith("alignment/grad_angle/layer_")),
-                    key=lambda tag: int(tag.rsplit("_", 1)[1]))
-    return layers[:-1]
+def seed_workdirs(path: str) -> list[str]:
+    """``path`` itself if it is a run, else its ``seed_N`` subdirectories in seed order."""
+    seeds = [name for name in os.listdir(path) if re.fullmatch(r"seed_\d+", name)]
+    if not seeds:
+        return [path]
+    return [os.path.join(path, name) for name in sorted(seeds, key=lambda n: int(n[5:]))]
 
 
-def summary_row(name: str, scalars: Scalars) -> dict[str, Optional[float]]:
-    hidden = _hidden_angle_tags(scalars)
-    weight = [t for t in scalars if t.startswith("alignment/weight_cosine/")]
+def load_group(path: str) -> list[Run]:
+    return [Run(workdir) for workdir in seed_workdirs(path)]
+
+
+def layer_angle_tags(scalars: Scalars) -> list[str]:
+    """Per-layer gradient-angle tags in layer order."""
+    return sorted((t for t in scalars if t.startswith(ANGLE_PREFIX)),
+                  key=lambda tag: int(tag[len(ANGLE_PREFIX):]))
+
+
+def hidden_angle_tags(scalars: Scalars) -> list[str]:
+    """The hidden layers' angle tags: the output layer's gradient is exact under every rule."""
+    return layer_angle_tags(scalars)[:-1]
+
+
+def mean_curve(runs: Sequence[Run], tag: str) -> Optional[tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray]]:
+    """(steps, mean, std) over the runs, at the steps that every run logged ``tag``."""
+    curves = [dict(run.scalars[tag]) for run in runs if tag in run.scalars]
+    if len(curves) < len(runs) or not curves:
+        return None
+    steps = np.array(sorted(set.intersection(*(set(c) for c in curves))))
+    values = np.array([[curve[s] for s in steps] for curve in curves])
+    return steps, values.mean(axis=0), values.std(axis=0)
+
+
+def _mean_std(values: Sequence[Optional[float]], scale: float = 1.0) -> Optional[str]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    mean, std = scale * np.mean(values), scale * np.std(values)
+    digits = 2 if abs(mean) >= 1 else 4
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_row(name: str, runs: Sequence[Run]) -> dict[str, Optional[str]]:
+    """One table row: means ± standard deviations over ``runs`` (population std)."""
+    hidden = hidden_angle_tags(runs[0].scalars)
+    weight = [t for t in runs[0].scalars if t.startswith("alignment/weight_cosine/")]
+    devices = sorted({run.result.get("device", "?") for run in runs})
+    steps = runs[0].scalars["train/loss"][-1][0] if "train/loss" in runs[0].scalars else None
     return {
         "run": name,
-        "test accuracy": _last(scalars, "test/accuracy"),
-        "test loss": _last(scalars, "test/loss"),
-        "steps": scalars["train/loss"][-1][0] if "train/loss" in scalars else None,
-        "hidden-layer angle to BP (°)": (float(np.mean([_last(scalars, t) for t in hidden]))
-                                         if hidden else None),
-        "W·B cosine": (float(np.mean([_last(scalars, t) for t in weight]))
-                       if weight else None),
+        "seeds": str(len(runs)),
+        "test accuracy (%)": _mean_std([run.last("test/accuracy") for run in runs], 100),
+        "test loss": _mean_std([run.last("test/loss") for run in runs]),
+        "steps": None if steps is None else str(steps),
+        "hidden-layer angle to BP (°)": _mean_std(
+            [float(np.mean([run.last(t) for t in hidden])) for run in runs] if hidden else []),
+        "W·B cosine": _mean_std(
+            [float(np.mean([run.last(t) for t in weight])) for run in runs] if weight else []),
+        "wall time per run (s)": _mean_std([run.result.get("wall_time_s") for run in runs]),
+        "device": ", ".join(devices),
     }
 
 
-def markdown_table(rows: Sequence[Mapping[str, Optional[float]]]) -> str:
+def markdown_table(rows: Sequence[Mapping[str, Optional[str]]]) -> str:
     columns = list(rows[0])
-
-    def cell(value):
-        if value is None:
-            return "—"
-        if isinstance(value, float):
-            return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
-        return str(value)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(row[c] or "—" for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def comparison_figure(runs: Mapping[str, Scalars]):
+def _plot_band(ax, curve, **kwargs):
+    steps, mean, std = curve
+    (line,) = ax.plot(steps, mean, **kwargs)
+    if np.any(std > 0):
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+def comparison_figure(groups: Mapping[str, Sequence[Run]]):
     fig, (curve_ax, angle_ax, bar_ax) = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
-    metric = ("val/accuracy" if all("val/accuracy" in s for s in runs.values())
+    all_runs = [run for runs in groups.values() for run in runs]
+    metric = ("val/accuracy" if all("val/accuracy" in r.scalars for r in all_runs)
               else "train/loss")
-    for name, scalars in runs.items():
-        if metric in scalars:
-            curve_ax.plot(*zip(*scalars[metric]), label=name)
-        hidden = _hidden_angle_tags(scalars)
-        if hidden:
-            steps = [s for s, _ in scalars[hidden[0]]]
-            mean_angle = np.mean([[v for _, v in scalars[t]] for t in hidden], axis=0)
-            angle_ax.plot(steps, mean_angle, label=name)
-    curve_ax.set(title=metric, xlabel="step")
+    for name, runs in groups.items():
+        curve = mean_curve(runs, metric)
+        if curve is not None:
+            _plot_band(curve_ax, curve, label=name)
+        hidden = hidden_angle_tags(runs[0].scalars)
+        layer_curves = [mean_curve(runs, tag) for tag in hidden]
+        if hidden and all(c is not None for c in layer_curves):
+            steps = layer_curves[0][0]
+            angle_ax.plot(steps, np.mean([c[1] for c in layer_curves], axis=0), label=name)
+    curve_ax.set(title=metric + (" (mean ± std over seeds)" if len(all_runs) > len(groups)
+                                 else ""), xlabel="step")
     angle_ax.set(title="hidden layers: angle to the backprop gradient", xlabel="step",
                  ylabel="degrees")
-    test_metric = ("test/accuracy" if all("test/accuracy" in s for s in runs.values())
+    test_metric = ("test/accuracy" if all("test/accuracy" in r.scalars for r in all_runs)
                    else "test/loss")
-    names = list(runs)
-    values = [_last(runs[n], test_metric) or np.nan for n in names]
+    names = list(groups)
+    values = [np.mean([run.last(test_metric) for run in groups[n]]) for n in names]
     bar_ax.bar(names, values, color=[f"C{i}" for i in range(len(names))])
     for i, value in enumerate(values):
         bar_ax.annotate(f"{value:.4f}", (i, value), ha="center", va="bottom")
@@ -95,36 +164,61 @@ def comparison_figure(runs: Mapping[str, Scalars]):
     return fig
 
 
-def write_report(workdirs: Sequence[str], out: str) -> tuple[str, str]:
-    """Writes ``out/report.png`` and ``out/report.md``; returns their paths."""
-    runs = {}
-    for workdir in workdirs:
-        scalars = read_scalars(workdir)
-        if not scalars:
-            raise FileNotFoundError(f"No TensorBoard scalars in {workdir}: is it a run's workdir?")
-        runs[os.path.basename(os.path.normpath(workdir))] = scalars
+def alignment_figure(groups: Mapping[str, Sequence[Run]]):
+    """Gradient angle to backprop of every layer over training, one panel per rule that
+    differs from backprop (mean ± std over seeds); None when no run has such angles."""
+    aligned = {name: runs for name, runs in groups.items()
+               if any(run.last(tag) > MIN_ANGLE for run in runs
+                      for tag in hidden_angle_tags(run.scalars))}
+    if not aligned:
+        return None
+    fig, axes = plt.subplots(1, len(aligned), figsize=(5 * len(aligned), 4), dpi=100,
+                             squeeze=False, sharey=True)
+    for ax, (name, runs) in zip(axes[0], aligned.items()):
+        for tag in layer_angle_tags(runs[0].scalars):
+            curve = mean_curve(runs, tag)
+            if curve is not None:
+                _plot_band(ax, curve, label=f"layer {tag[len(ANGLE_PREFIX):]}")
+        ax.set(title=f"{name}: gradient angle to BP", xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0][0].set(ylabel="degrees")
+    fig.tight_layout()
+    return fig
+
+
+def write_report(paths: Sequence[str], out: str) -> list[str]:
+    """Writes ``report.md``, ``report.png`` and (when there are angles) ``alignment.png``
+    into ``out``; returns the paths written."""
+    groups = {os.path.basename(os.path.normpath(path)): load_group(path) for path in paths}
     os.makedirs(out, exist_ok=True)
-    png, md = os.path.join(out, "report.png"), os.path.join(out, "report.md")
-    fig = comparison_figure(runs)
-    fig.savefig(png)
-    plt.close(fig)
+    md = os.path.join(out, "report.md")
     with open(md, "w", encoding="utf-8") as f:
-        f.write(markdown_table([summary_row(name, s) for name, s in runs.items()]))
-    return png, md
+        f.write(markdown_table([summary_row(name, runs) for name, runs in groups.items()]))
+    written = [md]
+    for filename, fig in (("report.png", comparison_figure(groups)),
+                          ("alignment.png", alignment_figure(groups))):
+        if fig is not None:
+            written.append(os.path.join(out, filename))
+            fig.savefig(written[-1])
+            plt.close(fig)
+    return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workdirs", nargs="+", help="workdirs of finished runs")
-    parser.add_argument("--out", default="report", help="directory for report.png/.md")
+    parser.add_argument("workdirs", nargs="+",
+                        help="workdirs of finished runs, or directories of seed_N workdirs")
+    parser.add_argument("--out", default="report", help="directory for the report files")
     args = parser.parse_args(argv)
     try:
-        png, md = write_report(args.workdirs, args.out)
+        written = write_report(args.workdirs, args.out)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(open(md, encoding="utf-8").read())
-    print(f"wrote {png} and {md}")
+    with open(written[0], encoding="utf-8") as f:
+        print(f.read())
+    print("wrote " + ", ".join(written))
     return 0
 
 

@@ -15,6 +15,7 @@ divides their update by the batch size twice).
 from configs import default
 
 LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "kp": 0.3}
+RULES = tuple(LEARNING_RATES)
 
 
 def get_config(mode: str = "bp"):

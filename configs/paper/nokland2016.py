@@ -1,0 +1,49 @@
+"""Nøkland 2016, "Direct feedback alignment provides learning in deep neural networks",
+MNIST fully connected tanh networks, with the set-up of his reference code
+(github.com/anokland/dfa-torch, Main.lua and Models/): RMSprop with learning rate 1e-4,
+batch 64, pixels in [0, 1], all 60k training images, at most 300 epochs, stopping once the
+training error reaches 0.01 % (train/accuracy ≥ 0.9999 over an epoch).
+
+Run one network and rule with ``--config=configs/paper/nokland2016.py:7x240_dfa``
+(architectures 7x240, 2x800, 1x800; rules bp, fa, dfa).
+
+Initialisation as in the reference code: BP uses PyTorch/Torch7's nn.Linear default,
+W ~ U[−1/√fan_in, 1/√fan_in]; FA and DFA start from W = 0, FA's B from that same uniform
+law and DFA's B ~ U[−1/√width, 1/√width] for a hidden layer of that width. Where bioflax
+differs (written down in docs/results.md): softmax cross-entropy instead of sigmoid outputs
+with binary cross-entropy; biases start at 0 (Torch7 draws them like the weights); the
+reference code's running-average form of the stopping rule.
+"""
+
+from configs import default
+
+ARCHITECTURES = {"7x240": (240,) * 7, "2x800": (800, 800), "1x800": (800,)}
+RULES = ("bp", "fa", "dfa")
+
+
+def get_config(setting: str = "7x240_dfa"):
+    architecture, _, mode = setting.partition("_")
+    if architecture not in ARCHITECTURES or mode not in RULES:
+        raise ValueError(f"nokland2016 has no {setting!r} setting; use ARCH_RULE with ARCH in "
+                         f"{list(ARCHITECTURES)} and RULE in {list(RULES)}, e.g. 7x240_dfa")
+    config = default.get_config()
+    config.data.val_split = 0.0
+    config.data.normalize_mean = 0.0
+    config.data.normalize_std = 1.0
+    config.data.batch_size = 64
+    config.model.mode = mode
+    config.model.hidden_layers = ARCHITECTURES[architecture]
+    config.model.activations = ("tanh",) * len(ARCHITECTURES[architecture])
+    config.model.kernel_init = "fan_in_uniform" if mode == "bp" else "zeros"
+    config.model.feedback_init = "fan_in_uniform"
+    config.optimizer.name = "rmsprop"
+    config.optimizer.learning_rate = 1e-4
+    config.training.epochs = 300
+    config.training.log_every_steps = 937  # one epoch: the stopping rule reads its accuracy
+    config.training.checkpoint_every_steps = 937 * 10
+    config.training.early_stopping_monitor = "train/accuracy"
+    config.training.early_stopping_mode = "max"
+    config.training.stopping_threshold = 0.9999
+    config.alignment.every_steps = 937
+    config.plots = False
+    return config
