@@ -198,3 +198,47 @@ def test_rmsprop_divides_by_the_root_of_the_running_square_plus_epsilon():
         updates, state = optimizer.update(gradient.astype(np.float32), state, params)
         params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(params, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fa", "kp", "dfa"])
+def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
+    """The fast path (scanned chunks, donated state, on-device batches, alignment on some
+    steps) trains exactly as a plain Python loop of value_and_grad and optax updates."""
+    import jax  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(200, 12)).astype(np.float32)
+    targets = (inputs[:, :3].argmax(axis=1)).astype(np.int32)
+    module = BioNeuralNetwork(hidden_layers=(16, 16), activations=("tanh", "tanh"),
+                              features=3, mode=mode)
+    optimizer = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, momentum=0.9))
+    task = Task(module=module, loss=metrics.softmax_cross_entropy, optimizer=optimizer,
+                metrics=metrics.ClassificationMetrics, step_metrics=[metrics.Alignment(3)])
+    chunk_losses = []
+
+    class Record(Callback):
+        def on_train_chunk_end(self, trainer, state, step, logs):
+            chunk_losses.append(logs["train/loss"])
+
+    trainer = Trainer(max_epochs=2, log_every_steps=5, seed=4, callbacks=[Record()],
+                      progress_bar=False)
+    trainer.fit(task, data.Split(inputs, targets), batch_size=20)
+
+    variables = module.init(jax.random.key(4), inputs[:1])
+    params = variables.pop("params")
+    opt_state = optimizer.init(params)
+    losses = []
+    for epoch in range(2):
+        order = data.epoch_order(4, epoch, len(inputs))
+        for batch in np.split(order, 10):
+            def loss_of(p, batch=batch):
+                logits = module.apply({"params": p, **variables}, inputs[batch])
+                return metrics.softmax_cross_entropy(logits, targets[batch]).mean()
+            loss, grads = jax.value_and_grad(loss_of)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            losses.append(float(loss))
+    np.testing.assert_allclose(chunk_losses, np.mean(np.reshape(losses, (4, 5)), axis=1),
+                               rtol=2e-5)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(trainer.state.params),
+                                 jax.tree_util.tree_leaves(params)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(path))
