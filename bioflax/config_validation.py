@@ -9,7 +9,7 @@ import numbers
 import jax
 import ml_collections
 
-from bioflax import data, models
+from bioflax import data, metrics, models
 from bioflax.errors import ConfigError
 
 
@@ -56,6 +56,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
     _choice(config, "training.early_stopping_mode", ("min", "max"))
+    task = "classification" if config.data.dataset == "mnist" else "regression"
+    if config.model.loss is not None:
+        _choice(config, "model.loss", metrics.LOSSES[task])
 
     hidden, activations = tuple(config.model.hidden_layers), tuple(config.model.activations)
     if len(hidden) != len(activations):

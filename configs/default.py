@@ -42,6 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
     model.kernel_init_scale = 1.0  # s of 'uniform', 'fan_in_uniform' or 'variance_scaling'
     model.feedback_init = "lecun_normal"  # B: same choices as kernel_init
     model.feedback_init_scale = 1.0
+    # The training loss on the network's outputs; None: the task's default. MNIST:
+    # 'softmax_cross_entropy' (default), 'sigmoid_cross_entropy' (one sigmoid per class,
+    # summed binary cross-entropies) or 'sigmoid_squared_error' (½‖σ(z) − onehot‖²);
+    # regression tasks: 'mean_squared_error'.
+    model.loss = ml_collections.config_dict.placeholder(str)
 
     config.optimizer = optimizer = ml_collections.ConfigDict()
     optimizer.name = "sgd"  # 'sgd' (with momentum), 'rmsprop' or 'adam'

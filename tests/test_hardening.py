@@ -49,7 +49,11 @@ def wait_for_checkpoint(process: subprocess.Popen, workdir, at_least: int = 1,
 @pytest.mark.parametrize("field, value, expected", [
     ("model.mode", "fb", "choose one of ['bp', 'fa', 'kp', 'dfa', 'interpolate_fa_bp']"),
     ("model.activations", ("swish2",), "model.activations[0] = 'swish2'"),
-    ("optimizer.name", "rmsprop", "choose one of ['sgd', 'adam']"),
+    ("optimizer.name", "adagrad", "choose one of ['sgd', 'rmsprop', 'adam']"),
+    ("optimizer.rmsprop_decay", 1.0, "optimizer.rmsprop_decay = 1.0 is invalid"),
+    ("model.loss", "hinge", "choose one of ['softmax_cross_entropy', 'sigmoid_cross_entropy', "
+                            "'sigmoid_squared_error']"),
+    ("training.early_stopping_mode", "up", "choose one of ['min', 'max']"),
     ("data.dataset", "cifar10", "choose one of ['mnist', 'teacher', 'sinreg']"),
     ("model.activations", ("relu", "relu"), "needs one activation per hidden layer"),
     ("model.hidden_layers", (0,), "model.hidden_layers[0] = 0 is invalid: must be an integer > 0"),

@@ -391,3 +391,22 @@ def test_kolen_pollack_with_weight_decay_aligns_w_and_b_geometrically():
         assert np.all(np.diff(cosines[len(cosines) // 4:]) > 0), cosines
     # W itself did not just decay away: B converged to a W that still carries the task.
     assert np.linalg.norm(np.asarray(trainer.state.params["layer_0"]["kernel"])) > 0.1
+
+
+def test_sigmoid_losses_and_their_gradients_match_the_hand_derived_forms():
+    logits = jnp.array([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]])
+    labels = jnp.array([2, 0])
+    onehot = np.eye(3)[np.asarray(labels)]
+    sigma = 1 / (1 + np.exp(-np.asarray(logits)))
+    # Σ_j −[y log σ + (1 − y) log(1 − σ)]; at z = 0 every class costs log 2.
+    bce = -(onehot * np.log(sigma) + (1 - onehot) * np.log(1 - sigma)).sum(axis=1)
+    np.testing.assert_allclose(metrics.sigmoid_cross_entropy(logits, labels), bce, rtol=1e-6)
+    np.testing.assert_allclose(bce[1], 3 * np.log(2), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(lambda z: metrics.sigmoid_cross_entropy(z, labels).sum())(logits),
+        sigma - onehot, rtol=1e-6)
+    np.testing.assert_allclose(metrics.sigmoid_squared_error(logits, labels),
+                               0.5 * ((sigma - onehot) ** 2).sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(lambda z: metrics.sigmoid_squared_error(z, labels).sum())(logits),
+        (sigma - onehot) * sigma * (1 - sigma), rtol=1e-5)

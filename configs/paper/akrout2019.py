@@ -5,8 +5,8 @@ no weight decay, pixels in [0, 1], all 60k training images, tested on the 10k te
 
 Run one rule with ``--config=configs/paper/akrout2019.py:fa`` (bp, fa or kp).
 
-Where bioflax differs from the reference code (written down in docs/results.md): softmax
-cross-entropy on the output instead of a sigmoid output with per-class binary cross-entropy;
+The output layer is one sigmoid per class with summed binary cross-entropies, as in the
+reference code. Where bioflax differs from it (written down in docs/results.md):
 LeCun-normal initialisation instead of N(0, 1/(fan_in + fan_out)); a reshuffled order each
 epoch instead of the file order; biases trained at the learning rate (the reference code
 divides their update by the batch size twice).
@@ -28,6 +28,7 @@ def get_config(mode: str = "bp"):
     config.model.mode = mode
     config.model.hidden_layers = (500,)
     config.model.activations = ("sigmoid",)
+    config.model.loss = "sigmoid_cross_entropy"
     config.optimizer.learning_rate = LEARNING_RATES[mode]
     config.optimizer.momentum = 0.0
     config.training.epochs = 400
