@@ -102,6 +102,13 @@ def _layer_vector(leaves):
                            ([leaves["bias"].ravel()] if "bias" in leaves else []))
 
 
+def _norm_ratio(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``‖a‖ / ‖b‖``; ``inf`` when only ``b`` is zero, 1 when both are (they agree)."""
+    norm_a, norm_b = jnp.linalg.norm(a), jnp.linalg.norm(b)
+    return jnp.where(norm_b > 0, norm_a / jnp.where(norm_b > 0, norm_b, 1.0),
+                     jnp.where(norm_a > 0, jnp.inf, 1.0))
+
+
 class Alignment:
     """How closely a rule's gradients follow backprop's, on the same parameters and batch.
 
@@ -113,7 +120,8 @@ class Alignment:
 
     - ``alignment/grad_cosine/l`` and ``alignment/grad_angle/l``: cosine and angle (°)
       between the rule's ``(dW_l, db_l)`` and backprop's;
-    - ``alignment/relative_grad_norm``: ``‖g_BP‖ / ‖g_rule‖`` over all layers;
+    - ``alignment/relative_grad_norm``: ``‖g_BP‖ / ‖g_rule‖`` over all layers (1 when both
+      are zero, inf when only the rule's is);
     - for layers with a feedback matrix shaped like ``W`` (FA, KP, interpolation):
       ``alignment/weight_cosine/l`` between ``W_l`` and ``B_l`` and
       ``alignment/weight_difference_norm/l`` ``= ‖W_l − B_l‖``.
@@ -139,8 +147,7 @@ class Alignment:
         all_reference = jnp.concatenate([_layer_vector(reference[n]) for n in rule])
         values["alignment/grad_cosine/all"] = cosine(all_rule, all_reference)
         values["alignment/grad_angle/all"] = angle_degrees(all_rule, all_reference)
-        values["alignment/relative_grad_norm"] = (
-            jnp.linalg.norm(all_reference) / jnp.linalg.norm(all_rule))
+        values["alignment/relative_grad_norm"] = _norm_ratio(all_reference, all_rule)
         for name, leaves in dense_layers(_with_feedback(params, model_state)).items():
             feedback = leaves.get(layers.FEEDBACK_KERNEL)
             if feedback is not None and feedback.shape == leaves["kernel"].shape:

@@ -410,3 +410,22 @@ def test_sigmoid_losses_and_their_gradients_match_the_hand_derived_forms():
     np.testing.assert_allclose(
         jax.grad(lambda z: metrics.sigmoid_squared_error(z, labels).sum())(logits),
         (sigma - onehot) * sigma * (1 - sigma), rtol=1e-5)
+
+
+def test_relative_grad_norm_is_defined_when_gradients_vanish():
+    """A network whose weights are all zero (DFA and FA start so in Nøkland 2016) gives
+    backprop no gradient through the hidden layers: the ratio stays finite or inf, never NaN."""
+    module = models.BioNeuralNetwork(hidden_layers=(4,), activations=("tanh",), features=2,
+                                     mode="fa", kernel_init=jax.nn.initializers.zeros)
+    x, y = jnp.ones((3, 5)), jnp.array([0, 1, 1])
+    variables = module.init(jax.random.key(0), x)
+    params = variables.pop("params")
+
+    def loss(p):
+        return metrics.softmax_cross_entropy(module.apply({"params": p, **variables}, x), y).mean()
+
+    zero = jax.tree.map(jnp.zeros_like, params)
+    values = metrics.Alignment(1)(loss, params, variables, zero)
+    assert values["alignment/relative_grad_norm"] == jnp.inf  # BP's output bias moves
+    assert metrics._norm_ratio(jnp.zeros(3), jnp.zeros(3)) == 1.0  # pylint: disable=protected-access
+    assert metrics._norm_ratio(jnp.ones(4), 2 * jnp.ones(4)) == 0.5  # pylint: disable=protected-access
