@@ -5,7 +5,8 @@ Each argument is one run's workdir, or a directory of seed workdirs (``seed_0``,
 deviation over its seeds. Writes into ``--out``:
 
 - ``report.md``: one table row per argument (test metrics, final gradient angle of the
-  hidden layers to backprop, W·B cosine, wall time and device of the runs);
+  hidden layers to backprop, W·B cosine, wall time and device of the runs), then one row
+  per run (from its ``result.json``);
 - ``report.png``: validation accuracy (or training loss) and the hidden layers' mean
   gradient angle over training, and the final test metric;
 - ``alignment.png``: the gradient angle of every layer over training, one panel per rule.
@@ -122,6 +123,24 @@ def markdown_table(rows: Sequence[Mapping[str, Optional[str]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_rows(name: str, runs: Sequence[Run]) -> list[dict[str, Optional[str]]]:
+    """One row per run of a group: what its ``result.json`` says."""
+    rows = []
+    for run in runs:
+        result, test = run.result, run.result.get("test", {})
+        accuracy = test.get("test/accuracy")
+        rows.append({
+            "run": f"{name}/{os.path.basename(run.workdir)}" if len(runs) > 1 else name,
+            "test accuracy (%)": None if accuracy is None else f"{100 * accuracy:.2f}",
+            "test loss": None if "test/loss" not in test else f"{test['test/loss']:.4f}",
+            "steps": None if "steps" not in result else str(result["steps"]),
+            "wall time (s)": None if "wall_time_s" not in result else f"{result['wall_time_s']:.0f}",
+            "device": result.get("device"),
+            "finished": result.get("finished"),
+        })
+    return rows
+
+
 def _plot_band(ax, curve, **kwargs):
     steps, mean, std = curve
     (line,) = ax.plot(steps, mean, **kwargs)
@@ -195,6 +214,9 @@ def write_report(paths: Sequence[str], out: str) -> list[str]:
     md = os.path.join(out, "report.md")
     with open(md, "w", encoding="utf-8") as f:
         f.write(markdown_table([summary_row(name, runs) for name, runs in groups.items()]))
+        f.write("\nEach run:\n\n")
+        f.write(markdown_table([row for name, runs in groups.items()
+                                for row in run_rows(name, runs)]))
     written = [md]
     for filename, fig in (("report.png", comparison_figure(groups)),
                           ("alignment.png", alignment_figure(groups))):

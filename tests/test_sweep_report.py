@@ -74,7 +74,8 @@ def _fake_run(workdir, accuracy: float, angles: tuple[float, float], wall_time: 
     writer.write_scalars(200, {"test/accuracy": accuracy, "test/loss": 0.1})
     writer.flush()
     with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as f:
-        json.dump({"wall_time_s": wall_time, "device": "cpu"}, f)
+        json.dump({"test": {"test/accuracy": accuracy, "test/loss": 0.1}, "steps": 200,
+                   "wall_time_s": wall_time, "device": "cpu"}, f)
 
 
 def test_report_averages_seed_directories_into_one_row(tmp_path):
@@ -89,13 +90,19 @@ def test_report_averages_seed_directories_into_one_row(tmp_path):
                                   str(tmp_path / "out"))
     assert sorted(os.path.basename(p) for p in written) == [
         "alignment.png", "report.md", "report.png"]
-    rows = open(written[0], encoding="utf-8").read().splitlines()[2:]
+    summary, _, each = open(written[0], encoding="utf-8").read().partition("Each run:")
+    rows = summary.strip().splitlines()[2:]
     fa = [cell.strip() for cell in rows[0].split("|")[1:-1]]
     single = [cell.strip() for cell in rows[1].split("|")[1:-1]]
     # mean ± population std of (97, 98) %, of the final hidden angles (30, 40) and walls.
     assert fa == ["fa", "2", "97.50 ± 0.50", "0.1000 ± 0.0000", "200", "35.00 ± 5.00",
                   "0.6000 ± 0.0000", "15.00 ± 5.00", "cpu"]
     assert single[:3] == ["single", "1", "90.00"]
+    runs = [[cell.strip() for cell in row.split("|")[1:-1]]
+            for row in each.strip().splitlines()[2:]]
+    assert [row[:2] for row in runs] == [["fa/seed_0", "97.00"], ["fa/seed_1", "98.00"],
+                                         ["single", "90.00"]]
+    assert [row[4:6] for row in runs] == [["10", "cpu"], ["20", "cpu"], ["3", "cpu"]]
 
 
 def test_mean_curve_uses_the_steps_every_seed_logged():
