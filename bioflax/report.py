@@ -61,7 +61,17 @@ def seed_workdirs(path: str) -> list[str]:
 
 
 def load_group(path: str) -> list[Run]:
-    return [Run(workdir) for workdir in seed_workdirs(path)]
+    """The runs of ``path``; of a seed directory only the finished seeds (with
+    ``result.json``), so a grid still running can be reported."""
+    workdirs = seed_workdirs(path)
+    if workdirs != [path]:
+        finished = [w for w in workdirs if os.path.exists(os.path.join(w, RESULT_FILE))]
+        for workdir in sorted(set(workdirs) - set(finished)):
+            print(f"note: {workdir} has not finished; left out", file=sys.stderr)
+        if not finished:
+            raise FileNotFoundError(f"No seed in {path} has finished (no {RESULT_FILE}).")
+        workdirs = finished
+    return [Run(workdir) for workdir in workdirs]
 
 
 def layer_angle_tags(scalars: Scalars) -> list[str]:

@@ -83,6 +83,9 @@ def test_report_averages_seed_directories_into_one_row(tmp_path):
                                                           (0.98, 40.0, 20.0)]):
         os.makedirs(tmp_path / "fa" / f"seed_{seed}")
         _fake_run(tmp_path / "fa" / f"seed_{seed}", accuracy, (80.0, final_angle), wall)
+    os.makedirs(tmp_path / "fa" / "seed_2")  # still running: no result.json, left out
+    _fake_run(tmp_path / "fa" / "seed_2", 0.5, (90.0, 90.0), 1.0)
+    os.remove(tmp_path / "fa" / "seed_2" / "result.json")
     os.makedirs(tmp_path / "single")
     _fake_run(tmp_path / "single", 0.9, (10.0, 5.0), 3.0)
 
