@@ -120,7 +120,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return _train_and_evaluate(config, workdir, info, splits)
 
 
-
 def write_result(workdir: str, test: dict[str, float], steps: int, first_step: int,
                  wall_time_s: float) -> str:
     """Writes ``workdir/result.json``, the mark of a finished run; returns its path.

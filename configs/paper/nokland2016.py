@@ -19,6 +19,7 @@ from configs import default
 
 ARCHITECTURES = {"7x240": (240,) * 7, "2x800": (800, 800), "1x800": (800,)}
 RULES = ("bp", "fa", "dfa")
+STEPS_PER_EPOCH = 60_000 // 64  # all training images, batch 64, remainder dropped
 
 
 def get_config(setting: str = "7x240_dfa"):
@@ -40,11 +41,12 @@ def get_config(setting: str = "7x240_dfa"):
     config.optimizer.name = "rmsprop"
     config.optimizer.learning_rate = 1e-4
     config.training.epochs = 300
-    config.training.log_every_steps = 937  # one epoch: the stopping rule reads its accuracy
-    config.training.checkpoint_every_steps = 937 * 10
+    # One log interval per epoch: the stopping rule reads that epoch's training accuracy.
+    config.training.log_every_steps = STEPS_PER_EPOCH
+    config.training.checkpoint_every_steps = STEPS_PER_EPOCH * 10
     config.training.early_stopping_monitor = "train/accuracy"
     config.training.early_stopping_mode = "max"
     config.training.stopping_threshold = 0.9999
-    config.alignment.every_steps = 937
+    config.alignment.every_steps = STEPS_PER_EPOCH
     config.plots = False
     return config
