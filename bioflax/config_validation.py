@@ -56,9 +56,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
     _choice(config, "training.early_stopping_mode", ("min", "max"))
-    task = "classification" if config.data.dataset == "mnist" else "regression"
     if config.model.loss is not None:
-        _choice(config, "model.loss", metrics.LOSSES[task])
+        _choice(config, "model.loss", metrics.LOSSES[data.DATASET_TASKS[config.data.dataset]])
 
     hidden, activations = tuple(config.model.hidden_layers), tuple(config.model.activations)
     if len(hidden) != len(activations):

@@ -45,8 +45,10 @@ def _tensorflow():
         pass
     return tf
 
-TASKS = ("classification", "regression")
-DATASETS = ("mnist", "teacher", "sinreg")
+# Each data set and its kind of task ("classification" or "regression"), which decides the
+# metrics and the losses it can train with.
+DATASET_TASKS = {"mnist": "classification", "teacher": "regression", "sinreg": "regression"}
+DATASETS = tuple(DATASET_TASKS)
 
 MNIST_NUM_CLASSES = 10
 MNIST_INPUT_SHAPE = (784,)
@@ -201,7 +203,7 @@ def _load_mnist(cfg) -> tuple[DatasetInfo, Split, Split]:
         x = (x - np.float32(mean)) / np.float32(std)
         return Split(x.astype(np.float32, copy=False), labels.astype(np.int32))
 
-    info = DatasetInfo("classification", MNIST_INPUT_SHAPE, MNIST_NUM_CLASSES)
+    info = DatasetInfo(DATASET_TASKS["mnist"], MNIST_INPUT_SHAPE, MNIST_NUM_CLASSES)
     return info, preprocess(*arrays["train"]), preprocess(*arrays["test"])
 
 
@@ -251,7 +253,7 @@ def _make_teacher(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
         y_train = np.asarray(teacher.apply(params, x_train), dtype=np.float32)
         y_test = np.asarray(teacher.apply(params, x_test), dtype=np.float32)
 
-    info = DatasetInfo("regression", (input_dim,), output_dim)
+    info = DatasetInfo(DATASET_TASKS["teacher"], (input_dim,), output_dim)
     return info, Split(x_train, y_train), Split(x_test, y_test)
 
 
@@ -267,7 +269,7 @@ def _make_sinreg(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
         x = rng.uniform(-np.pi, np.pi, (n, 1)).astype(np.float32)
         return Split(x, np.sin(x.astype(np.float64)).astype(np.float32))
 
-    info = DatasetInfo("regression", (1,), 1)
+    info = DatasetInfo(DATASET_TASKS["sinreg"], (1,), 1)
     return info, draw(train_size), draw(test_size)
 
 

@@ -61,6 +61,12 @@ LOSSES = {
 }
 
 
+def loss_for(task: str, name: str | None = None):
+    """The per-example loss ``name`` of ``LOSSES[task]``, or the task's default when None."""
+    losses = LOSSES[task]
+    return losses[name or next(iter(losses))]
+
+
 def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     """``⟨a, b⟩ / (‖a‖ ‖b‖)`` of the flattened arrays (0 if either is zero)."""
     a, b = a.ravel(), b.ravel()

@@ -96,8 +96,7 @@ def build_task(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo,
                     if config.alignment.enabled else [])
     return Task(
         module=build_model(config.model, info),
-        loss=metrics_lib.LOSSES[info.task][config.model.loss or
-                                           next(iter(metrics_lib.LOSSES[info.task]))],
+        loss=metrics_lib.loss_for(info.task, config.model.loss),
         optimizer=build_optimizer(config.optimizer, total_steps),
         metrics=(metrics_lib.ClassificationMetrics if classification
                  else metrics_lib.RegressionMetrics),

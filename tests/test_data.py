@@ -69,7 +69,7 @@ def mnist():
 def test_mnist_sizes_shapes_dtypes(mnist):
     info, splits = mnist
     assert info == data.DatasetInfo("classification", (784,), 10)
-    assert info.task in data.TASKS
+    assert info.task == data.DATASET_TASKS["mnist"]
     assert set(splits) == {"train", "test"}
     for name, size in (("train", 60_000), ("test", 10_000)):
         split = splits[name]

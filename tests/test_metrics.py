@@ -429,3 +429,18 @@ def test_relative_grad_norm_is_defined_when_gradients_vanish():
     assert values["alignment/relative_grad_norm"] == jnp.inf  # BP's output bias moves
     assert metrics._norm_ratio(jnp.zeros(3), jnp.zeros(3)) == 1.0  # pylint: disable=protected-access
     assert metrics._norm_ratio(jnp.ones(4), 2 * jnp.ones(4)) == 0.5  # pylint: disable=protected-access
+
+
+def test_loss_for_picks_the_named_loss_or_the_tasks_default():
+    logits, labels = jnp.array([[2.0, 0.0, -1.0]]), jnp.array([1])
+    log_softmax = np.log(np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum())
+    default = metrics.loss_for("classification")
+    np.testing.assert_allclose(default(logits, labels), [-log_softmax[1]], rtol=1e-6)
+    squared = metrics.loss_for("classification", "sigmoid_squared_error")
+    sigma = 1 / (1 + np.exp(-np.array([2.0, 0.0, -1.0])))
+    np.testing.assert_allclose(squared(logits, labels),
+                               [0.5 * np.sum((sigma - [0, 1, 0]) ** 2)], rtol=1e-6)
+    mse = metrics.loss_for("regression")
+    np.testing.assert_allclose(mse(jnp.array([[1.0, 3.0]]), jnp.array([[0.0, 0.0]])), [5.0])
+    with pytest.raises(KeyError):
+        metrics.loss_for("regression", "softmax_cross_entropy")
