@@ -105,18 +105,27 @@ def _mean_std(values: Sequence[Optional[float]], scale: float = 1.0) -> Optional
     return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _span(values: Sequence[Optional[int]]) -> Optional[str]:
+    """``"lo–hi"`` of the known values (runs that stopped early differ), or the one value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}–{high}"
+
+
 def summary_row(name: str, runs: Sequence[Run]) -> dict[str, Optional[str]]:
-    """One table row: means ± standard deviations over ``runs`` (population std)."""
+    """One table row: means ± standard deviations over ``runs`` (population std); the
+    range of their steps."""
     hidden = hidden_angle_tags(runs[0].scalars)
     weight = [t for t in runs[0].scalars if t.startswith("alignment/weight_cosine/")]
     devices = sorted({run.result.get("device", "?") for run in runs})
-    steps = runs[0].scalars["train/loss"][-1][0] if "train/loss" in runs[0].scalars else None
     return {
         "run": name,
         "seeds": str(len(runs)),
         "test accuracy (%)": _mean_std([run.last("test/accuracy") for run in runs], 100),
         "test loss": _mean_std([run.last("test/loss") for run in runs]),
-        "steps": None if steps is None else str(steps),
+        "steps": _span([run.result.get("steps") for run in runs]),
         "hidden-layer angle to BP (°)": _mean_std(
             [float(np.mean([run.last(t) for t in hidden])) for run in runs] if hidden else []),
         "W·B cosine": _mean_std(

@@ -60,7 +60,8 @@ def test_sweep_names_a_missing_config_file(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def _fake_run(workdir, accuracy: float, angles: tuple[float, float], wall_time: float):
+def _fake_run(workdir, accuracy: float, angles: tuple[float, float], wall_time: float,
+              steps: int = 200):
     """A finished two-layer run: accuracy and angle curves over two logged steps."""
     writer = metric_writers.create_default_writer(str(workdir), just_logging=False)
     for step in (100, 200):
@@ -74,15 +75,15 @@ def _fake_run(workdir, accuracy: float, angles: tuple[float, float], wall_time: 
     writer.write_scalars(200, {"test/accuracy": accuracy, "test/loss": 0.1})
     writer.flush()
     with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as f:
-        json.dump({"test": {"test/accuracy": accuracy, "test/loss": 0.1}, "steps": 200,
+        json.dump({"test": {"test/accuracy": accuracy, "test/loss": 0.1}, "steps": steps,
                    "wall_time_s": wall_time, "device": "cpu"}, f)
 
 
 def test_report_averages_seed_directories_into_one_row(tmp_path):
-    for seed, (accuracy, final_angle, wall) in enumerate([(0.97, 30.0, 10.0),
-                                                          (0.98, 40.0, 20.0)]):
+    for seed, (accuracy, final_angle, wall, steps) in enumerate([(0.97, 30.0, 10.0, 200),
+                                                                 (0.98, 40.0, 20.0, 150)]):
         os.makedirs(tmp_path / "fa" / f"seed_{seed}")
-        _fake_run(tmp_path / "fa" / f"seed_{seed}", accuracy, (80.0, final_angle), wall)
+        _fake_run(tmp_path / "fa" / f"seed_{seed}", accuracy, (80.0, final_angle), wall, steps)
     os.makedirs(tmp_path / "fa" / "seed_2")  # still running: no result.json, left out
     _fake_run(tmp_path / "fa" / "seed_2", 0.5, (90.0, 90.0), 1.0)
     os.remove(tmp_path / "fa" / "seed_2" / "result.json")
@@ -97,8 +98,9 @@ def test_report_averages_seed_directories_into_one_row(tmp_path):
     rows = summary.strip().splitlines()[2:]
     fa = [cell.strip() for cell in rows[0].split("|")[1:-1]]
     single = [cell.strip() for cell in rows[1].split("|")[1:-1]]
-    # mean ± population std of (97, 98) %, of the final hidden angles (30, 40) and walls.
-    assert fa == ["fa", "2", "97.50 ± 0.50", "0.1000 ± 0.0000", "200", "35.00 ± 5.00",
+    # mean ± population std of (97, 98) %, of the final hidden angles (30, 40) and walls;
+    # the range of the steps (the second seed stopped early).
+    assert fa == ["fa", "2", "97.50 ± 0.50", "0.1000 ± 0.0000", "150–200", "35.00 ± 5.00",
                   "0.6000 ± 0.0000", "15.00 ± 5.00", "cpu"]
     assert single[:3] == ["single", "1", "90.00"]
     runs = [[cell.strip() for cell in row.split("|")[1:-1]]
