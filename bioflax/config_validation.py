@@ -55,6 +55,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _choice(config, "optimizer.schedule", SCHEDULES)
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
+    if config.model.input_layer_kernel_init is not None:
+        _choice(config, "model.input_layer_kernel_init", INITIALIZERS)
     _choice(config, "training.early_stopping_mode", ("min", "max"))
     if config.model.loss is not None:
         _choice(config, "model.loss", metrics.LOSSES[data.DATASET_TASKS[config.data.dataset]])

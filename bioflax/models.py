@@ -5,7 +5,7 @@ parameters of an FA network and of its backprop twin have the same tree; the bac
 reference of any network is the same ``apply`` inside :func:`bioflax.layers.exact_backprop`.
 """
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 from flax import linen as nn
@@ -41,6 +41,8 @@ class BioNeuralNetwork(nn.Module):
     ``activations[i]`` (a name from :data:`ACTIVATIONS`) follows hidden layer ``i``; the
     output layer is linear. Inputs of any shape are flattened to ``(batch, -1)``.
     ``interpolation_factor`` is λ of ``interpolate_fa_bp`` (1 = FA, 0 = BP).
+    ``input_layer_kernel_init``, when given, initialises ``layer_0``'s W instead of
+    ``kernel_init`` (Nøkland's FA starts the input layer random and the others at zero).
     """
 
     hidden_layers: Sequence[int]
@@ -50,12 +52,19 @@ class BioNeuralNetwork(nn.Module):
     interpolation_factor: float = 0.5
     kernel_init: layers.Initializer = layers.default_kernel_init
     feedback_init: layers.Initializer = layers.default_kernel_init
+    input_layer_kernel_init: Optional[layers.Initializer] = None
+
+    def _kernel_init(self, index: int) -> layers.Initializer:
+        if index == 0 and self.input_layer_kernel_init is not None:
+            return self.input_layer_kernel_init
+        return self.kernel_init
 
     def _dense(self, features: int, index: int) -> nn.Module:
         name = f"layer_{index}"
         if self.mode == "bp":
-            return nn.Dense(features, kernel_init=self.kernel_init, name=name)
-        inits = dict(kernel_init=self.kernel_init, feedback_init=self.feedback_init, name=name)
+            return nn.Dense(features, kernel_init=self._kernel_init(index), name=name)
+        inits = dict(kernel_init=self._kernel_init(index), feedback_init=self.feedback_init,
+                     name=name)
         if self.mode == "fa":
             return layers.RandomDenseLinearFA(features, **inits)
         if self.mode == "kp":
@@ -76,14 +85,14 @@ class BioNeuralNetwork(nn.Module):
             activation = get_activation(name)
             if self.mode == "dfa":
                 x = layers.RandomDenseLinearDFAHidden(
-                    width, self.features, activation, kernel_init=self.kernel_init,
+                    width, self.features, activation, kernel_init=self._kernel_init(index),
                     feedback_init=self.feedback_init, name=f"layer_{index}")(x)
             else:
                 x = activation(self._dense(width, index)(x))
         index = len(self.hidden_layers)
         if self.mode == "dfa":
             return layers.RandomDenseLinearDFAOutput(
-                self.features, kernel_init=self.kernel_init, name=f"layer_{index}")(x)
+                self.features, kernel_init=self._kernel_init(index), name=f"layer_{index}")(x)
         return self._dense(self.features, index)(x)
 
 

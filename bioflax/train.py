@@ -55,7 +55,10 @@ def build_model(model_config: ml_collections.ConfigDict, info: data_lib.DatasetI
         interpolation_factor=model_config.interpolation_factor,
         kernel_init=get_initializer(model_config.kernel_init, model_config.kernel_init_scale),
         feedback_init=get_initializer(model_config.feedback_init,
-                                      model_config.feedback_init_scale))
+                                      model_config.feedback_init_scale),
+        input_layer_kernel_init=(
+            None if model_config.input_layer_kernel_init is None else
+            get_initializer(model_config.input_layer_kernel_init, model_config.kernel_init_scale)))
 
 
 def build_optimizer(config: ml_collections.ConfigDict, total_steps: int):

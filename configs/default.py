@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     # variance s / fan_in) or 'zeros'
     model.kernel_init = "lecun_normal"
     model.kernel_init_scale = 1.0  # s of 'uniform', 'fan_in_uniform' or 'variance_scaling'
+    # W of the first layer only (same choices and scale); None: kernel_init like the rest.
+    model.input_layer_kernel_init = ml_collections.config_dict.placeholder(str)
     model.feedback_init = "lecun_normal"  # B: same choices as kernel_init
     model.feedback_init_scale = 1.0
     # The training loss on the network's outputs; None: the task's default. MNIST:

@@ -54,6 +54,7 @@ def wait_for_checkpoint(process: subprocess.Popen, workdir, at_least: int = 1,
     ("optimizer.rmsprop_decay", 1.0, "optimizer.rmsprop_decay = 1.0 is invalid"),
     ("model.loss", "hinge", "choose one of ['softmax_cross_entropy', 'sigmoid_cross_entropy', "
                             "'sigmoid_squared_error']"),
+    ("model.input_layer_kernel_init", "ones", "choose one of ['lecun_normal',"),
     ("training.early_stopping_mode", "up", "choose one of ['min', 'max']"),
     ("data.dataset", "cifar10", "choose one of ['mnist', 'teacher', 'sinreg']"),
     ("model.activations", ("relu", "relu"), "needs one activation per hidden layer"),

@@ -92,6 +92,18 @@ def test_feedback_variables_per_mode():
         "layer_0": (6, 3), "layer_1": (5, 3), "layer_2": (4, 3)}
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("hidden", [HIDDEN, ()])
+def test_input_layer_kernel_init_sets_only_the_first_layers_w(mode, hidden):
+    model = BioNeuralNetwork(hidden, ACTS[:len(hidden)], N_OUT, mode=mode,
+                             kernel_init=jax.nn.initializers.zeros,
+                             input_layer_kernel_init=jax.nn.initializers.ones)
+    params = model.init(jax.random.PRNGKey(0), jnp.ones((2, 7)))["params"]
+    kernels = [np.asarray(params[f"layer_{i}"]["kernel"]) for i in range(len(hidden) + 1)]
+    assert kernels[0].shape[0] == 7 and np.all(kernels[0] == 1.0)
+    assert all(np.all(kernel == 0.0) for kernel in kernels[1:])
+
+
 def test_no_hidden_layers_is_a_linear_model():
     x = np.random.default_rng(0).normal(size=(4, 5))
     for mode in MODES:

@@ -8,10 +8,12 @@ Run one network and rule with ``--config=configs/paper/nokland2016.py:7x240_dfa`
 (architectures 7x240, 2x800, 1x800; rules bp, fa, dfa).
 
 Initialisation as in the reference code: BP uses PyTorch/Torch7's nn.Linear default,
-W ~ U[−1/√fan_in, 1/√fan_in]; FA and DFA start from W = 0, FA's B from that same uniform
-law and DFA's B ~ U[−1/√width, 1/√width] for a hidden layer of that width; sigmoid
-outputs with binary cross-entropy. Where bioflax differs (written down in
-docs/results.md): biases start at 0 (Torch7 draws them like the weights); the stopping
+W ~ U[−1/√fan_in, 1/√fan_in]; DFA starts every layer from W = 0, FA every layer but the
+input layer (its Models/mlp.lua builds that one as a plain nn.Linear, which keeps the
+default init); FA's B follows that same uniform law and DFA's B ~ U[−1/√width, 1/√width]
+for a hidden layer of that width; sigmoid outputs with binary cross-entropy. Where bioflax
+differs (written down in docs/results.md): biases start at 0 (Torch7 draws them like the
+weights); the stopping
 rule reads one epoch's training accuracy, not the reference code's running average.
 """
 
@@ -37,6 +39,8 @@ def get_config(setting: str = "7x240_dfa"):
     config.model.activations = ("tanh",) * len(ARCHITECTURES[architecture])
     config.model.loss = "sigmoid_cross_entropy"
     config.model.kernel_init = "fan_in_uniform" if mode == "bp" else "zeros"
+    if mode == "fa":
+        config.model.input_layer_kernel_init = "fan_in_uniform"
     config.model.feedback_init = "fan_in_uniform"
     config.optimizer.name = "rmsprop"
     config.optimizer.learning_rate = 1e-4
