@@ -13,8 +13,8 @@ input layer (its Models/mlp.lua builds that one as a plain nn.Linear, which keep
 default init); FA's B follows that same uniform law and DFA's B ~ U[−1/√width, 1/√width]
 for a hidden layer of that width; sigmoid outputs with binary cross-entropy. Where bioflax
 differs (written down in docs/results.md): biases start at 0 (Torch7 draws them like the
-weights); the stopping
-rule reads one epoch's training accuracy, not the reference code's running average.
+weights); the stopping rule reads one epoch's training accuracy, not the reference code's
+running average.
 """
 
 from configs import default
