@@ -129,17 +129,26 @@ def _check_same_model(saved, target, step: int, directory: str) -> None:
 class EarlyStopping(Callback):
     """Stops ``fit`` when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs
     (None: never for that reason), or at once when it reaches ``stopping_threshold`` (at or
-    above it in mode 'max', at or below in 'min'), as Lightning's EarlyStopping does."""
+    above it in mode 'max', at or below in 'min'), as Lightning's EarlyStopping does.
+
+    With ``smoothing = s > 0`` both rules read the running average
+    ``m ← s·m + (1 − s)·value`` (``m`` starts at the first epoch's value, and again after a
+    resume) instead of the epoch's value; Nøkland's reference code stops on such an
+    average of the training error with ``s = 0.75``.
+    """
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min",
                  patience: Optional[int] = 3, min_delta: float = 0.0,
-                 stopping_threshold: Optional[float] = None):
+                 stopping_threshold: Optional[float] = None, smoothing: float = 0.0):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {mode!r}.")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"EarlyStopping smoothing must lie in [0, 1), got {smoothing!r}.")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
-        self.stopping_threshold = stopping_threshold
+        self.stopping_threshold, self.smoothing = stopping_threshold, smoothing
         self.best = np.inf if mode == "min" else -np.inf
         self.wait = 0
+        self.average: Optional[float] = None
 
     def on_epoch_end(self, trainer: Trainer, state: TrainState, epoch: int,
                      logs: Mapping[str, float]) -> None:
@@ -147,6 +156,9 @@ class EarlyStopping(Callback):
             raise KeyError(f"EarlyStopping monitors {self.monitor!r}, which the epoch logs "
                            f"lack; they hold {sorted(logs)}.")
         value = logs[self.monitor]
+        if self.average is not None:
+            value = self.smoothing * self.average + (1.0 - self.smoothing) * value
+        self.average = value
         threshold = self.stopping_threshold
         if threshold is not None and (value >= threshold if self.mode == "max"
                                       else value <= threshold):

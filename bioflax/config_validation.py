@@ -114,6 +114,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         for field in ("data.input_dim", "data.output_dim"):
             if _get(config, field) != 1:
                 raise ConfigError(field, _get(config, field), "sinreg is y = sin(x): must be 1")
+    smoothing = config.training.stopping_smoothing
+    if not isinstance(smoothing, numbers.Real) or not 0.0 <= smoothing < 1.0:
+        raise ConfigError("training.stopping_smoothing", smoothing,
+                          "must lie in [0, 1); 0 means no smoothing")
     val_split = config.data.val_split
     if not isinstance(val_split, numbers.Real) or not 0.0 <= val_split < 1.0:
         raise ConfigError("data.val_split", val_split, "must lie in [0, 1); 0 means none")

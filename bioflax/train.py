@@ -163,7 +163,8 @@ def _train_and_evaluate(config, workdir, info, splits):
         callbacks.append(callbacks_lib.EarlyStopping(
             training.early_stopping_monitor, mode=training.early_stopping_mode,
             patience=training.early_stopping_patience or None,
-            stopping_threshold=training.stopping_threshold))
+            stopping_threshold=training.stopping_threshold,
+            smoothing=training.stopping_smoothing))
     trainer = Trainer(
         workdir=workdir, writer=writer, max_epochs=training.epochs,
         max_steps=fast_dev_run or None, log_every_steps=training.log_every_steps,

@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Stop as soon as the monitored metric reaches this value (e.g. train/accuracy 0.9999,
     # mode 'max'); None: no threshold.
     training.stopping_threshold = ml_collections.config_dict.placeholder(float)
+    # s in [0, 1): patience and threshold read the running average m ← s·m + (1 − s)·metric
+    # over epochs instead of the metric; 0: the metric itself.
+    training.stopping_smoothing = 0.0
     training.num_devices = 0  # devices of the data-parallel mesh; 0: all local devices
     # Train seeds seed, seed+1, ... at once, vmapped in one program (in-memory data only);
     # metrics are logged per seed (seed_i/...) and as their mean.

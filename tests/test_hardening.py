@@ -62,6 +62,7 @@ def wait_for_checkpoint(process: subprocess.Popen, workdir, at_least: int = 1,
     ("data.batch_size", -8, "data.batch_size = -8 is invalid: must be an integer > 0"),
     ("optimizer.learning_rate", 0.0, "optimizer.learning_rate = 0.0 is invalid"),
     ("data.val_split", 1.0, "must lie in [0, 1)"),
+    ("training.stopping_smoothing", 1.0, "training.stopping_smoothing = 1.0 is invalid"),
     ("data.val_split", -0.1, "must lie in [0, 1)"),
     ("model.interpolation_factor", 1.5, "must lie in [0, 1]"),
 ])

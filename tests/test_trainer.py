@@ -1,5 +1,7 @@
 """The generic trainer, in process, on small synthetic data."""
 
+import types
+
 import numpy as np
 import optax
 import pytest
@@ -172,6 +174,26 @@ def test_early_stopping_stops_at_once_when_the_metric_reaches_its_threshold():
     losses = [logs["train/loss"] for logs in history]
     assert len(history) < 50 and losses[-1] <= 0.05
     assert all(loss > 0.05 for loss in losses[:-1])
+
+
+def test_smoothed_stopping_waits_for_the_running_average_to_reach_the_threshold():
+    """Accuracies 0.9, 1, 1, …: the average is 1 − 0.1·0.75ᵏ after k perfect epochs, which
+    reaches 0.9999 first at k = 25 (0.75²⁴ = 1.003e-3 > 1e-3 ≥ 0.75²⁵), epoch 26."""
+    stop = callbacks.EarlyStopping("train/accuracy", mode="max", patience=None,
+                                   stopping_threshold=0.9999, smoothing=0.75)
+    trainer = types.SimpleNamespace(should_stop=False)
+    epochs = 0
+    while not trainer.should_stop:
+        stop.on_epoch_end(trainer, None, epochs, {"train/accuracy": 0.9 if epochs == 0 else 1.0})
+        epochs += 1
+        assert epochs <= 100
+    assert epochs == 26
+    unsmoothed = callbacks.EarlyStopping("train/accuracy", mode="max", patience=None,
+                                         stopping_threshold=0.9999)
+    unsmoothed.on_epoch_end(trainer, None, 0, {"train/accuracy": 1.0})
+    assert trainer.should_stop
+    with pytest.raises(ValueError, match="smoothing"):
+        callbacks.EarlyStopping(smoothing=1.0)
 
 
 def test_fan_in_uniform_and_zeros_initializers():
