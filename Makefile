@@ -15,6 +15,7 @@ PAPER_SEEDS ?= 0,1,2
 AKROUT := $(foreach rule,bp fa kp,configs/paper/akrout2019.py:$(rule))
 NOKLAND_7x240 := $(foreach rule,bp fa dfa,configs/paper/nokland2016.py:7x240_$(rule))
 NOKLAND_2x800 := $(foreach rule,bp fa dfa,configs/paper/nokland2016.py:2x800_$(rule))
+LILLICRAP := $(foreach rule,bp fa,configs/paper/lillicrap2016.py:$(rule))
 
 .PHONY: setup train test benchmark paper
 
@@ -39,10 +40,11 @@ benchmark: setup
 # The paper grid (docs/results.md): every config x seed in its own workdir, resumable; then
 # one report per setting in $(PAPER_ROOT)/report/SETTING.
 paper: setup
-	$(PY) -m bioflax.sweep $(AKROUT) $(NOKLAND_7x240) $(NOKLAND_2x800) \
+	$(PY) -m bioflax.sweep $(AKROUT) $(NOKLAND_7x240) $(NOKLAND_2x800) $(LILLICRAP) \
 		--seeds=$(PAPER_SEEDS) --root=$(PAPER_ROOT)
 	$(PY) -m bioflax.report $(PAPER_ROOT)/akrout2019_* --out $(PAPER_ROOT)/report/akrout2019
 	$(PY) -m bioflax.report $(PAPER_ROOT)/nokland2016_7x240_* \
 		--out $(PAPER_ROOT)/report/nokland2016_7x240
 	$(PY) -m bioflax.report $(PAPER_ROOT)/nokland2016_2x800_* \
 		--out $(PAPER_ROOT)/report/nokland2016_2x800
+	$(PY) -m bioflax.report $(PAPER_ROOT)/lillicrap2016_* --out $(PAPER_ROOT)/report/lillicrap2016

@@ -128,7 +128,8 @@ def test_report_cli_names_a_directory_without_runs(tmp_path):
 
 PAPER_SETTINGS = ([("akrout2019", rule) for rule in ("bp", "fa", "kp")]
                   + [("nokland2016", f"{arch}_{rule}") for arch in ("7x240", "2x800", "1x800")
-                     for rule in ("bp", "fa", "dfa")])
+                     for rule in ("bp", "fa", "dfa")]
+                  + [("lillicrap2016", rule) for rule in ("bp", "fa")])
 
 
 @pytest.mark.parametrize("module, setting", PAPER_SETTINGS)
@@ -139,8 +140,11 @@ def test_every_paper_config_is_valid(module, setting):
 
 
 def test_paper_configs_name_their_settings_when_given_an_unknown_one():
-    from configs.paper import akrout2019, nokland2016  # pylint: disable=import-outside-toplevel
+    from configs.paper import (  # pylint: disable=import-outside-toplevel
+        akrout2019, lillicrap2016, nokland2016)
     with pytest.raises(ValueError, match="choose one of"):
         akrout2019.get_config("dfa")
+    with pytest.raises(ValueError, match="choose one of"):
+        lillicrap2016.get_config("kp")
     with pytest.raises(ValueError, match="e.g. 7x240_dfa"):
         nokland2016.get_config("3x100_fa")
