@@ -67,23 +67,42 @@ def loss_for(task: str, name: str | None = None):
     return losses[name or next(iter(losses))]
 
 
-def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``⟨a, b⟩ / (‖a‖ ‖b‖)`` of the flattened arrays (0 if either is zero)."""
-    a, b = a.ravel(), b.ravel()
-    norms = jnp.linalg.norm(a) * jnp.linalg.norm(b)
-    return jnp.where(norms > 0, jnp.vdot(a, b) / jnp.where(norms > 0, norms, 1.0), 0.0)
+def _leaves(tree) -> list[jax.Array]:
+    return [jnp.asarray(leaf) for leaf in jax.tree.leaves(tree)]
 
 
-def angle_degrees(a: jax.Array, b: jax.Array) -> jax.Array:
-    """The angle between ``a`` and ``b`` in degrees, ``2·atan2(‖â − b̂‖, ‖â + b̂‖)``.
+def _dot(a, b) -> jax.Array:
+    """``⟨a, b⟩`` of two pytrees of the same structure, as one flattened vector each."""
+    return sum(jnp.vdot(x, y) for x, y in zip(_leaves(a), _leaves(b)))
+
+
+def _norm(a) -> jax.Array:
+    return jnp.sqrt(_dot(a, a))
+
+
+def cosine(a, b) -> jax.Array:
+    """``⟨a, b⟩ / (‖a‖ ‖b‖)``, ``a`` and ``b`` arrays or pytrees of arrays taken as one
+    flattened vector each (0 if either is zero).
+
+    Reduced leaf by leaf: never concatenated, which costs XLA on CPUs more than the sums.
+    """
+    norms = _norm(a) * _norm(b)
+    return jnp.where(norms > 0, _dot(a, b) / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
+def angle_degrees(a, b) -> jax.Array:
+    """The angle between ``a`` and ``b`` (as in :func:`cosine`) in degrees,
+    ``2·atan2(‖â − b̂‖, ‖â + b̂‖)``.
 
     Exact to rounding for nearly parallel vectors, where ``arccos`` of the cosine is not.
     """
-    a, b = a.ravel(), b.ravel()
-    a_hat = a / jnp.maximum(jnp.linalg.norm(a), jnp.finfo(a.dtype).tiny)
-    b_hat = b / jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
-    radians = 2 * jnp.arctan2(jnp.linalg.norm(a_hat - b_hat), jnp.linalg.norm(a_hat + b_hat))
-    return jnp.degrees(radians)
+    a, b = _leaves(a), _leaves(b)
+    tiny = jnp.finfo(jnp.result_type(*a, *b, jnp.float32)).tiny
+    norm_a, norm_b = jnp.maximum(_norm(a), tiny), jnp.maximum(_norm(b), tiny)
+    a_hat, b_hat = [x / norm_a for x in a], [y / norm_b for y in b]
+    difference = _norm([x - y for x, y in zip(a_hat, b_hat)])
+    total = _norm([x + y for x, y in zip(a_hat, b_hat)])
+    return jnp.degrees(2 * jnp.arctan2(difference, total))
 
 
 def dense_layers(tree: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
@@ -103,14 +122,14 @@ def _with_feedback(params, model_state):
                                          **traverse_util.flatten_dict(flax.core.unfreeze(fixed))})
 
 
-def _layer_vector(leaves):
-    return jnp.concatenate([leaves["kernel"].ravel()] +
-                           ([leaves["bias"].ravel()] if "bias" in leaves else []))
+def _layer_vector(leaves) -> list[jax.Array]:
+    """A layer's ``(W, b)`` as the pieces of one vector (see :func:`cosine`)."""
+    return [leaves["kernel"]] + ([leaves["bias"]] if "bias" in leaves else [])
 
 
-def _norm_ratio(a: jax.Array, b: jax.Array) -> jax.Array:
+def _norm_ratio(a, b) -> jax.Array:
     """``‖a‖ / ‖b‖``; ``inf`` when only ``b`` is zero, 1 when both are (they agree)."""
-    norm_a, norm_b = jnp.linalg.norm(a), jnp.linalg.norm(b)
+    norm_a, norm_b = _norm(a), _norm(b)
     return jnp.where(norm_b > 0, norm_a / jnp.where(norm_b > 0, norm_b, 1.0),
                      jnp.where(norm_a > 0, jnp.inf, 1.0))
 
@@ -149,8 +168,8 @@ class Alignment:
             a, b = _layer_vector(rule[name]), _layer_vector(reference[name])
             values[f"alignment/grad_cosine/{name}"] = cosine(a, b)
             values[f"alignment/grad_angle/{name}"] = angle_degrees(a, b)
-        all_rule = jnp.concatenate([_layer_vector(rule[n]) for n in rule])
-        all_reference = jnp.concatenate([_layer_vector(reference[n]) for n in rule])
+        all_rule = [_layer_vector(rule[n]) for n in rule]
+        all_reference = [_layer_vector(reference[n]) for n in rule]
         values["alignment/grad_cosine/all"] = cosine(all_rule, all_reference)
         values["alignment/grad_angle/all"] = angle_degrees(all_rule, all_reference)
         values["alignment/relative_grad_norm"] = _norm_ratio(all_reference, all_rule)
@@ -158,7 +177,7 @@ class Alignment:
             feedback = leaves.get(layers.FEEDBACK_KERNEL)
             if feedback is not None and feedback.shape == leaves["kernel"].shape:
                 values[f"alignment/weight_cosine/{name}"] = cosine(leaves["kernel"], feedback)
-                values[f"alignment/weight_difference_norm/{name}"] = jnp.linalg.norm(
+                values[f"alignment/weight_difference_norm/{name}"] = _norm(
                     leaves["kernel"] - feedback)
         return values
 

@@ -245,6 +245,24 @@ def test_cosine_and_angle_closed_form_values():
     assert float(metrics.cosine(np.zeros(3, np.float32), np.ones(3, np.float32))) == 0.0
 
 
+def test_cosine_and_angle_of_pytrees_are_those_of_the_concatenated_vectors():
+    rng = np.random.default_rng(1)
+    a = [rng.normal(size=(6, 4)), rng.normal(size=(4,)), rng.normal(size=(3, 2))]
+    b = [x + 0.5 * rng.normal(size=x.shape) for x in a]
+    a32, b32 = ([x.astype(np.float32) for x in t] for t in (a, b))
+    flat_a, flat_b = (np.concatenate([x.ravel() for x in t]) for t in (a, b))
+    cos = numpy_cosine(flat_a, flat_b)
+    assert float(metrics.cosine(a32, b32)) == pytest.approx(cos, abs=1e-6)
+    assert float(metrics.angle_degrees(a32, b32)) == pytest.approx(
+        np.degrees(np.arccos(cos)), abs=1e-3)
+    # A pair 0.01° apart: the angle stays exact where arccos of a float32 cosine would not.
+    theta = np.radians(0.01)
+    u, v = np.array([1.0, 0.0, 0.0], np.float32), np.array([0.0, 1.0, 0.0], np.float32)
+    tilted = (np.cos(theta) * u + np.sin(theta) * v).astype(np.float32)
+    assert float(metrics.angle_degrees([u[:1], u[1:]], [tilted[:1], tilted[1:]])) == \
+        pytest.approx(0.01, rel=1e-3)
+
+
 def test_dense_layers_finds_every_kernel_by_path():
     model, params, model_state, x, t = small_problem("kp")
     found = metrics.dense_layers(params)
