@@ -12,7 +12,7 @@ epoch instead of the file order; biases trained at the learning rate (the refere
 divides their update by the batch size twice).
 """
 
-from configs import default
+from configs.paper import mnist_protocol
 
 LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "kp": 0.3}
 RULES = tuple(LEARNING_RATES)
@@ -21,19 +21,12 @@ RULES = tuple(LEARNING_RATES)
 def get_config(mode: str = "bp"):
     if mode not in LEARNING_RATES:
         raise ValueError(f"akrout2019 has no {mode!r} setting; choose one of {list(LEARNING_RATES)}")
-    config = default.get_config()
-    config.data.val_split = 0.0
-    config.data.normalize_mean = 0.0
-    config.data.normalize_std = 1.0
+    config = mnist_protocol(batch_size=128)
     config.model.mode = mode
     config.model.hidden_layers = (500,)
     config.model.activations = ("sigmoid",)
-    config.model.loss = "sigmoid_cross_entropy"
     config.optimizer.learning_rate = LEARNING_RATES[mode]
     config.optimizer.momentum = 0.0
     config.training.epochs = 400
-    config.training.log_every_steps = 468  # about one log point per epoch
     config.training.checkpoint_every_steps = 46_900  # every 100 epochs
-    config.alignment.every_steps = 468
-    config.plots = False
     return config

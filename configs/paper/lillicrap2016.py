@@ -23,7 +23,7 @@ batch of B examples takes learning rate η·B and weight decay α/B: the update 
 online steps summed, ΔW = −η (Σᵢ ∇Lᵢ + α W).
 """
 
-from configs import default
+from configs.paper import TRAIN_IMAGES, mnist_protocol
 
 ETA = 1e-3  # per-example learning rate (paper)
 ALPHA = 1e-6  # weight decay (paper)
@@ -37,16 +37,10 @@ RULES = ("bp", "fa")
 def get_config(mode: str = "fa"):
     if mode not in RULES:
         raise ValueError(f"lillicrap2016 has no {mode!r} setting; choose one of {list(RULES)}")
-    steps_per_epoch = 60_000 // BATCH_SIZE
-    config = default.get_config()
-    config.data.val_split = 0.0
-    config.data.normalize_mean = 0.0
-    config.data.normalize_std = 1.0
-    config.data.batch_size = BATCH_SIZE
+    config = mnist_protocol(BATCH_SIZE)
     config.model.mode = mode
     config.model.hidden_layers = (1000,)
     config.model.activations = ("sigmoid",)
-    config.model.loss = "sigmoid_cross_entropy"
     config.model.kernel_init = "uniform"
     config.model.kernel_init_scale = OMEGA
     config.model.feedback_init = "uniform"
@@ -55,8 +49,5 @@ def get_config(mode: str = "fa"):
     config.optimizer.momentum = 0.0
     config.optimizer.weight_decay = ALPHA / BATCH_SIZE
     config.training.epochs = EPOCHS
-    config.training.log_every_steps = steps_per_epoch
-    config.training.checkpoint_every_steps = steps_per_epoch * 20
-    config.alignment.every_steps = steps_per_epoch
-    config.plots = False
+    config.training.checkpoint_every_steps = TRAIN_IMAGES // BATCH_SIZE * 20
     return config

@@ -16,11 +16,12 @@ differs (written down in docs/results.md): biases start at 0 (Torch7 draws them 
 weights); the running average starts at the first epoch's error (the reference code's at 1).
 """
 
-from configs import default
+from configs.paper import TRAIN_IMAGES, mnist_protocol
 
 ARCHITECTURES = {"7x240": (240,) * 7, "2x800": (800, 800), "1x800": (800,)}
 RULES = ("bp", "fa", "dfa")
-STEPS_PER_EPOCH = 60_000 // 64  # all training images, batch 64, remainder dropped
+BATCH_SIZE = 64
+STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH_SIZE  # remainder dropped
 
 
 def get_config(setting: str = "7x240_dfa"):
@@ -28,15 +29,11 @@ def get_config(setting: str = "7x240_dfa"):
     if architecture not in ARCHITECTURES or mode not in RULES:
         raise ValueError(f"nokland2016 has no {setting!r} setting; use ARCH_RULE with ARCH in "
                          f"{list(ARCHITECTURES)} and RULE in {list(RULES)}, e.g. 7x240_dfa")
-    config = default.get_config()
-    config.data.val_split = 0.0
-    config.data.normalize_mean = 0.0
-    config.data.normalize_std = 1.0
-    config.data.batch_size = 64
+    # Logs once per epoch: the stopping rule reads that epoch's training accuracy.
+    config = mnist_protocol(BATCH_SIZE)
     config.model.mode = mode
     config.model.hidden_layers = ARCHITECTURES[architecture]
     config.model.activations = ("tanh",) * len(ARCHITECTURES[architecture])
-    config.model.loss = "sigmoid_cross_entropy"
     config.model.kernel_init = "fan_in_uniform" if mode == "bp" else "zeros"
     if mode == "fa":
         config.model.input_layer_kernel_init = "fan_in_uniform"
@@ -44,14 +41,10 @@ def get_config(setting: str = "7x240_dfa"):
     config.optimizer.name = "rmsprop"
     config.optimizer.learning_rate = 1e-4
     config.training.epochs = 300
-    # One log interval per epoch: the stopping rule reads that epoch's training accuracy.
-    # Main.lua: train_err_mean = 0.75 * train_err_mean + 0.25 * ErrTrain, stop at ≤ 1e-4.
-    config.training.log_every_steps = STEPS_PER_EPOCH
     config.training.checkpoint_every_steps = STEPS_PER_EPOCH * 10
+    # Main.lua: train_err_mean = 0.75 * train_err_mean + 0.25 * ErrTrain, stop at ≤ 1e-4.
     config.training.early_stopping_monitor = "train/accuracy"
     config.training.early_stopping_mode = "max"
     config.training.stopping_threshold = 0.9999
     config.training.stopping_smoothing = 0.75
-    config.alignment.every_steps = STEPS_PER_EPOCH
-    config.plots = False
     return config
