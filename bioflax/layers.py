@@ -16,56 +16,40 @@ DFA hidden (Nøkland)     ``e`` unchanged; own ``δ = φ'(a) ⊙ (e Bᵀ)``   0
 DFA output               ``e`` unchanged; own ``δ = e``     (no B)
 =======================  =================================  ==============
 
-Fixed feedback matrices live in the ``'feedback'`` variable collection, so no optimizer
-(and no weight decay) can move them; Kolen-Pollack's ``B`` is a parameter named
-``feedback_kernel`` in ``'params'`` and receives ``W``'s gradient.
+:class:`RuleDense` takes any rule of :mod:`bioflax.rules` (the sign-symmetry family too);
+FA, KP and the interpolation are its named forms. Fixed feedback matrices live in the
+``'feedback'`` variable collection, so no optimizer (and no weight decay) can move them;
+Kolen-Pollack's ``B`` is a parameter named ``feedback_kernel`` in ``'params'`` and
+receives ``W``'s gradient.
 
-DFA without a wider-than-allowed cotangent: a custom VJP must return a cotangent of its
-input's shape, so a DFA layer sends the output error ``e`` down in the first
+The DFA layers here form a chain: a custom VJP must return a cotangent of its input's
+shape, so a DFA layer sends the output error ``e`` down in the first
 ``final_output_dim`` columns of its input cotangent (zeros after them). Hence every DFA
 hidden layer must be at least ``final_output_dim`` wide, and DFA layers must feed each
-other directly: an operation between them would alter the error they pass down.
+other directly: an operation between them would alter the error they pass down. For DFA
+through any model, use ``bioflax.convert(model, 'dfa')``.
 
 :func:`exact_backprop` switches every layer to true backprop at trace time, on the same
 variables; the alignment metrics use it to compute the backprop reference.
 """
 
-import contextlib
 import dataclasses
 import functools
-import threading
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-FEEDBACK_COLLECTION = "feedback"
-FEEDBACK_KERNEL = "feedback_kernel"
-
-Initializer = Callable[..., jax.Array]
-default_kernel_init = nn.initializers.lecun_normal()
-
-_backprop_override = threading.local()
-
-
-@contextlib.contextmanager
-def exact_backprop():
-    """Makes every feedback layer traced inside the block compute true gradients.
-
-    The switch acts at trace time: use it inside the function that ``jax.jit`` compiles
-    (as the trainer's alignment metric does), not around a call of an already compiled one.
-    """
-    previous = getattr(_backprop_override, "active", False)
-    _backprop_override.active = True
-    try:
-        yield
-    finally:
-        _backprop_override.active = previous
-
-
-def backprop_is_forced() -> bool:
-    return getattr(_backprop_override, "active", False)
+from bioflax import rules
+from bioflax.rules import (  # noqa: F401  (re-exported: the layers' public vocabulary)
+    FEEDBACK_COLLECTION,
+    FEEDBACK_KERNEL,
+    Initializer,
+    backprop_is_forced,
+    default_kernel_init,
+    exact_backprop,
+)
 
 
 def _param_grads(x, delta):
@@ -82,34 +66,8 @@ def _fit_last_axis(error, width):
     return jnp.pad(error, [(0, 0)] * (error.ndim - 1) + [(0, width - size)])
 
 
-# --- FA, KP and the FA↔BP interpolation: one VJP, two static switches --------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def feedback_dense(x, kernel, bias, feedback, bp_fraction: float, learn_feedback: bool):
-    """``x @ kernel + bias``; backward sends ``δ ((1−f)B + f W)ᵀ`` down (f = ``bp_fraction``).
-
-    ``learn_feedback`` gives ``B`` the gradient of ``W`` (Kolen-Pollack), else zero.
-    """
-    del feedback, bp_fraction, learn_feedback
-    return x @ kernel + bias
-
-
-def _feedback_dense_fwd(x, kernel, bias, feedback, bp_fraction, learn_feedback):
-    del learn_feedback
-    return x @ kernel + bias, (x, kernel, feedback)
-
-
-def _feedback_dense_bwd(bp_fraction, learn_feedback, residuals, delta):
-    x, kernel, feedback = residuals
-    backward_matrix = feedback if bp_fraction == 0 else (
-        (1 - bp_fraction) * feedback + bp_fraction * kernel)
-    d_kernel, d_bias = _param_grads(x, delta)
-    d_feedback = d_kernel if learn_feedback else jnp.zeros_like(feedback)
-    return delta @ backward_matrix.T, d_kernel, d_bias, d_feedback
-
-
-feedback_dense.defvjp(_feedback_dense_fwd, _feedback_dense_bwd)
+def _matmul(x, kernel):
+    return x @ kernel
 
 
 # --- DFA ---------------------------------------------------------------------------------
@@ -188,21 +146,40 @@ class _FeedbackDenseBase(nn.Module):
                                                         self.param_dtype)).value
 
 
-class RandomDenseLinearFA(_FeedbackDenseBase):
-    """Feedback Alignment: the layer below receives ``δ Bᵀ`` with a fixed random ``B``."""
+class _RuleDenseBase(_FeedbackDenseBase):
+    """``x W + b`` trained by the rule :meth:`rule` returns."""
+
+    def _rule(self) -> rules.Rule:
+        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x):
         kernel, bias = self._kernel_and_bias(x)
-        feedback = self._fixed_feedback(kernel.shape)
-        x, kernel, bias, feedback = nn.dtypes.promote_dtype(x, kernel, bias, feedback,
-                                                            dtype=self.dtype)
-        if backprop_is_forced():
-            return x @ kernel + bias
-        return feedback_dense(x, kernel, bias, feedback, 0.0, False)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return self._rule().linear(self.scope, _matmul, x, kernel, self.param_dtype) + bias
 
 
-class RandomDenseLinearKP(_FeedbackDenseBase):
+class RuleDense(_RuleDenseBase):
+    """A Dense layer trained by ``rule``, any :class:`bioflax.rules.Rule` but DFA (whose
+    error reaches a layer through the whole model: use ``bioflax.convert``)."""
+
+    rule: rules.Rule = rules.Backprop()
+
+    def _rule(self):
+        if isinstance(self.rule, rules.DirectFeedbackAlignment):
+            raise ValueError("RuleDense cannot train by DFA on its own: use "
+                             "bioflax.convert(model, 'dfa') or the RandomDenseLinearDFA* chain.")
+        return self.rule
+
+
+class RandomDenseLinearFA(_RuleDenseBase):
+    """Feedback Alignment: the layer below receives ``δ Bᵀ`` with a fixed random ``B``."""
+
+    def _rule(self):
+        return rules.FeedbackAlignment(self.feedback_init)
+
+
+class RandomDenseLinearKP(_RuleDenseBase):
     """Kolen-Pollack: like FA, but ``B`` is a parameter that receives ``W``'s gradient.
 
     Train it with weight decay on both, applied before the update
@@ -210,37 +187,17 @@ class RandomDenseLinearKP(_FeedbackDenseBase):
     ``W − B`` shrinks by ``(1 − lr·wd)`` every SGD step and ``B`` converges to ``W``.
     """
 
-    @nn.compact
-    def __call__(self, x):
-        kernel, bias = self._kernel_and_bias(x)
-        feedback = self.param(FEEDBACK_KERNEL, self.feedback_init, kernel.shape,
-                              self.param_dtype)
-        x, kernel, bias, feedback = nn.dtypes.promote_dtype(x, kernel, bias, feedback,
-                                                            dtype=self.dtype)
-        if backprop_is_forced():
-            return x @ kernel + bias
-        return feedback_dense(x, kernel, bias, feedback, 0.0, True)
+    def _rule(self):
+        return rules.KolenPollack(self.feedback_init)
 
 
-class RandomDenseLinearInterpolateFABP(_FeedbackDenseBase):
+class RandomDenseLinearInterpolateFABP(_RuleDenseBase):
     """Sends ``δ (λB + (1−λ)W)ᵀ`` down: ``λ = 1`` is FA, ``λ = 0`` is backprop."""
 
     interpolation_factor: float = 0.5
 
-    @nn.compact
-    def __call__(self, x):
-        if not 0.0 <= self.interpolation_factor <= 1.0:
-            raise ValueError(
-                f"interpolation_factor must lie in [0, 1] (1 = FA, 0 = BP), "
-                f"got {self.interpolation_factor}.")
-        kernel, bias = self._kernel_and_bias(x)
-        feedback = self._fixed_feedback(kernel.shape)
-        x, kernel, bias, feedback = nn.dtypes.promote_dtype(x, kernel, bias, feedback,
-                                                            dtype=self.dtype)
-        if backprop_is_forced():
-            return x @ kernel + bias
-        return feedback_dense(x, kernel, bias, feedback,
-                              1.0 - float(self.interpolation_factor), False)
+    def _rule(self):
+        return rules.InterpolateFABP(self.feedback_init, self.interpolation_factor)
 
 
 class RandomDenseLinearDFAHidden(_FeedbackDenseBase):

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 import jax
 from flax import linen as nn
 
-from bioflax import layers
+from bioflax import layers, rules
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -24,7 +24,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": nn.silu,
 }
 
-MODES = ("bp", "fa", "kp", "dfa", "interpolate_fa_bp")
+MODES = tuple(rules.RULES)
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -38,9 +38,11 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 class BioNeuralNetwork(nn.Module):
     """An MLP trained by the rule ``mode``: ``hidden_layers`` widths, then ``features`` outputs.
 
-    ``activations[i]`` (a name from :data:`ACTIVATIONS`) follows hidden layer ``i``; the
-    output layer is linear. Inputs of any shape are flattened to ``(batch, -1)``.
-    ``interpolation_factor`` is λ of ``interpolate_fa_bp`` (1 = FA, 0 = BP).
+    ``mode`` is a rule of :data:`bioflax.rules.RULES`; DFA uses the chain layers
+    ``RandomDenseLinearDFAHidden``/``Output``. ``activations[i]`` (a name from
+    :data:`ACTIVATIONS`) follows hidden layer ``i``; the output layer is linear. Inputs of
+    any shape are flattened to ``(batch, -1)``. ``interpolation_factor`` is λ of
+    ``interpolate_fa_bp`` (1 = FA, 0 = BP).
     ``input_layer_kernel_init``, when given, initialises ``layer_0``'s W instead of
     ``kernel_init`` (Nøkland's FA starts the input layer random and the others at zero).
     """
@@ -60,17 +62,11 @@ class BioNeuralNetwork(nn.Module):
         return self.kernel_init
 
     def _dense(self, features: int, index: int) -> nn.Module:
-        name = f"layer_{index}"
-        if self.mode == "bp":
-            return nn.Dense(features, kernel_init=self._kernel_init(index), name=name)
-        inits = dict(kernel_init=self._kernel_init(index), feedback_init=self.feedback_init,
-                     name=name)
-        if self.mode == "fa":
-            return layers.RandomDenseLinearFA(features, **inits)
-        if self.mode == "kp":
-            return layers.RandomDenseLinearKP(features, **inits)
-        return layers.RandomDenseLinearInterpolateFABP(
-            features, interpolation_factor=self.interpolation_factor, **inits)
+        rule = rules.get_rule_with(self.mode, feedback_init=self.feedback_init,
+                                   interpolation_factor=self.interpolation_factor)
+        return layers.RuleDense(features, kernel_init=self._kernel_init(index),
+                                feedback_init=self.feedback_init, rule=rule,
+                                name=f"layer_{index}")
 
     @nn.compact
     def __call__(self, x):

@@ -22,6 +22,8 @@ NP_ACTIVATIONS = {
 }
 
 
+FEEDBACK_RNGS = {"feedback": jax.random.key(7)}  # brSF redraws its B from this stream
+
 def np_mlp(x, layers, activations, output_activation="identity"):
     """``layers`` = [(W, b), ...]; ``activations[i]`` after hidden layer i."""
     h = x.reshape(x.shape[0], -1)
@@ -66,7 +68,7 @@ def test_kernel_and_bias_tree_identical_across_modes():
         "layer_3": {"kernel": (4, 3), "bias": (3,)},
     }
     assert kernel_bias_tree(reference) == expected
-    assert set(MODES) == {"bp", "fa", "kp", "dfa", "interpolate_fa_bp"}
+    assert set(MODES) == {"bp", "fa", "kp", "dfa", "interpolate_fa_bp", "usf", "frsf", "brsf"}
     for mode in MODES:
         _, variables = _init(mode, x)
         assert kernel_bias_tree(variables) == expected, mode
@@ -111,7 +113,8 @@ def test_no_hidden_layers_is_a_linear_model():
         variables = randomize(abstract_init(model, jnp.asarray(x)), 1)
         assert set(variables["params"]) == {"layer_0"}
         (kernel, bias), = layers_of(variables["params"], ["layer_0"])
-        np.testing.assert_allclose(model.apply(variables, jnp.asarray(x)), x @ kernel + bias,
+        out = model.apply(variables, jnp.asarray(x), rngs=FEEDBACK_RNGS)  # brSF draws B
+        np.testing.assert_allclose(out, x @ kernel + bias,
                                    rtol=RTOL, atol=ATOL)
 
 
@@ -131,7 +134,7 @@ def test_forward_matches_numpy_in_every_mode_with_shared_weights():
         for name in names:  # ... with the shared kernels and biases
             variables["params"][name]["kernel"] = params[name]["kernel"]
             variables["params"][name]["bias"] = params[name]["bias"]
-        out = model.apply(variables, jnp.asarray(x))
+        out = model.apply(variables, jnp.asarray(x), rngs=FEEDBACK_RNGS)
         assert out.shape == (5, N_OUT)
         np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL, err_msg=mode)
 

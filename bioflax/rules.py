@@ -1,0 +1,307 @@
+"""The learning rules, each written once, for any linear map ``y = f(x, W)`` (Dense or Conv).
+
+A rule keeps the forward pass ``f(x, W)`` and the layer's own parameter gradient
+``dW = VJP of f(x, ·) at δ``; it changes the signal sent to the layer below to the
+input-gradient of the *same* map with a backward kernel ``B`` of ``W``'s shape in place of
+``W``, ``VJP of f(·, B) at δ`` (``δ Bᵀ`` for a Dense layer, the transposed convolution
+with ``B`` for a Conv layer):
+
+==================  =============================================  ==================
+rule                backward kernel ``B``                          gradient of ``B``
+==================  =============================================  ==================
+``bp``              ``W``                                          (no ``B``)
+``fa``              fixed random ``B``                             0
+``kp``              ``B``, a parameter (``feedback_kernel``)       ``dW``
+``interpolate_fa_bp``  ``λB + (1−λ)W``, ``B`` fixed (λ=1 FA, 0 BP)  0
+``usf``             ``c · sign(W)``, ``c = 1/√fan_in``             (no ``B``)
+``frsf``            ``|M| ⊙ sign(W)``, ``M`` fixed random          0
+``brsf``            ``|M| ⊙ sign(W)``, ``M`` redrawn every step     (no ``B``)
+==================  =============================================  ==================
+
+``fan_in`` is the number of inputs of one output unit (``in`` for Dense, kernel height ×
+width × input channels per group for Conv), so ``c`` is the standard deviation of
+LeCun-normal initialisation; a positive constant per layer scales the updates below it
+and does not change their direction. ``M`` is drawn with the layer's ``feedback_init``;
+brSF draws it from the RNG stream ``'feedback'`` (pass ``rngs={'feedback': key}`` to
+``apply``; a trainer derives it from seed and step, so runs are reproducible).
+
+DFA (``dfa``) is not a backward kernel: it is wired by :mod:`bioflax.convert` through the
+whole model (see there). Fixed matrices live in the ``'feedback'`` variable collection
+(no optimizer or weight decay reaches them); KP's ``B`` is the parameter
+``feedback_kernel`` beside ``kernel``.
+
+:func:`exact_backprop` switches every rule to true backprop at trace time, on the same
+variables; the alignment metrics use it for their reference.
+"""
+
+import abc
+import contextlib
+import dataclasses
+import functools
+import math
+import threading
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.core import scope as flax_scope
+
+FEEDBACK_COLLECTION = "feedback"
+FEEDBACK_KERNEL = "feedback_kernel"
+FEEDBACK_MAGNITUDE = "feedback_magnitude"
+FEEDBACK_RNG = "feedback"
+
+Initializer = Callable[..., jax.Array]
+Linear = Callable[[jax.Array, jax.Array], jax.Array]
+default_kernel_init = nn.initializers.lecun_normal()
+
+_backprop_override = threading.local()
+
+
+@contextlib.contextmanager
+def exact_backprop():
+    """Makes every rule traced inside the block compute true gradients.
+
+    The switch acts at trace time: use it inside the function that ``jax.jit`` compiles
+    (as the trainer's alignment metric does), not around a call of an already compiled one.
+    """
+    previous = getattr(_backprop_override, "active", False)
+    _backprop_override.active = True
+    try:
+        yield
+    finally:
+        _backprop_override.active = previous
+
+
+def backprop_is_forced() -> bool:
+    return getattr(_backprop_override, "active", False)
+
+
+# --- the one custom VJP every kernel-replacing rule uses ---------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def feedback_linear(linear: Linear, x, kernel, backward_kernel, learn_feedback: bool):
+    """``linear(x, kernel)``; its VJP sends ``VJP of linear(·, backward_kernel)`` at ``δ``
+    to ``x``, gives ``kernel`` its usual ``dW`` and ``backward_kernel`` ``dW`` when
+    ``learn_feedback`` (Kolen-Pollack), else zero."""
+    del backward_kernel, learn_feedback
+    return linear(x, kernel)
+
+
+def _feedback_linear_fwd(linear, x, kernel, backward_kernel, learn_feedback):
+    del learn_feedback
+    return linear(x, kernel), (x, kernel, backward_kernel)
+
+
+def _feedback_linear_bwd(linear, learn_feedback, residuals, delta):
+    x, kernel, backward_kernel = residuals
+    (d_x,) = jax.vjp(lambda h: linear(h, backward_kernel), x)[1](delta)
+    (d_kernel,) = jax.vjp(lambda w: linear(x, w), kernel)[1](delta)
+    d_backward = d_kernel if learn_feedback else jnp.zeros_like(backward_kernel)
+    return d_x, d_kernel, d_backward
+
+
+feedback_linear.defvjp(_feedback_linear_fwd, _feedback_linear_bwd)
+
+
+# --- the rules -----------------------------------------------------------------------------
+
+
+def fan_in(kernel_shape) -> int:
+    """Inputs per output unit: every axis of the kernel but the last (output) one."""
+    return math.prod(kernel_shape[:-1])
+
+
+def _fixed(scope: flax_scope.Scope, name: str, init: Initializer, shape, dtype):
+    """A variable of the ``'feedback'`` collection, drawn once at ``init``."""
+    return scope.variable(FEEDBACK_COLLECTION, name,
+                          lambda: init(scope.make_rng("params"), shape, dtype)).value
+
+
+class Rule(abc.ABC):
+    """How one Dense or Conv layer trains: ``linear(scope, f, x, kernel, param_dtype)``
+    returns ``f(x, kernel)`` with the rule's backward pass. ``scope`` is the layer's Flax
+    scope, where the rule keeps its feedback variables (of ``param_dtype``)."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def linear(self, scope: flax_scope.Scope, f: Linear, x, kernel, param_dtype) -> jax.Array:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Backprop(Rule):
+    """Plain backprop: the layer below receives ``VJP of f(·, W)``."""
+
+    name: ClassVar[str] = "bp"
+
+    def linear(self, scope, f, x, kernel, param_dtype):
+        del scope, param_dtype
+        return f(x, kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelReplacingRule(Rule):
+    """A rule whose backward pass is that of ``f(·, B)``, ``B`` from :meth:`backward_kernel`."""
+
+    feedback_init: Initializer = default_kernel_init
+    learns_feedback: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def backward_kernel(self, scope: flax_scope.Scope, kernel: jax.Array,
+                        param_dtype) -> jax.Array:
+        """The backward kernel ``B`` (creating its variables at ``init``)."""
+
+    def linear(self, scope, f, x, kernel, param_dtype):
+        backward = self.backward_kernel(scope, kernel, param_dtype)
+        if backprop_is_forced():
+            return f(x, kernel)
+        return feedback_linear(f, x, kernel, backward.astype(kernel.dtype),
+                               self.learns_feedback)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackAlignment(KernelReplacingRule):
+    """Lillicrap et al. 2016: a fixed random ``B``."""
+
+    name: ClassVar[str] = "fa"
+
+    def backward_kernel(self, scope, kernel, param_dtype):
+        return _fixed(scope, FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class KolenPollack(KernelReplacingRule):
+    """Kolen & Pollack 1994: ``B`` is a parameter that receives ``W``'s update.
+
+    Train with weight decay applied before the update
+    (``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))``): then ``W − B``
+    shrinks by ``(1 − lr·wd)`` every SGD step and ``B`` converges to ``W``.
+    """
+
+    name: ClassVar[str] = "kp"
+    learns_feedback: ClassVar[bool] = True
+
+    def backward_kernel(self, scope, kernel, param_dtype):
+        return scope.param(FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class InterpolateFABP(KernelReplacingRule):
+    """``B_λ = λB + (1−λ)W`` with a fixed random ``B``: λ = 1 is FA, λ = 0 is backprop."""
+
+    name: ClassVar[str] = "interpolate_fa_bp"
+    interpolation_factor: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 <= self.interpolation_factor <= 1.0:
+            raise ValueError(
+                f"interpolation_factor must lie in [0, 1] (1 = FA, 0 = BP), "
+                f"got {self.interpolation_factor}.")
+
+    def backward_kernel(self, scope, kernel, param_dtype):
+        fixed = _fixed(scope, FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
+        lam = float(self.interpolation_factor)
+        return fixed if lam == 1.0 else lam * fixed + (1.0 - lam) * kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformSignSymmetry(KernelReplacingRule):
+    """uSF (Liao, Leibo & Poggio 2016): ``B = sign(W) / √fan_in``, from the current ``W``."""
+
+    name: ClassVar[str] = "usf"
+
+    def backward_kernel(self, scope, kernel, param_dtype):
+        del scope, param_dtype
+        return jnp.sign(kernel) / math.sqrt(fan_in(kernel.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRandomSignSymmetry(KernelReplacingRule):
+    """frSF: ``B = |M| ⊙ sign(W)`` with ``M`` drawn once (stored as ``feedback_magnitude``)
+    and the current ``sign(W)``."""
+
+    name: ClassVar[str] = "frsf"
+
+    def backward_kernel(self, scope, kernel, param_dtype):
+        magnitude = _fixed(scope, FEEDBACK_MAGNITUDE, self.feedback_init, kernel.shape,
+                           param_dtype)
+        return jnp.abs(magnitude) * jnp.sign(kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRandomSignSymmetry(KernelReplacingRule):
+    """brSF: ``B = |M| ⊙ sign(W)`` with ``M`` redrawn at every call from the ``'feedback'``
+    RNG stream (at ``init`` without that stream, from ``'params'``)."""
+
+    name: ClassVar[str] = "brsf"
+
+    def backward_kernel(self, scope, kernel, param_dtype):
+        if not (scope.has_rng(FEEDBACK_RNG) or scope.is_mutable_collection("params")):
+            raise ValueError(
+                "brSF draws a new feedback matrix at every step from the 'feedback' RNG "
+                "stream: call apply(..., rngs={'feedback': key}) with a new key per step.")
+        magnitude = self.feedback_init(scope.make_rng(FEEDBACK_RNG), kernel.shape,
+                                       param_dtype)
+        return jnp.abs(magnitude) * jnp.sign(kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectFeedbackAlignment(Rule):
+    """Nøkland 2016, through any graph (wired by :func:`bioflax.convert`).
+
+    The layer itself computes and differentiates as backprop does; the converter reads its
+    input through ``stop_gradient`` and sends the output error ``e`` to that input as
+    ``e Bᵀ`` with a fixed ``B`` of shape ``(size of the input, n_outputs)`` drawn with
+    ``feedback_init`` (see :mod:`bioflax.convert`).
+    """
+
+    name: ClassVar[str] = "dfa"
+    feedback_init: Initializer = default_kernel_init
+
+    def linear(self, scope, f, x, kernel, param_dtype):
+        del scope, param_dtype
+        return f(x, kernel)
+
+
+RULES: dict[str, type[Rule]] = {
+    rule.name: rule for rule in (
+        Backprop, FeedbackAlignment, KolenPollack, InterpolateFABP, UniformSignSymmetry,
+        FixedRandomSignSymmetry, BatchRandomSignSymmetry, DirectFeedbackAlignment)
+}
+
+
+def get_rule(name: str, **options: Any) -> Rule:
+    """The rule ``name`` of :data:`RULES` with its options (``feedback_init``,
+    ``interpolation_factor``); an unknown name or option raises a ``ValueError``."""
+    try:
+        rule_class = RULES[name]
+    except KeyError:
+        raise ValueError(f"Unknown rule {name!r}; choose one of {list(RULES)}.") from None
+    allowed = {field.name for field in dataclasses.fields(rule_class)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"Rule {name!r} takes the options {sorted(allowed) or 'none'}; "
+                         f"got {unknown}.")
+    return rule_class(**options)
+
+
+def get_rule_with(name: str, **candidates: Any) -> Rule:
+    """The rule ``name`` with those of ``candidates`` that it takes as options (a model
+    that offers every rule its settings, as ``BioNeuralNetwork`` does)."""
+    fields = {field.name for field in dataclasses.fields(RULES[name])} if name in RULES else set()
+    return get_rule(name, **{key: value for key, value in candidates.items() if key in fields})
+
+
+def rule_op(rule: Rule, scope: flax_scope.Scope, primitive: Callable[..., jax.Array],
+            param_dtype) -> Callable[..., jax.Array]:
+    """A drop-in for ``lax.dot_general`` / ``lax.conv_general_dilated`` (``primitive``)
+    that computes the same value and trains its kernel (the second argument) by ``rule``."""
+    def op(lhs, rhs, *args, **kwargs):
+        return rule.linear(scope, lambda x, w: primitive(x, w, *args, **kwargs), lhs, rhs,
+                           param_dtype)
+    return op
+
