@@ -1,22 +1,29 @@
 """bioflax: learning rules without weight transport, as Flax layers, with a trainer."""
 
+from bioflax.converter import Converted, convert
+from bioflax.converter import summary as convert_summary
 from bioflax.layers import (
     RandomDenseLinearDFAHidden,
     RandomDenseLinearDFAOutput,
     RandomDenseLinearFA,
     RandomDenseLinearInterpolateFABP,
     RandomDenseLinearKP,
+    RuleDense,
     exact_backprop,
 )
 from bioflax.models import BioNeuralNetwork, TeacherNetwork
 
 __all__ = [
     "BioNeuralNetwork",
+    "Converted",
     "RandomDenseLinearDFAHidden",
     "RandomDenseLinearDFAOutput",
     "RandomDenseLinearFA",
     "RandomDenseLinearInterpolateFABP",
     "RandomDenseLinearKP",
+    "RuleDense",
     "TeacherNetwork",
+    "convert",
+    "convert_summary",
     "exact_backprop",
 ]
