@@ -25,7 +25,7 @@ and does not change their direction. ``M`` is drawn with the layer's ``feedback_
 brSF draws it from the RNG stream ``'feedback'`` (pass ``rngs={'feedback': key}`` to
 ``apply``; a trainer derives it from seed and step, so runs are reproducible).
 
-DFA (``dfa``) is not a backward kernel: it is wired by :mod:`bioflax.convert` through the
+DFA (``dfa``) is not a backward kernel: it is wired by :mod:`bioflax.converter` through the
 whole model (see there). Fixed matrices live in the ``'feedback'`` variable collection
 (no optimizer or weight decay reaches them); KP's ``B`` is the parameter
 ``feedback_kernel`` beside ``kernel``.
@@ -256,7 +256,7 @@ class DirectFeedbackAlignment(Rule):
     The layer itself computes and differentiates as backprop does; the converter reads its
     input through ``stop_gradient`` and sends the output error ``e`` to that input as
     ``e Bᵀ`` with a fixed ``B`` of shape ``(size of the input, n_outputs)`` drawn with
-    ``feedback_init`` (see :mod:`bioflax.convert`).
+    ``feedback_init`` (see :mod:`bioflax.converter`).
     """
 
     name: ClassVar[str] = "dfa"

@@ -16,7 +16,7 @@ import pytest
 from flax import linen as nn
 
 import bioflax
-from bioflax import convert, rules
+from bioflax import convert, metrics, rules
 from float64 import ATOL, RTOL, float64_only  # noqa: F401
 
 SIGN_RULES = ("usf", "frsf")
@@ -569,3 +569,48 @@ def test_exact_backprop_gives_backprop_gradients_for_every_rule():
         for name in want:
             for leaf in want[name]:
                 close(grads[name][leaf], np.asarray(want[name][leaf]), f"{rule} {name}")
+
+
+# =========================================================================================
+# 6. Alignment metrics on a converted model
+# =========================================================================================
+
+
+def np_cosine(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_alignment_reports_every_conv_and_dense_layer_of_a_converted_model(rule):
+    rng = np.random.default_rng(13)
+    x, labels = rng.normal(size=(3, 8, 8, 2)), jnp.asarray([0, 2, 1])
+    model = convert(SmallCNN(), rule)
+    variables = randomized(model.init(jax.random.key(0), jnp.asarray(x)), 14)
+    y, grads, _ = converted_grads(model, variables, x, labels)
+
+    def loss_of_params(params):
+        out = model.apply({**variables, "params": params}, jnp.asarray(x))
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), labels[:, None], 1))
+
+    values = metrics.Alignment(1)(loss_of_params, variables["params"],
+                                          {"feedback": variables["feedback"]}, grads)
+    params = jax.tree.map(np.asarray, variables["params"])
+    error = softmax_xent_and_error(y, np.asarray(labels))
+    feedback = ({name: np.asarray(variables["feedback"][name]["output_feedback"])
+                 for name in ("Conv_1", "Dense_0")} if rule == "dfa" else
+                {name: stored_matrix(variables, (name,), rule)
+                 for name in ("Conv_0", "Conv_1", "Dense_0")})
+    rule_grads, _ = cnn_reference(rule, params, feedback, x, error)
+    bp_grads, _ = cnn_reference("bp", params, {}, x, error)
+    for name in ("Conv_0", "Conv_1", "Dense_0"):
+        flat = [np.concatenate([g[name]["kernel"].ravel(), g[name]["bias"]])
+                for g in (rule_grads, bp_grads)]
+        np.testing.assert_allclose(values[f"alignment/grad_cosine/{name}"],
+                                   np_cosine(*flat), rtol=1e-8, err_msg=name)
+        if rule == "fa":
+            np.testing.assert_allclose(
+                values[f"alignment/weight_cosine/{name}"],
+                np_cosine(params[name]["kernel"].ravel(), feedback[name].ravel()), rtol=1e-8)
+    # the output layer of an FA net is trained by the exact error; under DFA too
+    np.testing.assert_allclose(values["alignment/grad_cosine/Dense_0"], 1.0, rtol=1e-10)
+    assert not any(key.startswith("alignment/weight_cosine") for key in values) or rule == "fa"
