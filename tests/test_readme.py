@@ -44,3 +44,21 @@ def test_readme_layer_example_runs_and_its_rules_differ_from_backprop(capsys):
         last_layer = sorted(rule)[-1]
         np.testing.assert_allclose(rule[last_layer]["kernel"], backprop[last_layer]["kernel"],
                                    rtol=1e-5, atol=1e-7)
+
+
+def convert_example() -> str:
+    section = README.read_text().split("## Any Flax model, any rule", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_convert_example_runs_and_trains_convs_by_kp(capsys):
+    namespace: dict = {}
+    exec(compile(convert_example(), str(README), "exec"), namespace)  # pylint: disable=exec-used
+    summary = capsys.readouterr().out.splitlines()
+    # every layer with parameters (Dropout has none), in call order
+    assert [line.split()[:3] for line in summary[2:-1]] == [
+        ["Conv_0", "Conv", "kp"], ["BatchNorm_0", "BatchNorm", "bp"], ["Dense_0", "Dense", "bp"]]
+    grads, variables = namespace["grads"], namespace["variables"]
+    # KP: B receives exactly W's update; the output layer has no B
+    np.testing.assert_array_equal(grads["Conv_0"]["feedback_kernel"], grads["Conv_0"]["kernel"])
+    assert set(variables["params"]["Dense_0"]) == {"kernel", "bias"}
