@@ -1,5 +1,10 @@
-"""The model zoo against hand-derived architecture facts (biotorch 74fad0d, He et al. 2016)."""
+"""The model zoo against hand-derived architecture facts (biotorch 74fad0d, He et al. 2016).
 
+Variables are built from shapes (``jax.eval_shape``) and NumPy values wherever the test is
+not about initialisation: compiling JAX's random initialisers costs seconds per shape here.
+"""
+
+import functools
 import math
 
 import jax
@@ -7,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from bioflax import zoo
 
@@ -14,10 +20,30 @@ MNIST = (32, 32, 1)
 CIFAR = (32, 32, 3)
 
 
-def _variables(model, shape, batch=2):
-    """Shapes of the variables only (no compilation)."""
+def _shapes(model, shape, batch=2):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, *shape)),
                                              train=False))
+
+
+def _numpy_variables(model, shape, seed=0):
+    """He-scaled normal kernels, small biases, BN at scale 1 / bias 0, stats mean 0 / var 1."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(0, math.sqrt(2 / math.prod(leaf.shape[:-1])), leaf.shape)
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape)
+        return rng.normal(0, 0.01, leaf.shape) if name == "bias" else np.zeros(leaf.shape)
+
+    tree = jax.tree_util.tree_map_with_path(fill, _shapes(model, shape))
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+
+
+def _apply(model, variables, x, train):
+    mutable = ["batch_stats"] if train and "batch_stats" in variables else False
+    return jax.jit(functools.partial(model.apply, train=train, mutable=mutable))(variables, x)
 
 
 def _count(tree):
@@ -41,13 +67,13 @@ def _resnet_param_count(n, classes):
 ])
 def test_logits_shape(name, shape, classes):
     model = zoo.get_model(name, num_classes=classes)
-    variables = _variables(model, shape, batch=3)
+    variables = _shapes(model, shape, batch=3)
     out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((3, *shape)), train=False), variables)
     assert out.shape == (3, classes)
 
 
 def test_lenet5_layers_are_biotorchs():
-    params = _variables(zoo.get_model("lenet5"), MNIST)["params"]
+    params = _shapes(zoo.get_model("lenet5"), MNIST)["params"]
     shapes = {layer: {k: v.shape for k, v in p.items()} for layer, p in params.items()}
     assert shapes == {
         "conv1": {"kernel": (5, 5, 1, 6), "bias": (6,)},
@@ -68,7 +94,7 @@ def test_lenet5_layers_are_biotorchs():
     ("resnet56", CIFAR, _resnet_param_count(9, 10)),
 ])
 def test_parameter_count(name, shape, expected):
-    assert _count(_variables(zoo.get_model(name), shape)["params"]) == expected
+    assert _count(_shapes(zoo.get_model(name), shape)["params"]) == expected
 
 
 def test_resnet_counts_match_the_paper():
@@ -78,46 +104,59 @@ def test_resnet_counts_match_the_paper():
 
 
 def test_batch_stats_only_for_resnets():
-    assert set(_variables(zoo.get_model("lenet5"), MNIST)) == {"params"}
-    variables = _variables(zoo.get_model("resnet20"), CIFAR)
+    assert set(_shapes(zoo.get_model("lenet5"), MNIST)) == {"params"}
+    variables = _shapes(zoo.get_model("resnet20"), CIFAR)
     assert set(variables) == {"params", "batch_stats"}
     # One BN after the stem, two per block: 16 + 3·2·(16 + 32 + 64) channels, mean and var.
     assert _count(variables["batch_stats"]) == 2 * (16 + 3 * 2 * (16 + 32 + 64))
 
 
-def test_initialisation_is_biotorchs_xavier():
-    variables = zoo.get_model("resnet20").init(jax.random.key(1), jnp.zeros((1, *CIFAR)),
-                                               train=False)
-    params, stats = variables["params"], variables["batch_stats"]
-    bound = math.sqrt(6 / (9 * 32 + 9 * 64))  # layer3_0.conv1: 3×3, 32→64
-    kernel = params["layer3_0"]["conv1"]["kernel"]
-    assert float(jnp.abs(kernel).max()) <= bound
-    assert float(jnp.std(kernel)) == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    assert np.all(params["fc"]["bias"] == 0)
+def test_default_init_is_biotorchs_xavier_uniform():
+    block = zoo.BasicBlock(planes=64, strides=2)
+    variables = jax.jit(functools.partial(block.init, train=False))(
+        jax.random.key(1), jnp.zeros((1, 8, 8, 32)))
+    params = variables["params"]
+    for name, fan_in, fan_out in (("conv1", 9 * 32, 9 * 64), ("conv2", 9 * 64, 9 * 64)):
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        kernel = params[name]["kernel"]
+        assert float(jnp.abs(kernel).max()) <= bound
+        assert float(jnp.std(kernel)) == pytest.approx(bound / math.sqrt(3), rel=0.05)
     assert np.all(params["bn1"]["scale"] == 1) and np.all(params["bn1"]["bias"] == 0)
-    assert np.all(stats["bn1"]["mean"] == 0) and np.all(stats["bn1"]["var"] == 1)
-    lenet = zoo.get_model("lenet5").init(jax.random.key(1), jnp.zeros((1, *MNIST)))["params"]
-    assert all(np.all(layer["bias"] == 0) for layer in lenet.values())
+    stats = variables["batch_stats"]["bn2"]
+    assert np.all(stats["mean"] == 0) and np.all(stats["var"] == 1)
+
+
+@pytest.mark.parametrize("name, shape", [("lenet5", MNIST), ("lenet_cifar", CIFAR),
+                                         ("resnet20", CIFAR)])
+def test_every_layer_takes_kernel_init_and_zero_biases(name, shape):
+    model = zoo.get_model(name, kernel_init=nn.initializers.constant(0.5))
+    params = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    kernels = [leaf for path, leaf in flat if path[-1].key == "kernel"]
+    biases = [leaf for path, leaf in flat if path[-1].key == "bias" and "bn" not in str(path)]
+    assert len(kernels) == (5 if name.startswith("lenet") else 20)
+    assert all(np.all(k == 0.5) for k in kernels) and all(np.all(b == 0) for b in biases)
 
 
 def test_train_and_eval_differ_under_batchnorm():
-    model = zoo.get_model("resnet20")
+    model = zoo.CifarResNet(depth=8)
     x = jax.random.normal(jax.random.key(2), (4, *CIFAR)) * 3 + 1
-    variables = model.init(jax.random.key(3), x, train=False)
-    eval_out = model.apply(variables, x, train=False)
-    train_out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = _numpy_variables(model, CIFAR)
+    eval_out = _apply(model, variables, x, train=False)
+    train_out, updates = _apply(model, variables, x, train=True)
     assert not np.allclose(eval_out, train_out, atol=1e-3)
     # Training mode moves the running mean 0.1 of the way to the batch mean (PyTorch's 0.1).
     stem = jax.lax.conv_general_dilated(x, variables["params"]["conv1"]["kernel"], (1, 1),
                                         ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    assert np.allclose(updates["batch_stats"]["bn1"]["mean"], 0.1 * stem.mean((0, 1, 2)),
-                       atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["bn1"]["mean"],
+                               0.1 * stem.mean((0, 1, 2)), atol=1e-5)
     # In eval mode a sample's logits do not depend on the rest of the batch; in train they do.
-    eval_alone = model.apply(variables, x[:1], train=False)
-    train_alone, _ = model.apply(variables, x[:2], train=True, mutable=["batch_stats"])
-    assert np.allclose(eval_alone, eval_out[:1], atol=1e-5)
-    assert not np.allclose(train_alone[:1], train_out[:1], atol=1e-3)
+    np.testing.assert_allclose(_apply(model, variables, x[:2], train=False), eval_out[:2],
+                               atol=1e-5)
+    train_pair, _ = _apply(model, variables, x[:2], train=True)
+    assert not np.allclose(train_pair, train_out[:2], atol=1e-3)
 
 
 def test_shortcut_a_is_strided_zero_padding():
@@ -129,19 +168,15 @@ def test_shortcut_a_is_strided_zero_padding():
     np.testing.assert_array_equal(zoo.shortcut_a(jnp.asarray(x), planes=8), expected)
 
 
-def _block_variables(block, x):
-    return block.init(jax.random.key(4), x, train=False)
-
-
 def test_downsampling_block_adds_option_a_shortcut():
     # With zero kernels the residual branch is BN(0) = 0, so the block is ReLU(shortcut).
     x = jax.random.uniform(jax.random.key(5), (2, 6, 6, 4))
     block = zoo.BasicBlock(planes=8, strides=2)
-    variables = _block_variables(block, x)
+    variables = _numpy_variables(block, (6, 6, 4))
     variables = {**variables, "params": jax.tree.map(jnp.zeros_like, variables["params"])}
     expected = np.zeros((2, 3, 3, 8), np.float32)
     expected[..., 2:6] = np.asarray(x)[:, ::2, ::2, :]
-    np.testing.assert_allclose(block.apply(variables, x, train=False), expected)
+    np.testing.assert_allclose(_apply(block, variables, x, train=False), expected)
 
 
 def test_strided_conv_is_centred_on_the_shortcut_pixel():
@@ -149,26 +184,27 @@ def test_strided_conv_is_centred_on_the_shortcut_pixel():
     # BN's 1/sqrt(1 + eps) twice); PyTorch's padding=1 centres the stride-2 window on x[2i, 2j].
     x = jax.random.uniform(jax.random.key(6), (1, 6, 6, 4))
     block = zoo.BasicBlock(planes=8, strides=2)
-    variables = _block_variables(block, x)
+    variables = _numpy_variables(block, (6, 6, 4))
     delta1 = np.zeros((3, 3, 4, 8), np.float32)
     delta1[1, 1, np.arange(4), np.arange(4)] = 1
     delta2 = np.zeros((3, 3, 8, 8), np.float32)
     delta2[1, 1, np.arange(8), np.arange(8)] = 1
     params = {**variables["params"], "conv1": {"kernel": delta1}, "conv2": {"kernel": delta2}}
+    params = {**params, "bn1": {"scale": np.ones(8), "bias": np.zeros(8)},
+              "bn2": {"scale": np.ones(8), "bias": np.zeros(8)}}
     sub = np.asarray(x)[:, ::2, ::2, :]
     expected = np.zeros((1, 3, 3, 8), np.float32)
     expected[..., 0:4] += sub / (1 + 1e-5)
     expected[..., 2:6] += sub
-    out = block.apply({**variables, "params": params}, x, train=False)
+    out = _apply(block, {**variables, "params": params}, x, train=False)
     np.testing.assert_allclose(out, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name, shape", [("lenet5", MNIST), ("resnet20", CIFAR)])
-def test_jit_and_one_backprop_step_reduces_loss(name, shape):
-    model = zoo.get_model(name)
+@pytest.mark.parametrize("model, shape", [(zoo.LeNet5(), MNIST), (zoo.CifarResNet(depth=8), CIFAR)])
+def test_jit_and_one_backprop_step_reduces_loss(model, shape):
     x = jax.random.normal(jax.random.key(7), (8, *shape))
     labels = jnp.arange(8) % 10
-    variables = model.init(jax.random.key(8), x, train=False)
+    variables = _numpy_variables(model, shape)
     params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def loss_fn(params):
@@ -176,11 +212,11 @@ def test_jit_and_one_backprop_step_reduces_loss(name, shape):
                                         mutable=list(state))
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new_state
 
-    eager = model.apply(variables, x, train=False)
-    np.testing.assert_allclose(jax.jit(model.apply, static_argnames="train")(
-        variables, x, train=False), eager, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_apply(model, variables, x[:2], train=False),
+                               model.apply(variables, x[:2], train=False), rtol=1e-4, atol=1e-5)
     (before, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-    params = optax.apply_updates(params, jax.tree.map(lambda g: -0.02 * g, grads))
+    step = 0.05 / optax.global_norm(grads)  # a short step along -∇L: first order decreases L
+    params = optax.apply_updates(params, jax.tree.map(lambda g: -step * g, grads))
     after, _ = jax.jit(loss_fn)(params)
     assert float(after) < float(before)
 
@@ -189,4 +225,4 @@ def test_unknown_names_and_depths_are_rejected():
     with pytest.raises(ValueError, match="resnet20"):
         zoo.get_model("resnet21")
     with pytest.raises(ValueError, match="6n \\+ 2"):
-        _variables(zoo.CifarResNet(depth=21), CIFAR)
+        _shapes(zoo.CifarResNet(depth=21), CIFAR)
