@@ -1,11 +1,14 @@
-"""The model zoo against hand-derived architecture facts (biotorch 74fad0d, He et al. 2016).
+"""The model zoo against hand-derived architecture facts (biotorch 74fad0d, He et al. 2016)
+and against the outputs of biotorch's own PyTorch modules (tests/data/biotorch_reference.py).
 
 Variables are built from shapes (``jax.eval_shape``) and NumPy values wherever the test is
 not about initialisation: compiling JAX's random initialisers costs seconds per shape here.
 """
 
 import functools
+import importlib.util
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,10 @@ from flax import linen as nn
 
 from bioflax import zoo
 
+REFERENCE = pathlib.Path(__file__).parent / "data" / "biotorch_reference.py"
+_spec = importlib.util.spec_from_file_location("biotorch_reference", REFERENCE)
+biotorch_reference = importlib.util.module_from_spec(_spec)  # NumPy only: reference weights
+_spec.loader.exec_module(biotorch_reference)
 MNIST = (32, 32, 1)
 CIFAR = (32, 32, 3)
 
@@ -143,8 +150,10 @@ def test_train_and_eval_differ_under_batchnorm():
     model = zoo.CifarResNet(depth=8)
     x = jax.random.normal(jax.random.key(2), (4, *CIFAR)) * 3 + 1
     variables = _numpy_variables(model, CIFAR)
-    eval_out = _apply(model, variables, x, train=False)
-    train_out, updates = _apply(model, variables, x, train=True)
+    run_eval = jax.jit(functools.partial(model.apply, train=False))
+    run_train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+    eval_out = run_eval(variables, x)
+    train_out, updates = run_train(variables, x)
     assert not np.allclose(eval_out, train_out, atol=1e-3)
     # Training mode moves the running mean 0.1 of the way to the batch mean (PyTorch's 0.1).
     stem = jax.lax.conv_general_dilated(x, variables["params"]["conv1"]["kernel"], (1, 1),
@@ -153,10 +162,9 @@ def test_train_and_eval_differ_under_batchnorm():
     np.testing.assert_allclose(updates["batch_stats"]["bn1"]["mean"],
                                0.1 * stem.mean((0, 1, 2)), atol=1e-5)
     # In eval mode a sample's logits do not depend on the rest of the batch; in train they do.
-    np.testing.assert_allclose(_apply(model, variables, x[:2], train=False), eval_out[:2],
-                               atol=1e-5)
-    train_pair, _ = _apply(model, variables, x[:2], train=True)
-    assert not np.allclose(train_pair, train_out[:2], atol=1e-3)
+    others_changed = x.at[2:].set(0.5 - 2 * x[2:])
+    np.testing.assert_allclose(run_eval(variables, others_changed)[:2], eval_out[:2], atol=1e-5)
+    assert not np.allclose(run_train(variables, others_changed)[0][:2], train_out[:2], atol=1e-3)
 
 
 def test_shortcut_a_is_strided_zero_padding():
@@ -226,3 +234,54 @@ def test_unknown_names_and_depths_are_rejected():
         zoo.get_model("resnet21")
     with pytest.raises(ValueError, match="6n \\+ 2"):
         _shapes(zoo.CifarResNet(depth=21), CIFAR)
+
+
+def _from_biotorch(network):
+    """Variables of a zoo model holding the weights biotorch's module had in the reference."""
+    data = np.load(REFERENCE.with_suffix(".npz"))
+    variables = {}
+    for name in data[f"{network}/names"]:
+        value = biotorch_reference.values(network, name, tuple(data[f"{network}/shape/{name}"]))
+        parts = name.split(".")
+        if parts[0].startswith("layer"):  # layer2.1.conv1.weight → layer2_1/conv1/kernel
+            parts = [f"{parts[0]}_{parts[1]}", *parts[2:]]
+        *modules, leaf = parts
+        collection, leaf = {"running_mean": ("batch_stats", "mean"),
+                            "running_var": ("batch_stats", "var")}.get(leaf, ("params", leaf))
+        if leaf == "weight":  # OIHW → HWIO, (out, in) → (in, out); 1-D: BatchNorm scale
+            leaf = "kernel" if value.ndim > 1 else "scale"
+            value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+        node = variables.setdefault(collection, {})
+        for module in modules:
+            node = node.setdefault(module, {})
+        node[leaf] = jnp.asarray(value)
+    return variables, data
+
+
+@pytest.mark.parametrize("network, model", [
+    ("lenet5", zoo.LeNet5()), ("lenet_cifar", zoo.LeNetCIFAR()),
+    ("resnet14", zoo.CifarResNet(depth=14)),
+])
+def test_same_outputs_as_biotorchs_modules(network, model):
+    variables, data = _from_biotorch(network)
+    x = jnp.asarray(biotorch_reference.inputs(network).transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(_apply(model, variables, x, train=False), data[f"{network}/eval"],
+                               rtol=1e-4, atol=1e-4)
+    logits = _apply(model, variables, x, train=True)
+    if "batch_stats" not in variables:
+        np.testing.assert_allclose(logits, data[f"{network}/train"], rtol=1e-4, atol=1e-4)
+        return
+    logits, updates = logits
+    np.testing.assert_allclose(logits, data[f"{network}/train"], rtol=1e-4, atol=1e-4)
+    for path, new in jax.tree_util.tree_leaves_with_path(updates["batch_stats"]):
+        *modules, leaf = [p.key for p in path]
+        torch_name = ".".join(m.replace("_", ".") for m in modules)
+        expected = data[f"{network}/after_train/{torch_name}.running_{leaf}"]
+        if leaf == "var":  # PyTorch averages the unbiased batch variance, Flax the biased one
+            old = variables["batch_stats"]
+            for m in modules:
+                old = old[m]
+            stage = int(modules[0][5]) if modules[0].startswith("layer") else 1
+            n = x.shape[0] * (32 // 2 ** (stage - 1)) ** 2
+            expected = 0.9 * old["var"] + (expected - 0.9 * old["var"]) * (n - 1) / n
+        np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6, err_msg=torch_name)
