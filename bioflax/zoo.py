@@ -8,7 +8,9 @@ when ``train=True``). Architectures follow biotorch (jsalbert/biotorch, commit
 74fad0dd32529e754e4bba8298d4e0fd0a06a886), whose benchmark re-creates every Conv2d and
 Linear with its ``init: "xavier"`` option: Xavier-uniform weights, zero biases. That is the
 default ``kernel_init`` here; BatchNorm starts at scale 1, bias 0 and uses PyTorch's
-running-average momentum 0.1 (Flax ``momentum=0.9``) and epsilon 1e-5.
+running-average momentum 0.1 (Flax ``momentum=0.9``) and epsilon 1e-5. One difference
+remains: PyTorch's running variance averages the unbiased batch variance, Flax's the biased
+one (a factor (m − 1)/m, m = batch × height × width; it only affects eval-mode outputs).
 """
 
 import functools
