@@ -1,0 +1,157 @@
+"""Plain Flax models of the convolutional benchmarks, chosen by name from :data:`MODELS`.
+
+They use only ``nn.Conv``, ``nn.Dense``, ``nn.BatchNorm`` and pooling, as any Flax user
+would write them, so ``bioflax.convert`` can give every Conv and Dense a learning rule. Each
+model is called as ``model.apply(variables, x, train=...)`` on NHWC images; the ResNets keep
+BatchNorm statistics in the ``'batch_stats'`` collection (pass ``mutable=['batch_stats']``
+when ``train=True``). Architectures follow biotorch (jsalbert/biotorch, commit
+74fad0dd32529e754e4bba8298d4e0fd0a06a886), whose benchmark re-creates every Conv2d and
+Linear with its ``init: "xavier"`` option: Xavier-uniform weights, zero biases. That is the
+default ``kernel_init`` here; BatchNorm starts at scale 1, bias 0 and uses PyTorch's
+running-average momentum 0.1 (Flax ``momentum=0.9``) and epsilon 1e-5. One difference
+remains: PyTorch's running variance averages the unbiased batch variance, Flax's the biased
+one (a factor (m − 1)/m, m = batch × height × width; it only affects eval-mode outputs).
+"""
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Initializer = Callable[..., jax.Array]
+xavier_uniform: Initializer = nn.initializers.xavier_uniform()
+
+
+class LeNet5(nn.Module):
+    """biotorch's ``LeNetMNIST`` (``biotorch/models/le_net.py``) on 32×32×1 inputs.
+
+    conv1 5×5, 1→6, stride 1, no padding, bias → ReLU → max-pool 2×2 (28→14);
+    conv2 5×5, 6→16, no padding, bias → ReLU → max-pool 2×2 (10→5);
+    conv3 5×5, 16→120, no padding, bias → ReLU (5→1) → flatten (120);
+    fc1 Dense 120→84, bias → ReLU; fc2 Dense 84→``num_classes``, bias (logits).
+    biotorch resizes MNIST's 28×28 digits to 32×32 (bilinear) before this network and fixes
+    10 outputs; ``train`` is accepted for a uniform interface and changes nothing.
+    """
+
+    num_classes: int = 10
+    kernel_init: Initializer = xavier_uniform
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID",
+                                 kernel_init=self.kernel_init)
+        x = nn.max_pool(nn.relu(conv(6, name="conv1")(x)), (2, 2), strides=(2, 2))
+        x = nn.max_pool(nn.relu(conv(16, name="conv2")(x)), (2, 2), strides=(2, 2))
+        x = nn.relu(conv(120, name="conv3")(x)).reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(84, kernel_init=self.kernel_init, name="fc1")(x))
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="fc2")(x)
+
+
+class LeNetCIFAR(nn.Module):
+    """biotorch's ``LeNetCIFAR`` (``biotorch/models/le_net.py``) on 32×32×3 inputs.
+
+    conv1 3×3, 3→32, no padding, bias → ReLU → max-pool 2×2 (30→15);
+    conv2 3×3, 32→64 → ReLU → max-pool 2×2 (13→6); conv3 3×3, 64→128 → ReLU (6→4);
+    average pool over the whole 4×4 map → 128; fc1 Dense 128→256 → ReLU;
+    fc2 Dense 256→``num_classes``. Every layer has a bias; ``train`` changes nothing.
+    """
+
+    num_classes: int = 10
+    kernel_init: Initializer = xavier_uniform
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="VALID",
+                                 kernel_init=self.kernel_init)
+        x = nn.max_pool(nn.relu(conv(32, name="conv1")(x)), (2, 2), strides=(2, 2))
+        x = nn.max_pool(nn.relu(conv(64, name="conv2")(x)), (2, 2), strides=(2, 2))
+        x = nn.relu(conv(128, name="conv3")(x))
+        x = nn.avg_pool(x, x.shape[1:3]).reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(256, kernel_init=self.kernel_init, name="fc1")(x))
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="fc2")(x)
+
+
+def shortcut_a(x: jax.Array, planes: int) -> jax.Array:
+    """He et al.'s option-A shortcut as biotorch's ``IdentityPadding``: keep every second
+    row and column, then add ``planes // 4`` zero channels on each side."""
+    pad = planes // 4
+    return jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (pad, pad)))
+
+
+def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class BasicBlock(nn.Module):
+    """conv 3×3 (stride ``strides``) → BN → ReLU → conv 3×3 → BN, plus the shortcut, → ReLU.
+
+    Convolutions have no bias and pad one pixel on every side, as PyTorch's ``padding=1``:
+    a stride-2 window is then centred on the pixel that :func:`shortcut_a` keeps (Flax's
+    ``'SAME'`` would pad only after, shifting it by one). The shortcut is the identity,
+    or option A when the block changes the size (biotorch's ``BasicBlock``).
+    """
+
+    planes: int
+    strides: int = 1
+    kernel_init: Initializer = xavier_uniform
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        conv = functools.partial(nn.Conv, self.planes, (3, 3), padding=((1, 1), (1, 1)),
+                                 use_bias=False, kernel_init=self.kernel_init)
+        out = conv(strides=self.strides, name="conv1")(x)
+        out = nn.relu(_batch_norm(train, "bn1")(out))
+        out = _batch_norm(train, "bn2")(conv(name="conv2")(out))
+        if self.strides != 1 or x.shape[-1] != self.planes:
+            x = shortcut_a(x, self.planes)
+        return nn.relu(out + x)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. 2016 §4.2 as biotorch's ``small_resnet.ResNet``.
+
+    conv 3×3, 3→16, no bias → BN → ReLU; three stages of n = (depth − 2) / 6
+    :class:`BasicBlock` with 16, 32 and 64 channels, the first block of stages 2 and 3 at
+    stride 2 (32→16→8); global average pooling; Dense 64→``num_classes`` with bias.
+    Submodules are named as biotorch's: ``conv1``, ``bn1``, ``layer{s}_{b}``, ``fc``.
+    """
+
+    depth: int = 20
+    num_classes: int = 10
+    kernel_init: Initializer = xavier_uniform
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        if self.depth < 8 or (self.depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {self.depth}")
+        blocks = (self.depth - 2) // 6
+        x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                    kernel_init=self.kernel_init, name="conv1")(x)
+        x = nn.relu(_batch_norm(train, "bn1")(x))
+        for stage, planes in enumerate((16, 32, 64), start=1):
+            for block in range(blocks):
+                strides = 2 if stage > 1 and block == 0 else 1
+                x = BasicBlock(planes, strides, self.kernel_init,
+                               name=f"layer{stage}_{block}")(x, train)
+        x = nn.avg_pool(x, x.shape[1:3]).reshape((x.shape[0], -1))
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="fc")(x)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet5": LeNet5,
+    "lenet_cifar": LeNetCIFAR,
+    **{f"resnet{depth}": functools.partial(CifarResNet, depth=depth)
+       for depth in (20, 32, 44, 56, 110)},
+}
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+    """The model registered as ``name``; ``kwargs`` (``num_classes``, ``kernel_init``) are
+    its fields."""
+    try:
+        builder = MODELS[name]
+    except KeyError:
+        raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.") from None
+    return builder(**kwargs)
