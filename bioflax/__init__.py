@@ -12,6 +12,7 @@ from bioflax.layers import (
     exact_backprop,
 )
 from bioflax.models import BioNeuralNetwork, TeacherNetwork
+from bioflax.zoo import MODELS as ZOO
 
 __all__ = [
     "BioNeuralNetwork",
@@ -23,6 +24,7 @@ __all__ = [
     "RandomDenseLinearKP",
     "RuleDense",
     "TeacherNetwork",
+    "ZOO",
     "convert",
     "convert_summary",
     "exact_backprop",

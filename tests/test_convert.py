@@ -614,3 +614,32 @@ def test_alignment_reports_every_conv_and_dense_layer_of_a_converted_model(rule)
     # the output layer of an FA net is trained by the exact error; under DFA too
     np.testing.assert_allclose(values["alignment/grad_cosine/Dense_0"], 1.0, rtol=1e-10)
     assert not any(key.startswith("alignment/weight_cosine") for key in values) or rule == "fa"
+
+
+# =========================================================================================
+# 7. The zoo's models train with every rule through the converter
+# =========================================================================================
+
+
+@pytest.mark.parametrize("name, shape", [("lenet5", (2, 32, 32, 1)), ("resnet8", (2, 8, 8, 3))])
+def test_zoo_models_convert_with_every_rule(name, shape):
+    from bioflax import zoo  # pylint: disable=import-outside-toplevel
+    from flax import traverse_util  # pylint: disable=import-outside-toplevel
+    model = zoo.CifarResNet(depth=8) if name == "resnet8" else zoo.get_model(name)
+    x = jnp.zeros(shape)
+
+    def flat_shapes(tree):
+        return {k: v.shape for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+    original = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    for rule in rules.RULES:
+        variables = jax.eval_shape(lambda r=rule: convert(model, r).init(jax.random.key(0), x))
+        params = flat_shapes(variables["params"])
+        added = {k: v for k, v in params.items() if k not in flat_shapes(original["params"])}
+        kernels = {k: v for k, v in params.items() if k.endswith("/kernel")}
+        # the original's tree, leaf for leaf; KP adds B beside every kernel
+        assert {k: v for k, v in params.items() if k not in added} == flat_shapes(
+            original["params"]), rule
+        assert added == ({k.replace("/kernel", "/feedback_kernel"): v
+                          for k, v in kernels.items()} if rule == "kp" else {}), rule
+        assert set(variables) - {"params", "feedback"} == set(original) - {"params"}, rule
