@@ -266,3 +266,63 @@ def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(result.state.params),
                                  jax.tree_util.tree_leaves(params)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_an_optimizer_factory_gets_the_runs_total_step_count():
+    seen = []
+
+    def optimizer(total_steps):
+        seen.append(total_steps)
+        return optax.sgd(optax.linear_schedule(0.1, 0.0, total_steps))
+
+    task = Task(module=nn.Dense(1), loss=metrics.mean_squared_error, optimizer=optimizer,
+                metrics=metrics.RegressionMetrics)
+    Trainer(max_epochs=3, log_every_steps=4, progress_bar=False, report_progress=False).fit(
+        task, linear_split(n=200), batch_size=16)
+    assert seen == [3 * (200 // 16)]
+
+
+def test_the_console_prints_one_line_per_epoch(caplog):
+    caplog.set_level("INFO", logger="bioflax.trainer.console")
+    Trainer(max_epochs=3, log_every_steps=2, progress_bar=False, report_progress=False,
+            epoch_summary=lambda logs: {"note": "x"}).fit(
+        linear_task(), linear_split(n=64), linear_split(n=32, seed=1), batch_size=16)
+    lines = [r.getMessage() for r in caplog.records if r.name == "bioflax.trainer.console"]
+    assert len(lines) == 3
+    assert lines[0].startswith("epoch 1/3  train/loss ")
+    assert " val/loss " in lines[0] and lines[0].endswith("  note x")
+
+
+# Intervals (log, alignment, checkpoint) in steps that the paper configs hard-coded before
+# they were written in epochs. Akrout's checkpoint was 46_900 "every 100 epochs", but an
+# epoch is 60_000 // 128 = 468 steps: 100 epochs are 46_800.
+PAPER_INTERVALS = {
+    **{("akrout2019", rule): (468, 468, 46_800) for rule in ("bp", "fa", "kp")},
+    **{("nokland2016", f"{arch}_{rule}"): (937, 937, 9_370)
+       for arch in ("7x240", "2x800", "1x800") for rule in ("bp", "fa", "dfa")},
+    **{("lillicrap2016", rule): (3_750, 3_750, 75_000) for rule in ("bp", "fa")},
+}
+
+
+@pytest.mark.parametrize("paper, setting", sorted(PAPER_INTERVALS))
+def test_paper_configs_resolve_to_the_step_counts_they_hard_coded(paper, setting):
+    import importlib  # pylint: disable=import-outside-toplevel
+    config = importlib.import_module(f"configs.paper.{paper}").get_config(setting)
+    every = train.intervals(config, train.durations(config, 60_000))
+    assert (every["log"], every["alignment"], every["checkpoint"]) == \
+        PAPER_INTERVALS[paper, setting]
+
+
+def test_intervals_in_epochs_follow_the_batch_size_and_the_validation_split():
+    from configs.paper import nokland2016  # pylint: disable=import-outside-toplevel
+    config = nokland2016.get_config("2x800_dfa")
+    config.data.batch_size = 128
+    every = train.intervals(config, train.durations(config, 60_000))
+    assert (every["log"], every["alignment"], every["checkpoint"]) == (468, 468, 4_680)
+    config.data.val_split = 0.1  # 54_000 training images, 421 batches of 128
+    every = train.intervals(config, train.durations(config, 54_000))
+    assert (every["log"], every["checkpoint"]) == (421, 4_210)
+    config = teacher_config.get_config()  # intervals in steps stay as they are
+    every = train.intervals(config, train.durations(config, 10_000))
+    assert every == {"log": config.training.log_every_steps,
+                     "checkpoint": config.training.checkpoint_every_steps, "alignment": 20}
