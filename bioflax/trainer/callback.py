@@ -1,6 +1,7 @@
 """The callback interface: hooks with the names Lightning users know, and state that a
 checkpoint keeps, so a resumed run's callbacks continue where they stopped."""
 
+import abc
 from typing import Any, Mapping, Optional
 
 
@@ -27,11 +28,11 @@ class Callback:
         """Continue from ``state``, a :meth:`state_dict` of an earlier session."""
 
 
-class CheckpointCallback(Callback):
+class CheckpointCallback(Callback, abc.ABC):
     """A callback that saves the train state and the callbacks' states; ``fit`` resumes
     from it and runs it after the other callbacks (as Lightning does), so a checkpoint holds
     their state after the step it saves."""
 
+    @abc.abstractmethod
     def restore_latest(self, state) -> Optional[tuple[Any, dict[str, Any]]]:
         """``(state, callback_states)`` of the newest checkpoint, or None."""
-        raise NotImplementedError

@@ -6,6 +6,7 @@ compiled program as is, ``xs`` scanned over (one slice per step), ``n`` steps; i
 program ``source.batch(data, x, placement)`` is one step's global batch.
 """
 
+import abc
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -15,7 +16,7 @@ from bioflax import data as data_lib
 from bioflax.trainer.placement import Placement
 
 
-class DataSource:
+class DataSource(abc.ABC):
     """A training split and how its batches reach the device."""
 
     supports_seeds = False  # can feed several vmapped seeds, each in its own order
@@ -29,14 +30,15 @@ class DataSource:
     def sample_input(self) -> np.ndarray:
         return self.split.inputs[:1]
 
+    @abc.abstractmethod
     def chunks(self, placement: Placement, batch_size: int, seeds: Sequence[int], epoch: int,
                start: int, stop: int, chunk_steps: int) -> Iterator[tuple[Any, Any, int]]:
         """Steps ``[start, stop)`` of ``epoch``, ``chunk_steps`` at a time (fewer at the end)."""
-        raise NotImplementedError
 
     @staticmethod
+    @abc.abstractmethod
     def batch(data, x, placement: Placement):
-        raise NotImplementedError
+        """One step's global batch, inside the compiled program."""
 
 
 class InMemory(DataSource):
