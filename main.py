@@ -21,11 +21,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 class _DropLibraryChatter(logging.Filter):
     """Orbax logs every file of every save at INFO, clu's progress reporter its work-unit
-    notes; keep their warnings and errors."""
+    notes, TFDS every data set it opens; keep their warnings and errors."""
 
     def filter(self, record):
         return record.levelno >= logging.WARNING or not any(
-            library in record.pathname for library in ("/orbax/", "/clu/platform/"))
+            library in record.pathname
+            for library in ("/orbax/", "/clu/platform/", "/tensorflow_datasets/"))
 
 
 def _fail(message: str, exit_code: int):

@@ -229,3 +229,32 @@ def test_a_run_killed_after_its_first_checkpoint_stops_where_an_uninterrupted_on
         np.testing.assert_array_equal(a, b)
     # A finished run stays finished: its early stop is in the checkpoint.
     assert int(smoothed_stop_run(tmp_path / "killed").state.step) == stopped_at
+
+
+class ForwardsKeywords(nn.Module):
+    """A wrapper whose ``__call__`` takes ``**kwargs``, as ``bioflax.convert``'s does."""
+
+    @nn.compact
+    def __call__(self, x, **kwargs):
+        return nn.Dropout(0.5, deterministic=not kwargs["train"])(nn.Dense(4)(x))
+
+
+def test_the_train_flag_follows_the_signature_unless_set():
+    assert cnn_task().train_flag is True
+    loss, tx, collection = metrics.mean_squared_error, optax.sgd(0.1), metrics.RegressionMetrics
+    assert Task(ForwardsKeywords(), loss, tx, collection).train_flag is False
+    task = Task(ForwardsKeywords(), loss, tx, collection, train_flag=True)
+    trainer = Trainer(progress_bar=False, report_progress=False)
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    state = trainer.init_state(task, x[:1])
+    expected = ForwardsKeywords().apply({"params": state.params}, x, train=False)
+    np.testing.assert_allclose(trainer.predict(task, state, x, batch_size=8), expected,
+                               rtol=1e-6)
+    # In training, dropout is on: the loss of a step differs from the evaluation loss.
+    result = trainer.fit(task, data.Split(x, np.zeros((8, 4), np.float32)), batch_size=8,
+                         state=state)
+    assert result.history[-1]["train/loss"] != pytest.approx(
+        float(np.mean(np.asarray(expected) ** 2)), rel=1e-3)
+    with pytest.raises(ValueError, match="total_steps"):
+        trainer.init_state(Task(ForwardsKeywords(), loss, lambda steps: tx, collection,
+                                train_flag=True), x[:1])

@@ -70,19 +70,20 @@ class Task:
                              "total_steps to init_state, or let fit build the state.")
         return self.optimizer(total_steps)
 
-    def _call_kwargs(self, key: jax.Array, train: bool) -> dict:
-        streams = {name: jax.random.fold_in(key, index)
-                   for index, name in enumerate(self.rng_streams)}
-        return {"rngs": streams, **({"train": train} if self.train_flag else {})}
+    def _rngs(self, key: jax.Array, first: int = 0) -> dict[str, jax.Array]:
+        """Stream ``i`` of ``rng_streams`` from ``fold_in(key, first + i)``."""
+        return {name: jax.random.fold_in(key, first + i)
+                for i, name in enumerate(self.rng_streams)}
+
+    def _train_kwarg(self, train: bool) -> dict[str, bool]:
+        return {"train": train} if self.train_flag else {}
 
     def init_variables(self, key: jax.Array, sample_input) -> tuple[Any, dict]:
-        """``(params, model_state)``: ``'params'`` from ``key``, each stream from
-        ``fold_in(key, 1 + its index)``, the module called with ``train=False``."""
-        kwargs = self._call_kwargs(key, train=False)
-        del kwargs["rngs"]
-        rngs = {name: jax.random.fold_in(key, 1 + i) for i, name in enumerate(self.rng_streams)}
+        """``(params, model_state)``: ``'params'`` from ``key``, stream ``i`` from
+        ``fold_in(key, 1 + i)``, the module called with ``train=False``."""
         variables = flax.core.unfreeze(self.module.init(
-            {"params": key, **rngs}, jnp.asarray(sample_input), **kwargs))
+            {"params": key, **self._rngs(key, first=1)}, jnp.asarray(sample_input),
+            **self._train_kwarg(False)))
         return variables.pop("params"), variables
 
     def train_forward(self, params, state: TrainState, inputs) -> tuple[jax.Array, dict]:
@@ -91,14 +92,14 @@ class Task:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         outputs, updated = self.module.apply(
             {"params": params, **state.model_state}, inputs,
-            mutable=list(state.model_state), **self._call_kwargs(key, train=True))
+            mutable=list(state.model_state), rngs=self._rngs(key), **self._train_kwarg(True))
         return outputs, {**state.model_state, **flax.core.unfreeze(updated)}
 
     def eval_forward(self, state: TrainState, inputs) -> jax.Array:
         """The outputs in evaluation: model state read-only, fixed random streams."""
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), _EVAL_STEP)
         return self.module.apply({"params": state.params, **state.model_state}, inputs,
-                                 **self._call_kwargs(key, train=False))
+                                 rngs=self._rngs(key), **self._train_kwarg(False))
 
 
 def init_state(task: Task, key: jax.Array, sample_input,
