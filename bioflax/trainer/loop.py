@@ -42,6 +42,7 @@ class Trainer:
     """Trains a :class:`Task` data-parallel over a device mesh.
 
     Args:
+      workdir: where TensorBoard event files go when no ``writer`` is given (none: logs).
       max_epochs: epochs to train; ``max_steps`` caps the total instead, when given.
       log_every_steps: steps per compiled program and per logged training average.
       callbacks: :class:`Callback` objects, run in order (checkpoint callbacks last).
