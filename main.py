@@ -1,8 +1,12 @@
 """Trains and evaluates a bioflax experiment: ``python main.py --config=CONFIG --workdir=DIR``."""
 
 import logging
+import os
 import re
 import sys
+
+# Before TensorFlow loads (through tensorflow_datasets and clu): no oneDNN or TPU-probe notices.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -16,10 +20,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _DropLibraryChatter(logging.Filter):
-    """Orbax logs every file of every save at INFO; keep its warnings and errors."""
+    """Orbax logs every file of every save at INFO, clu's progress reporter its work-unit
+    notes, TFDS every data set it opens; keep their warnings and errors."""
 
     def filter(self, record):
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        return record.levelno >= logging.WARNING or not any(
+            library in record.pathname
+            for library in ("/orbax/", "/clu/platform/", "/tensorflow_datasets/"))
 
 
 def _fail(message: str, exit_code: int):

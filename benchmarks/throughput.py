@@ -29,7 +29,7 @@ import optax
 
 from bioflax import data, metrics
 from bioflax.models import BioNeuralNetwork
-from bioflax.trainer import Task, Trainer
+from bioflax.trainer import InMemory, Task, TFData, Trainer
 
 RULES = ("bp", "fa", "kp", "dfa")
 
@@ -63,18 +63,19 @@ class EpochTimer:
     def __init__(self, task: Task, split: data.Split, batch: int, in_memory: bool = True,
                  num_seeds: int = 1):
         self.task, self.split, self.batch, self.num_seeds = task, split, batch, num_seeds
-        self.trainer = Trainer(max_epochs=1, log_every_steps=100, in_memory=in_memory,
-                               progress_bar=False, report_progress=False,
-                               writer=SilentWriter(), num_seeds=num_seeds)
-        self.trainer.fit(task, split, batch_size=batch)
+        self.source = (InMemory if in_memory else TFData)(split)
+        self.trainer = Trainer(max_epochs=1, log_every_steps=100, progress_bar=False,
+                               report_progress=False, writer=SilentWriter(),
+                               num_seeds=num_seeds)
+        self.state = self.trainer.fit(task, self.source, batch_size=batch).state
         self.rates: list[float] = []
 
     def time_epoch(self) -> None:
         self.trainer.max_epochs += 1
         start = time.perf_counter()
-        self.trainer.fit(self.task, self.split, batch_size=self.batch,
-                         initial_state=self.trainer.state)
-        jax.block_until_ready(self.trainer.state)
+        self.state = self.trainer.fit(self.task, self.source, batch_size=self.batch,
+                                      state=self.state).state
+        jax.block_until_ready(self.state)
         examples = data.steps_per_epoch(len(self.split), self.batch) * self.batch * self.num_seeds
         self.rates.append(examples / (time.perf_counter() - start))
 

@@ -2,7 +2,7 @@
 
 import logging
 import os
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import flax
 import jax
@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from bioflax.errors import CheckpointError
-from bioflax.trainer import Callback, TrainState, Trainer
+from bioflax.trainer import Callback, CheckpointCallback, TrainState, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -19,15 +19,18 @@ logger = logging.getLogger(__name__)
 def _checkpointed(state: TrainState) -> dict:
     """The parts of a TrainState that a checkpoint holds (functions are rebuilt from code)."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-            "model_state": state.model_state}
+            "model_state": state.model_state, "rng": state.rng}
 
 
-class ModelCheckpoint(Callback):
-    """Orbax checkpoints of the train state in ``directory``.
+class ModelCheckpoint(CheckpointCallback):
+    """Orbax checkpoints in ``directory``: the train state (item ``state``) and every
+    callback's ``state_dict()`` (item ``callbacks``, JSON).
 
-    Saves when a multiple of ``every_n_steps`` is passed and at the end of ``fit``, keeps
-    the newest ``max_to_keep``. Orbax writes each checkpoint to a temporary directory and
-    renames it when complete, so a killed run leaves only complete checkpoints behind.
+    Saves when a multiple of ``every_n_steps`` is passed (at the epoch's end when that
+    chunk ends an epoch, after the other callbacks have seen it) and at the end of
+    ``fit``, keeps the newest ``max_to_keep``. Orbax writes each checkpoint to a temporary
+    directory and renames it when complete, so a killed run leaves only complete
+    checkpoints behind.
     """
 
     def __init__(self, directory: str, every_n_steps: int = 1000, max_to_keep: int = 3):
@@ -37,13 +40,19 @@ class ModelCheckpoint(Callback):
         self.every_n_steps = every_n_steps
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
-            self.directory, item_handlers=ocp.StandardCheckpointHandler(),
+            self.directory,
+            item_names=("state", "callbacks"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "callbacks": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                  cleanup_tmp_directories=True,
                                                  enable_async_checkpointing=False))
+        self._last_step = 0
+        self._pending = False
 
-    def restore_latest(self, state: TrainState) -> Optional[TrainState]:
-        """The newest readable checkpoint restored into ``state``'s structure and shardings.
+    def restore_latest(self, state: TrainState) -> Optional[tuple[TrainState, dict[str, Any]]]:
+        """``(state, callback_states)`` of the newest readable checkpoint, restored into
+        ``state``'s structure and shardings.
 
         None when there is no checkpoint. An unreadable checkpoint (truncated or missing
         files) is moved aside to ``STEP.unreadable`` with a warning and the next older one
@@ -54,7 +63,8 @@ class ModelCheckpoint(Callback):
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                saved = getattr(self.manager.item_metadata(step), "tree", None)
+                metadata = self.manager.item_metadata(step)
+                saved = getattr(metadata.get("state") if metadata else None, "tree", None)
                 if not isinstance(saved, Mapping):
                     raise FileNotFoundError("its metadata is missing")
             except Exception as error:  # pylint: disable=broad-except
@@ -62,13 +72,14 @@ class ModelCheckpoint(Callback):
                 continue
             _check_same_model(saved, target, step, self.directory)
             try:
-                restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), callbacks=ocp.args.JsonRestore()))
             except Exception as error:  # pylint: disable=broad-except
                 self._set_aside(step, error)
                 continue
             logger.info("Resuming from the checkpoint of step %d in %s.", step,
                            self.directory)
-            return state.replace(**restored)
+            return state.replace(**restored["state"]), dict(restored["callbacks"] or {})
         if steps:
             raise CheckpointError(
                 f"None of the checkpoints in {self.directory} (steps {sorted(steps)}) is "
@@ -88,24 +99,36 @@ class ModelCheckpoint(Callback):
                        "and trying the next older one.", step, self.directory,
                        type(error).__name__, str(error)[:300], aside)
 
-    def save(self, state: TrainState) -> None:
+    def save(self, state: TrainState, callback_states: Mapping[str, Any]) -> None:
         step = int(state.step)
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.StandardSave(_checkpointed(state)))
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_checkpointed(state)),
+            callbacks=ocp.args.JsonSave(dict(callback_states))))
         self.manager.wait_until_finished()
 
     def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
         self._last_step = int(state.step)
+        self._pending = False
 
     def on_train_chunk_end(self, trainer: Trainer, state: TrainState, step: int,
                            logs: Mapping[str, float]) -> None:
         if step // self.every_n_steps > self._last_step // self.every_n_steps:
-            self.save(state)
+            self._pending = True
         self._last_step = step
+        if self._pending and step % trainer.durations.steps_per_epoch:
+            self._pending = False
+            self.save(state, trainer.callback_states())
+
+    def on_epoch_end(self, trainer: Trainer, state: TrainState, epoch: int,
+                     logs: Mapping[str, float]) -> None:
+        if self._pending:
+            self._pending = False
+            self.save(state, trainer.callback_states())
 
     def on_fit_end(self, trainer: Trainer, state: TrainState) -> None:
-        self.save(state)
+        self.save(state, trainer.callback_states())
         self.manager.close()
 
 
@@ -132,9 +155,11 @@ class EarlyStopping(Callback):
     above it in mode 'max', at or below in 'min'), as Lightning's EarlyStopping does.
 
     With ``smoothing = s > 0`` both rules read the running average
-    ``m ← s·m + (1 − s)·value`` (``m`` starts at the first epoch's value, and again after a
-    resume) instead of the epoch's value; Nøkland's reference code stops on such an
-    average of the training error with ``s = 0.75``.
+    ``m ← s·m + (1 − s)·value`` (``m`` starts at the first epoch's value) instead of the
+    epoch's value; Nøkland's reference code stops on such an average of the training
+    error with ``s = 0.75``. Its best value, patience count, average and whether it stopped
+    are its ``state_dict()``, kept in checkpoints: a resumed run stops where an
+    uninterrupted one does, and a stopped run stays stopped.
     """
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min",
@@ -149,6 +174,19 @@ class EarlyStopping(Callback):
         self.best = np.inf if mode == "min" else -np.inf
         self.wait = 0
         self.average: Optional[float] = None
+        self.stopped = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": float(self.best), "wait": self.wait, "average": self.average,
+                "stopped": self.stopped}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best, self.wait = float(state["best"]), int(state["wait"])
+        self.average, self.stopped = state["average"], bool(state["stopped"])
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        if self.stopped:
+            trainer.should_stop = True
 
     def on_epoch_end(self, trainer: Trainer, state: TrainState, epoch: int,
                      logs: Mapping[str, float]) -> None:
@@ -158,13 +196,13 @@ class EarlyStopping(Callback):
         value = logs[self.monitor]
         if self.average is not None:
             value = self.smoothing * self.average + (1.0 - self.smoothing) * value
-        self.average = value
+        self.average = float(value)
         threshold = self.stopping_threshold
         if threshold is not None and (value >= threshold if self.mode == "max"
                                       else value <= threshold):
             logger.info("Stopping after epoch %d: %s = %g reached the threshold %g.",
                         epoch + 1, self.monitor, value, threshold)
-            trainer.should_stop = True
+            trainer.should_stop = self.stopped = True
             return
         improved = (value < self.best - self.min_delta if self.mode == "min"
                     else value > self.best + self.min_delta)
@@ -175,7 +213,7 @@ class EarlyStopping(Callback):
         if self.patience is not None and self.wait >= self.patience:
             logger.info("Early stopping after epoch %d: %s has not improved for %d epochs.",
                         epoch + 1, self.monitor, self.patience)
-            trainer.should_stop = True
+            trainer.should_stop = self.stopped = True
 
 
 class LearningRateMonitor(Callback):

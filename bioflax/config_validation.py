@@ -98,6 +98,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                   "optimizer.warmup_steps"):
         _positive(config, field, allow_zero=True)
     _positive(config, "optimizer.learning_rate", integer=False)
+    for field in ("training.log_every_epochs", "training.checkpoint_every_epochs",
+                  "alignment.every_epochs"):
+        if _get(config, field) is not None:
+            _positive(config, field, integer=False)
     if not 0.0 <= config.optimizer.rmsprop_decay < 1.0:
         raise ConfigError("optimizer.rmsprop_decay", config.optimizer.rmsprop_decay,
                           "must lie in [0, 1)")

@@ -2,6 +2,7 @@
 
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
@@ -10,7 +11,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
+from absl import logging as absl_logging
 from clu import metric_writers
 from flax import linen as nn
 
@@ -22,7 +25,8 @@ from bioflax import models
 from bioflax import plots
 from bioflax import workdir as workdir_lib
 from bioflax.events import read_scalars
-from bioflax.trainer import Task, Trainer, make_mesh
+from bioflax.trainer import (Durations, InMemory, Task, TFData, Trainer, make_mesh,
+                             resolve_durations)
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +96,37 @@ def build_optimizer(config: ml_collections.ConfigDict, total_steps: int):
     return optax.inject_hyperparams(make)(learning_rate=schedule)
 
 
+def durations(config: ml_collections.ConfigDict, num_train_examples: int) -> Durations:
+    """The run's length in steps, as the trainer will resolve it for this config."""
+    training, fast_dev_run = config.training, config.training.fast_dev_run
+    return resolve_durations(
+        num_train_examples, config.data.batch_size, max_epochs=training.epochs,
+        max_steps=fast_dev_run or None,
+        limit_train_batches=training.limit_train_batches or fast_dev_run or None)
+
+
+def intervals(config: ml_collections.ConfigDict, durations_: Durations) -> dict[str, int]:
+    """The config's intervals in steps; a ``*_epochs`` field, when set, wins over its
+    ``*_steps`` field, so intervals given in epochs follow the batch size and data size."""
+    training = config.training
+    return {
+        "log": durations_.steps(training.log_every_steps, training.log_every_epochs),
+        "checkpoint": durations_.steps(training.checkpoint_every_steps,
+                                       training.checkpoint_every_epochs),
+        "alignment": durations_.steps(config.alignment.every_steps,
+                                      config.alignment.every_epochs),
+    }
+
+
 def build_task(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo,
-               total_steps: int) -> Task:
+               alignment_every_steps: int) -> Task:
     classification = info.task == "classification"
-    step_metrics = ([metrics_lib.Alignment(config.alignment.every_steps)]
+    step_metrics = ([metrics_lib.Alignment(alignment_every_steps)]
                     if config.alignment.enabled else [])
     return Task(
         module=build_model(config.model, info),
         loss=metrics_lib.loss_for(info.task, config.model.loss),
-        optimizer=build_optimizer(config.optimizer, total_steps),
+        optimizer=functools.partial(build_optimizer, config.optimizer),
         metrics=(metrics_lib.ClassificationMetrics if classification
                  else metrics_lib.RegressionMetrics),
         step_metrics=step_metrics)
@@ -149,55 +175,73 @@ def _train_and_evaluate(config, workdir, info, splits):
     started = time.perf_counter()
     training = config.training
     fast_dev_run = training.fast_dev_run
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0)
+    every = intervals(config, durations(config, len(splits["train"])))
+    writer = _writer(workdir)
     writer.write_hparams(_flat_hparams(config))
     callbacks: list = [callbacks_lib.LearningRateMonitor()]
-    checkpoint = None
-    if not fast_dev_run:
-        checkpoint = callbacks_lib.ModelCheckpoint(
-            os.path.join(workdir, "checkpoints"), every_n_steps=training.checkpoint_every_steps,
-            max_to_keep=training.keep_checkpoints)
-        callbacks.append(checkpoint)
     if training.early_stopping_patience or training.stopping_threshold is not None:
         callbacks.append(callbacks_lib.EarlyStopping(
             training.early_stopping_monitor, mode=training.early_stopping_mode,
             patience=training.early_stopping_patience or None,
             stopping_threshold=training.stopping_threshold,
             smoothing=training.stopping_smoothing))
+    if not fast_dev_run:
+        callbacks.append(callbacks_lib.ModelCheckpoint(
+            os.path.join(workdir, "checkpoints"), every_n_steps=every["checkpoint"],
+            max_to_keep=training.keep_checkpoints))
     trainer = Trainer(
-        workdir=workdir, writer=writer, max_epochs=training.epochs,
-        max_steps=fast_dev_run or None, log_every_steps=training.log_every_steps,
-        callbacks=callbacks, seed=config.seed, in_memory=config.data.in_memory,
+        writer=writer, max_epochs=training.epochs, max_steps=fast_dev_run or None,
+        log_every_steps=every["log"], callbacks=callbacks, seed=config.seed,
         limit_train_batches=training.limit_train_batches or fast_dev_run or None,
         limit_eval_batches=fast_dev_run or None, mesh=make_mesh(training.num_devices or None),
-        num_seeds=training.num_seeds)
-    _, total_steps = trainer.schedule(len(splits["train"]), config.data.batch_size)
-    task = build_task(config, info, total_steps)
-    state = trainer.init_state(task, splits["train"].inputs[:1])
-    if checkpoint is not None:
-        state = checkpoint.restore_latest(state) or state
-    first_step = int(state.step)
-    history = trainer.fit(task, splits["train"], splits.get("validation"),
-                          batch_size=config.data.batch_size,
-                          eval_batch_size=config.data.eval_batch_size, initial_state=state)
-    test = trainer.evaluate(task, splits["test"], batch_size=config.data.eval_batch_size,
-                            prefix="test/")
-    step = int(trainer.state.step)
+        num_seeds=training.num_seeds,
+        epoch_summary=_hidden_angle(len(config.model.hidden_layers)))
+    task = build_task(config, info, every["alignment"])
+    source = (InMemory if config.data.in_memory else TFData)(splits["train"])
+    fit = trainer.fit(task, source, splits.get("validation"), batch_size=config.data.batch_size,
+                      eval_batch_size=config.data.eval_batch_size)
+    test = trainer.evaluate(task, fit.state, splits["test"],
+                            batch_size=config.data.eval_batch_size, prefix="test/")
+    step = int(fit.state.step)
     writer.write_scalars(step, test)
     writer.flush()
-    logger.info("Test metrics: %s", test)
+    logger.info("Finished at step %d: %s. Every curve: tensorboard --logdir %s", step,
+                "  ".join(f"{name} {value:.4g}" for name, value in test.items()
+                          if not name.startswith("seed_")), workdir)
     if config.plots and jax.process_index() == 0:
-        _write_plots(workdir, writer, step, trainer, task, info, splits["test"])
+        _write_plots(workdir, writer, step, trainer, task, fit.state, info, splits["test"])
     if jax.process_index() == 0 and not fast_dev_run:
-        write_result(workdir, test, step, first_step, time.perf_counter() - started)
-    return {"history": history, "test": test, "state": trainer.state}
+        write_result(workdir, test, step, fit.first_step, time.perf_counter() - started)
+    return {"history": fit.history, "test": test, "state": fit.state}
 
 
-def _write_plots(workdir, writer, step, trainer, task, info, test):
+def _writer(workdir: str):
+    """TensorBoard event files in ``workdir`` (process 0); every scalar also in the log at
+    ``--verbosity=1``."""
+    writers = []
+    if jax.process_index() == 0:
+        writers.append(metric_writers.SummaryWriter(workdir))
+    if absl_logging.get_verbosity() >= 1:
+        writers.append(metric_writers.LoggingWriter())
+    return metric_writers.AsyncMultiWriter(writers)
+
+
+def _hidden_angle(num_hidden: int):
+    """The epoch line's mean angle (°) between the rule's and backprop's gradients over the
+    hidden layers ``layer_0 ... layer_{num_hidden-1}``, when alignment was measured."""
+    names = [f"alignment/grad_angle/layer_{i}" for i in range(num_hidden)]
+
+    def summary(logs):
+        angles = [logs[name] for name in names if name in logs]
+        return {"hidden angle": f"{np.mean(angles):.1f}°"} if angles else {}
+
+    return summary
+
+
+def _write_plots(workdir, writer, step, trainer, task, state, info, test):
     """Alignment curves and test predictions, as PNG files in workdir/plots and in TensorBoard."""
     sample = data_lib.Split(test.inputs[:1000], test.targets[:1000])
-    outputs = trainer.predict(task, sample.inputs)
+    outputs = trainer.predict(task, state, sample.inputs)
     if trainer.num_seeds > 1:
         outputs = outputs[0]  # the first seed's predictions
     figures = plots.run_figures(read_scalars(workdir), info.task, sample.inputs,

@@ -63,7 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.training = training = ml_collections.ConfigDict()
     training.epochs = 10
     training.log_every_steps = 100  # steps per compiled program and per logged average
+    # The same in epochs (may be fractional); when set it wins over log_every_steps.
+    training.log_every_epochs = ml_collections.config_dict.placeholder(float)
     training.checkpoint_every_steps = 1000  # Orbax checkpoint interval (and one at the end)
+    # The same in epochs; when set it wins over checkpoint_every_steps.
+    training.checkpoint_every_epochs = ml_collections.config_dict.placeholder(float)
     training.keep_checkpoints = 3  # newest checkpoints kept in workdir/checkpoints
     training.limit_train_batches = 0  # at most this many steps per epoch; 0: all
     training.fast_dev_run = 0  # n > 0: n steps and n evaluation batches, no checkpoints
@@ -87,6 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Measured on the steps whose index within the epoch is a multiple of every_steps,
     # with one extra backprop pass on those steps only.
     alignment.every_steps = 100
+    # The same in epochs; when set it wins over every_steps.
+    alignment.every_epochs = ml_collections.config_dict.placeholder(float)
 
     config.plots = True  # PNG figures and TensorBoard images at the end of the run
     return config

@@ -38,7 +38,7 @@ def checkpoint_steps(workdir) -> list[int]:
 
 
 def load_checkpoint(workdir, step: int) -> dict:
-    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "default"
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
     return ocp.StandardCheckpointer().restore(path)
 
 

@@ -203,7 +203,7 @@ def test_a_truncated_or_partial_checkpoint_is_set_aside_for_the_newest_intact_on
     for data_file in (tmp_path / "checkpoints" / "400").rglob("d/*"):
         with open(data_file, "r+b") as f:
             f.truncate(10)
-    (tmp_path / "checkpoints" / "300" / "default" / "_METADATA").unlink()
+    (tmp_path / "checkpoints" / "300" / "state" / "_METADATA").unlink()
 
     result = short_run(tmp_path, "--config.training.epochs=3")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -217,7 +217,7 @@ def test_a_truncated_or_partial_checkpoint_is_set_aside_for_the_newest_intact_on
 def test_no_readable_checkpoint_is_said_clearly(tmp_path):
     assert short_run(tmp_path).returncode == 0
     for step in checkpoint_steps(tmp_path):
-        (tmp_path / "checkpoints" / str(step) / "default" / "_METADATA").unlink()
+        (tmp_path / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
     result = short_run(tmp_path)
     assert result.returncode == 1
     assert "None of the checkpoints" in one_error_line(result)

@@ -369,9 +369,9 @@ def test_kolen_pollack_with_weight_decay_aligns_w_and_b_geometrically():
                 step_metrics=[metrics.Alignment(every=every)])
     trainer = Trainer(max_epochs=20, log_every_steps=every, callbacks=[recorder],
                       progress_bar=False, seed=0)
-    trainer.fit(task, linear_teacher(512, 0), batch_size=32)
+    state = trainer.fit(task, linear_teacher(512, 0), batch_size=32).state
     total = 20 * 512 // 32
-    assert int(trainer.state.step) == total
+    assert int(state.step) == total
     assert [s for s, _ in recorder.logs] == list(range(every, total + 1, every))
 
     for name in ("layer_0", "layer_1"):
@@ -385,7 +385,7 @@ def test_kolen_pollack_with_weight_decay_aligns_w_and_b_geometrically():
             difference = np.linalg.norm(params[name]["kernel"] -
                                         params[name][layers.FEEDBACK_KERNEL])
             assert difference == pytest.approx(initial * ratio ** step, rel=1e-4), (name, step)
-        final = trainer.state.params[name]
+        final = state.params[name]
         assert np.linalg.norm(np.asarray(final["kernel"], np.float64) -
                               np.asarray(final[layers.FEEDBACK_KERNEL], np.float64)) == \
             pytest.approx(initial * ratio ** total, rel=1e-4)
@@ -408,7 +408,7 @@ def test_kolen_pollack_with_weight_decay_aligns_w_and_b_geometrically():
         assert cosines[-1] > 0.99, cosines
         assert np.all(np.diff(cosines[len(cosines) // 4:]) > 0), cosines
     # W itself did not just decay away: B converged to a W that still carries the task.
-    assert np.linalg.norm(np.asarray(trainer.state.params["layer_0"]["kernel"])) > 0.1
+    assert np.linalg.norm(np.asarray(state.params["layer_0"]["kernel"])) > 0.1
 
 
 def test_sigmoid_losses_and_their_gradients_match_the_hand_derived_forms():

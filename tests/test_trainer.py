@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from bioflax import callbacks, data, metrics, train
 from bioflax.models import BioNeuralNetwork
-from bioflax.trainer import Callback, Task, Trainer, TrainingDivergedError
+from bioflax.trainer import Callback, Task, TFData, Trainer, TrainingDivergedError
 from configs import teacher as teacher_config
 
 
@@ -27,16 +27,16 @@ def linear_split(n=256, seed=0):
 def test_fit_learns_a_linear_map_and_predict_returns_every_row():
     trainer = Trainer(max_epochs=20, log_every_steps=8, progress_bar=False)
     task = linear_task()
-    history = trainer.fit(task, linear_split(), linear_split(seed=1), batch_size=32)
+    result = trainer.fit(task, linear_split(), linear_split(seed=1), batch_size=32)
+    history, params = result.history, result.state.params
     assert len(history) == 20 and history[-1]["epoch"] == 20
     assert history[-1]["val/loss"] < 1e-3 < history[0]["val/loss"]
-    kernel = np.asarray(trainer.state.params["kernel"]).ravel()
+    kernel = np.asarray(params["kernel"]).ravel()
     np.testing.assert_allclose(kernel, [1.0, -2.0, 0.5], atol=0.02)
     inputs = linear_split(n=7, seed=2).inputs
-    expected = inputs @ np.asarray(trainer.state.params["kernel"]) + np.asarray(
-        trainer.state.params["bias"])
-    np.testing.assert_allclose(trainer.predict(task, inputs, batch_size=4), expected,
-                               rtol=1e-5, atol=1e-6)
+    expected = inputs @ np.asarray(params["kernel"]) + np.asarray(params["bias"])
+    np.testing.assert_allclose(trainer.predict(task, result.state, inputs, batch_size=4),
+                               expected, rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_averages_over_every_example_of_a_ragged_split():
@@ -47,26 +47,27 @@ def test_evaluate_averages_over_every_example_of_a_ragged_split():
     outputs = split.inputs @ np.asarray(state.params["kernel"]) + np.asarray(
         state.params["bias"])
     expected = np.mean((outputs - split.targets) ** 2)
-    result = trainer.evaluate(task, split, batch_size=10, state=state)
+    result = trainer.evaluate(task, state, split, batch_size=10)
     np.testing.assert_allclose(result["loss"], expected, rtol=1e-5)
 
 
 def test_in_memory_and_tf_data_paths_train_identically():
     losses = {}
     for in_memory in (True, False):
-        trainer = Trainer(max_epochs=3, log_every_steps=5, in_memory=in_memory,
-                          progress_bar=False, seed=3)
-        history = trainer.fit(linear_task(), linear_split(n=200), batch_size=16)
-        losses[in_memory] = [h["train/loss"] for h in history]
-        assert trainer.state.step == 3 * (200 // 16)
+        trainer = Trainer(max_epochs=3, log_every_steps=5, progress_bar=False, seed=3)
+        split = linear_split(n=200)
+        result = trainer.fit(linear_task(), split if in_memory else TFData(split),
+                             batch_size=16)
+        losses[in_memory] = [h["train/loss"] for h in result.history]
+        assert result.state.step == 3 * (200 // 16)
     np.testing.assert_allclose(losses[False], losses[True], rtol=1e-6)
 
 
 def test_the_same_seed_gives_the_same_numbers_and_another_seed_does_not():
     def final_kernel(seed):
         trainer = Trainer(max_epochs=1, log_every_steps=4, seed=seed, progress_bar=False)
-        trainer.fit(linear_task(), linear_split(), batch_size=16)
-        return np.asarray(trainer.state.params["kernel"])
+        return np.asarray(trainer.fit(linear_task(), linear_split(),
+                                      batch_size=16).state.params["kernel"])
 
     np.testing.assert_array_equal(final_kernel(0), final_kernel(0))
     assert not np.array_equal(final_kernel(0), final_kernel(1))
@@ -75,11 +76,9 @@ def test_the_same_seed_gives_the_same_numbers_and_another_seed_does_not():
 def test_limit_train_batches_and_max_steps_bound_the_run():
     trainer = Trainer(max_epochs=5, log_every_steps=3, limit_train_batches=4,
                       progress_bar=False)
-    trainer.fit(linear_task(), linear_split(), batch_size=16)
-    assert int(trainer.state.step) == 20
+    assert int(trainer.fit(linear_task(), linear_split(), batch_size=16).state.step) == 20
     trainer = Trainer(max_epochs=5, max_steps=7, log_every_steps=3, progress_bar=False)
-    trainer.fit(linear_task(), linear_split(), batch_size=16)
-    assert int(trainer.state.step) == 7
+    assert int(trainer.fit(linear_task(), linear_split(), batch_size=16).state.step) == 7
 
 
 def test_callbacks_see_every_chunk_and_epoch():
@@ -104,7 +103,8 @@ def test_early_stopping_stops_when_the_monitored_metric_stalls():
     trainer = Trainer(max_epochs=50, log_every_steps=8, progress_bar=False,
                       callbacks=[callbacks.EarlyStopping("val/loss", patience=2,
                                                          min_delta=1.0)])
-    history = trainer.fit(linear_task(), linear_split(), linear_split(seed=1), batch_size=32)
+    history = trainer.fit(linear_task(), linear_split(), linear_split(seed=1),
+                          batch_size=32).history
     assert len(history) == 3  # epoch 1 sets the best; 2 and 3 do not beat it by 1.0
 
 
@@ -120,7 +120,7 @@ def test_alignment_of_backprop_is_exact():
                 loss=metrics.mean_squared_error, optimizer=optax.sgd(0.05),
                 metrics=metrics.RegressionMetrics, step_metrics=[metrics.Alignment(every=2)])
     trainer = Trainer(max_epochs=1, log_every_steps=8, progress_bar=False)
-    history = trainer.fit(task, linear_split(), batch_size=32)
+    history = trainer.fit(task, linear_split(), batch_size=32).history
     angles = {k: v for k, v in history[-1].items() if k.startswith("alignment/grad_angle")}
     assert set(angles) == {"alignment/grad_angle/layers_0", "alignment/grad_angle/layers_2",
                            "alignment/grad_angle/all"}
@@ -149,20 +149,22 @@ def test_seeds_trained_at_once_match_separate_runs():
     split, val = linear_split(n=160), linear_split(n=50, seed=1)
     together = Trainer(max_epochs=2, log_every_steps=4, seed=5, num_seeds=3,
                        progress_bar=False)
-    history = together.fit(task(), split, val, batch_size=16)
+    fitted = together.fit(task(), split, val, batch_size=16)
+    history = fitted.history
     for index in range(3):
         alone = Trainer(max_epochs=2, log_every_steps=4, seed=5 + index, progress_bar=False)
-        alone_history = alone.fit(task(), split, val, batch_size=16)
+        alone_fit = alone.fit(task(), split, val, batch_size=16)
+        alone_history = alone_fit.history
         for name in ("train/loss", "val/loss", "alignment/grad_angle/layer_0"):
             np.testing.assert_allclose(history[-1][f"seed_{index}/{name}"],
                                        alone_history[-1][name], rtol=1e-4, err_msg=name)
-        for name, value in alone.state.params["layer_0"].items():
-            np.testing.assert_allclose(together.state.params["layer_0"][name][index], value,
+        for name, value in alone_fit.state.params["layer_0"].items():
+            np.testing.assert_allclose(fitted.state.params["layer_0"][name][index], value,
                                        rtol=1e-4, atol=1e-6, err_msg=name)
     losses = [history[-1][f"seed_{i}/train/loss"] for i in range(3)]
     assert history[-1]["train/loss"] == pytest.approx(np.mean(losses))
     assert len(set(losses)) == 3
-    predictions = together.predict(task(), val.inputs)
+    predictions = together.predict(task(), fitted.state, val.inputs)
     assert predictions.shape == (3, 50, 1)
 
 
@@ -170,7 +172,7 @@ def test_early_stopping_stops_at_once_when_the_metric_reaches_its_threshold():
     stop = callbacks.EarlyStopping("train/loss", mode="min", patience=None,
                                    stopping_threshold=0.05)
     history = Trainer(max_epochs=50, log_every_steps=8, progress_bar=False,
-                      callbacks=[stop]).fit(linear_task(), linear_split(), batch_size=32)
+                      callbacks=[stop]).fit(linear_task(), linear_split(), batch_size=32).history
     losses = [logs["train/loss"] for logs in history]
     assert len(history) < 50 and losses[-1] <= 0.05
     assert all(loss > 0.05 for loss in losses[:-1])
@@ -243,7 +245,7 @@ def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
 
     trainer = Trainer(max_epochs=2, log_every_steps=5, seed=4, callbacks=[Record()],
                       progress_bar=False)
-    trainer.fit(task, data.Split(inputs, targets), batch_size=20)
+    result = trainer.fit(task, data.Split(inputs, targets), batch_size=20)
 
     variables = module.init(jax.random.key(4), inputs[:1])
     params = variables.pop("params")
@@ -261,6 +263,66 @@ def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
             losses.append(float(loss))
     np.testing.assert_allclose(chunk_losses, np.mean(np.reshape(losses, (4, 5)), axis=1),
                                rtol=2e-5)
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(trainer.state.params),
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(result.state.params),
                                  jax.tree_util.tree_leaves(params)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_an_optimizer_factory_gets_the_runs_total_step_count():
+    seen = []
+
+    def optimizer(total_steps):
+        seen.append(total_steps)
+        return optax.sgd(optax.linear_schedule(0.1, 0.0, total_steps))
+
+    task = Task(module=nn.Dense(1), loss=metrics.mean_squared_error, optimizer=optimizer,
+                metrics=metrics.RegressionMetrics)
+    Trainer(max_epochs=3, log_every_steps=4, progress_bar=False, report_progress=False).fit(
+        task, linear_split(n=200), batch_size=16)
+    assert seen == [3 * (200 // 16)]
+
+
+def test_the_console_prints_one_line_per_epoch(caplog):
+    caplog.set_level("INFO", logger="bioflax.trainer.console")
+    Trainer(max_epochs=3, log_every_steps=2, progress_bar=False, report_progress=False,
+            epoch_summary=lambda logs: {"note": "x"}).fit(
+        linear_task(), linear_split(n=64), linear_split(n=32, seed=1), batch_size=16)
+    lines = [r.getMessage() for r in caplog.records if r.name == "bioflax.trainer.console"]
+    assert len(lines) == 3
+    assert lines[0].startswith("epoch 1/3  train/loss ")
+    assert " val/loss " in lines[0] and lines[0].endswith("  note x")
+
+
+# Intervals (log, alignment, checkpoint) in steps that the paper configs hard-coded before
+# they were written in epochs. Akrout's checkpoint was 46_900 "every 100 epochs", but an
+# epoch is 60_000 // 128 = 468 steps: 100 epochs are 46_800.
+PAPER_INTERVALS = {
+    **{("akrout2019", rule): (468, 468, 46_800) for rule in ("bp", "fa", "kp")},
+    **{("nokland2016", f"{arch}_{rule}"): (937, 937, 9_370)
+       for arch in ("7x240", "2x800", "1x800") for rule in ("bp", "fa", "dfa")},
+    **{("lillicrap2016", rule): (3_750, 3_750, 75_000) for rule in ("bp", "fa")},
+}
+
+
+@pytest.mark.parametrize("paper, setting", sorted(PAPER_INTERVALS))
+def test_paper_configs_resolve_to_the_step_counts_they_hard_coded(paper, setting):
+    import importlib  # pylint: disable=import-outside-toplevel
+    config = importlib.import_module(f"configs.paper.{paper}").get_config(setting)
+    every = train.intervals(config, train.durations(config, 60_000))
+    assert (every["log"], every["alignment"], every["checkpoint"]) == \
+        PAPER_INTERVALS[paper, setting]
+
+
+def test_intervals_in_epochs_follow_the_batch_size_and_the_validation_split():
+    from configs.paper import nokland2016  # pylint: disable=import-outside-toplevel
+    config = nokland2016.get_config("2x800_dfa")
+    config.data.batch_size = 128
+    every = train.intervals(config, train.durations(config, 60_000))
+    assert (every["log"], every["alignment"], every["checkpoint"]) == (468, 468, 4_680)
+    config.data.val_split = 0.1  # 54_000 training images, 421 batches of 128
+    every = train.intervals(config, train.durations(config, 54_000))
+    assert (every["log"], every["checkpoint"]) == (421, 4_210)
+    config = teacher_config.get_config()  # intervals in steps stay as they are
+    every = train.intervals(config, train.durations(config, 10_000))
+    assert every == {"log": config.training.log_every_steps,
+                     "checkpoint": config.training.checkpoint_every_steps, "alignment": 20}

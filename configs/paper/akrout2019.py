@@ -28,5 +28,5 @@ def get_config(mode: str = "bp"):
     config.optimizer.learning_rate = LEARNING_RATES[mode]
     config.optimizer.momentum = 0.0
     config.training.epochs = 400
-    config.training.checkpoint_every_steps = 46_900  # every 100 epochs
+    config.training.checkpoint_every_epochs = 100.0
     return config

@@ -23,7 +23,7 @@ batch of B examples takes learning rate η·B and weight decay α/B: the update 
 online steps summed, ΔW = −η (Σᵢ ∇Lᵢ + α W).
 """
 
-from configs.paper import TRAIN_IMAGES, mnist_protocol
+from configs.paper import mnist_protocol
 
 ETA = 1e-3  # per-example learning rate (paper)
 ALPHA = 1e-6  # weight decay (paper)
@@ -49,5 +49,5 @@ def get_config(mode: str = "fa"):
     config.optimizer.momentum = 0.0
     config.optimizer.weight_decay = ALPHA / BATCH_SIZE
     config.training.epochs = EPOCHS
-    config.training.checkpoint_every_steps = TRAIN_IMAGES // BATCH_SIZE * 20
+    config.training.checkpoint_every_epochs = 20.0
     return config

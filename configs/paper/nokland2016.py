@@ -16,12 +16,11 @@ differs (written down in docs/results.md): biases start at 0 (Torch7 draws them 
 weights); the running average starts at the first epoch's error (the reference code's at 1).
 """
 
-from configs.paper import TRAIN_IMAGES, mnist_protocol
+from configs.paper import mnist_protocol
 
 ARCHITECTURES = {"7x240": (240,) * 7, "2x800": (800, 800), "1x800": (800,)}
 RULES = ("bp", "fa", "dfa")
 BATCH_SIZE = 64
-STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH_SIZE  # remainder dropped
 
 
 def get_config(setting: str = "7x240_dfa"):
@@ -41,7 +40,7 @@ def get_config(setting: str = "7x240_dfa"):
     config.optimizer.name = "rmsprop"
     config.optimizer.learning_rate = 1e-4
     config.training.epochs = 300
-    config.training.checkpoint_every_steps = STEPS_PER_EPOCH * 10
+    config.training.checkpoint_every_epochs = 10.0
     # Main.lua: train_err_mean = 0.75 * train_err_mean + 0.25 * ErrTrain, stop at ≤ 1e-4.
     config.training.early_stopping_monitor = "train/accuracy"
     config.training.early_stopping_mode = "max"

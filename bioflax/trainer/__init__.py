@@ -1,0 +1,27 @@
+"""A generic trainer for Flax models: ``fit`` / ``evaluate`` / ``predict`` on a device mesh.
+
+It knows nothing of feedback rules. A :class:`Task` says what to train (module, loss,
+metrics, optimizer, optional in-step metrics such as alignment), a :class:`DataSource`
+feeds it, the :class:`Trainer` says how (epochs, logging, callbacks, devices):
+
+- ``task.py``: Task, TrainState, how the module is called (rngs, ``train``, mutable state);
+- ``data_sources.py``: the in-memory and tf.data sources; ``placement.py``: the mesh;
+- ``programs.py``: the compiled chunk, evaluation and prediction programs;
+- ``loop.py``: the Trainer; ``callback.py``: the hooks; ``console.py``: what is printed;
+- ``durations.py``: epochs and steps, resolved in one place.
+"""
+
+from bioflax.errors import TrainingDivergedError, TrainingInterrupted
+from bioflax.trainer.callback import Callback, CheckpointCallback
+from bioflax.trainer.console import Console, ReportProgress
+from bioflax.trainer.data_sources import DataSource, InMemory, TFData
+from bioflax.trainer.durations import Durations, resolve as resolve_durations
+from bioflax.trainer.loop import FitResult, Trainer
+from bioflax.trainer.placement import make_mesh
+from bioflax.trainer.task import Task, TrainState
+
+__all__ = [
+    "Callback", "CheckpointCallback", "Console", "DataSource", "Durations", "FitResult",
+    "InMemory", "ReportProgress", "TFData", "Task", "TrainState", "Trainer",
+    "TrainingDivergedError", "TrainingInterrupted", "make_mesh", "resolve_durations",
+]

@@ -1,0 +1,99 @@
+"""Training data for the chunk program, in the order :func:`bioflax.data.epoch_order`
+gives, so a run resumed at step ``s`` sees exactly the batches an uninterrupted one would.
+
+A :class:`DataSource` yields, per chunk of steps, ``(data, xs, n)``: ``data`` passed to the
+compiled program as is, ``xs`` scanned over (one slice per step), ``n`` steps; inside the
+program ``source.batch(data, x, placement)`` is one step's global batch.
+"""
+
+import abc
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from bioflax import data as data_lib
+from bioflax.trainer.placement import Placement
+
+
+class DataSource(abc.ABC):
+    """A training split and how its batches reach the device."""
+
+    supports_seeds = False  # can feed several vmapped seeds, each in its own order
+
+    def __init__(self, split: data_lib.Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def sample_input(self) -> np.ndarray:
+        return self.split.inputs[:1]
+
+    @abc.abstractmethod
+    def chunks(self, placement: Placement, batch_size: int, seeds: Sequence[int], epoch: int,
+               start: int, stop: int, chunk_steps: int) -> Iterator[tuple[Any, Any, int]]:
+        """Steps ``[start, stop)`` of ``epoch``, ``chunk_steps`` at a time (fewer at the end)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def batch(data, x, placement: Placement):
+        """One step's global batch, inside the compiled program."""
+
+
+class InMemory(DataSource):
+    """The split held on the device (replicated); the program gathers each batch by index.
+    Fast for data sets that fit; feeds several seeds at once."""
+
+    supports_seeds = True
+
+    def __init__(self, split: data_lib.Split):
+        super().__init__(split)
+        self._on_device: dict = {}
+
+    def _placed(self, placement: Placement):
+        key = id(placement.mesh)
+        if key not in self._on_device:
+            self._on_device = {key: placement.to_global(
+                {"input": self.split.inputs, "target": self.split.targets},
+                placement.replicated)}
+        return self._on_device[key]
+
+    def chunks(self, placement, batch_size, seeds, epoch, start, stop, chunk_steps):
+        orders = np.stack([data_lib.epoch_order(seed, epoch, len(self)) for seed in seeds],
+                          axis=1)  # (examples, seeds)
+        for first in range(start, stop, chunk_steps):
+            n = min(chunk_steps, stop - first)
+            indices = orders[first * batch_size:(first + n) * batch_size].reshape(
+                n, batch_size, len(seeds)).transpose(0, 2, 1).astype(np.int32)
+            if len(seeds) == 1:
+                indices = indices[:, 0]
+            yield self._placed(placement), placement.to_global(indices, placement.replicated), n
+
+    @staticmethod
+    def batch(data, x, placement):
+        batch = jax.tree.map(lambda a: a[x], data)
+        return jax.lax.with_sharding_constraint(batch, placement.batch)
+
+
+class TFData(DataSource):
+    """Batches from the tf.data pipeline (:func:`bioflax.data.train_batches`), each process
+    reading its own part; one seed."""
+
+    def chunks(self, placement, batch_size, seeds, epoch, start, stop, chunk_steps):
+        (seed,) = seeds
+        batches = data_lib.train_batches(
+            self.split, batch_size, seed, epoch, start_step=start, chunk=chunk_steps,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        first = start
+        for chunk in batches:
+            n = min(len(chunk["input"]), stop - first)
+            if n <= 0:
+                break
+            yield (), placement.to_global(jax.tree.map(lambda x: x[:n], chunk),
+                                          placement.chunk), n
+            first += n
+
+    @staticmethod
+    def batch(data, x, placement):
+        return x

@@ -1,0 +1,32 @@
+"""clu metric helpers for metrics computed inside the compiled step."""
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics as clu_metrics
+
+
+def averages(values: Mapping[str, jax.Array], weight) -> dict[str, clu_metrics.Average]:
+    """Each scalar as a clu ``Average`` counted ``weight`` (0 or 1) times."""
+    return {name: clu_metrics.Average(total=jnp.asarray(value, jnp.float32) * weight,
+                                      count=jnp.asarray(weight, jnp.int32))
+            for name, value in values.items()}
+
+
+def merge_averages(a: dict[str, clu_metrics.Average], b: dict[str, clu_metrics.Average]):
+    return {name: a[name].merge(b[name]) for name in a}
+
+
+def compute_collection(collection: clu_metrics.Collection) -> dict[str, np.ndarray]:
+    """Each metric's value; unlike ``Collection.compute`` it accepts a leading seed axis."""
+    return {field.name: np.asarray(getattr(collection, field.name).compute())
+            for field in dataclasses.fields(collection) if not field.name.startswith("_")}
+
+
+def compute_averages(metrics: Mapping[str, clu_metrics.Average]) -> dict[str, np.ndarray]:
+    """The averages that were counted at least once (per seed, when stacked)."""
+    return {name: np.asarray(m.total) / np.asarray(m.count)
+            for name, m in metrics.items() if np.all(np.asarray(m.count) > 0)}

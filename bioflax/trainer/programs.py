@@ -1,0 +1,179 @@
+"""The compiled programs of a :class:`Task`: training chunks, evaluation, prediction.
+
+A training chunk is one jitted program of many steps (``lax.scan``), so the host sees the
+device once per chunk. Step metrics (e.g. alignment) run only on the steps where they are
+due: a static *plan* splits the chunk into runs of steps that need the same metrics, each
+its own scan, so no step waits on a device-side condition. With ``num_seeds > 1`` every
+program is vmapped over a leading seed axis of the state (the step count is shared).
+"""
+
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bioflax.trainer import metric_utils
+from bioflax.trainer.placement import Placement
+from bioflax.trainer.task import Task, TrainState, init_state
+
+
+def plan(task: Task, first_step: int, num_steps: int) -> tuple:
+    """Runs ``(length, due)`` of consecutive steps that need the same step metrics.
+
+    Steps are counted within the epoch (``first_step`` is the chunk's first step in its
+    epoch): a metric is due where that count is a multiple of its ``every``. Chunks start
+    at the same places in every epoch, so plans, and compiled programs, repeat.
+    """
+    runs: list[list] = []
+    for step in range(first_step, first_step + num_steps):
+        due = tuple(step % metric.every == 0 for metric in task.step_metrics)
+        if runs and runs[-1][1] == due:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, due])
+    return tuple((length, due) for length, due in runs)
+
+
+def _zeros_like_shapes(shapes):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+class Programs:
+    """The jitted functions of ``task`` on ``placement``, each compiled once."""
+
+    def __init__(self, task: Task, placement: Placement):
+        self.task = task
+        self.placement = placement
+        self._compiled: dict = {}
+
+    def _cached(self, kind, build):
+        if kind not in self._compiled:
+            self._compiled[kind] = build()
+        return self._compiled[kind]
+
+    def init_state(self, seeds: Sequence[int], sample_input,
+                   total_steps: Optional[int]) -> TrainState:
+        """The state of ``seeds`` (stacked when several), replicated over the mesh."""
+        def one(key):
+            return init_state(self.task, key, sample_input, total_steps)
+
+        if len(seeds) == 1:
+            state = one(jax.random.key(seeds[0]))
+        else:
+            state = jax.vmap(one)(jnp.stack([jax.random.key(seed) for seed in seeds]))
+            state = state.replace(step=0)
+        return jax.device_put(state, self.placement.replicated)
+
+    def _per_seed(self, function, batched_args=()):
+        """``function(state, *args)`` vmapped over the seed axis of the state (not its step
+        count) and of ``batched_args``; unchanged with one seed."""
+        if self.placement.num_seeds == 1:
+            return function
+
+        def vmapped(state, *args):
+            axes = state.replace(step=None, params=0, opt_state=0, model_state=0, rng=0)
+            in_axes = (axes, *[0 if i in batched_args else None for i in range(len(args))])
+            out = jax.vmap(function, in_axes=in_axes)(state, *args)
+            if isinstance(out, tuple) and isinstance(out[0], TrainState):
+                out = (out[0].replace(step=out[0].step[0]), *out[1:])
+            return out
+
+        return vmapped
+
+    def _train_step(self, state: TrainState, batch, due: tuple[bool, ...]):
+        """One update; ``due[i]``: whether ``task.step_metrics[i]`` runs at this step."""
+        task = self.task
+
+        def loss_and_outputs(params):
+            outputs, model_state = task.train_forward(params, state, batch["input"])
+            per_example = task.loss(outputs, batch["target"])
+            return per_example.mean(), (outputs, per_example, model_state)
+
+        (loss, (outputs, per_example, model_state)), grads = jax.value_and_grad(
+            loss_and_outputs, has_aux=True)(state.params)
+        metrics = task.metrics.single_from_model_output(
+            loss=per_example, logits=outputs, labels=batch["target"])
+        step_metrics = {}
+        for metric, is_due in zip(task.step_metrics, due):
+            if is_due:
+                step_metrics.update(metric_utils.averages(
+                    metric(lambda p: loss_and_outputs(p)[0], state.params, state.model_state,
+                           grads), 1))
+        state = state.apply_gradients(grads=grads).replace(model_state=model_state)
+        return state, (metrics, step_metrics), loss
+
+    def _train_chunk(self, get_batch, steps_plan, state: TrainState, xs):
+        def train_step(state, batch, due):
+            return self._per_seed(functools.partial(self._train_step, due=due),
+                                  batched_args=(0,))(state, batch)
+
+        def step(carry, x, due):
+            state, (metrics, step_metrics) = carry
+            state, (m, s), loss = train_step(state, get_batch(x), due)
+            return (state, (metrics.merge(m), metric_utils.merge_averages(step_metrics, s))), loss
+
+        first = get_batch(jax.tree.map(lambda x: x[0], xs))
+
+        def zero_metrics(due):
+            return _zeros_like_shapes(jax.eval_shape(lambda: train_step(state, first, due)[1]))
+
+        metrics, totals = zero_metrics((True,) * len(self.task.step_metrics))
+        losses, offset = [], 0
+        for length, due in steps_plan:
+            run = jax.tree.map(lambda x, o=offset, n=length: x[o:o + n], xs)
+            # A run carries only the step metrics due in it: none on most steps.
+            (state, (metrics, due_metrics)), run_losses = jax.lax.scan(
+                functools.partial(step, due=due), (state, (metrics, zero_metrics(due)[1])),
+                run)
+            totals = {**totals, **metric_utils.merge_averages(
+                {name: totals[name] for name in due_metrics}, due_metrics)}
+            losses.append(run_losses)
+            offset += length
+        return state, (metrics, totals), jnp.concatenate(losses), _all_finite(state.params)
+
+    def train_chunk(self, source_type: type):
+        """``program(plan, state, data, xs) -> (state, (metrics, step_metrics), losses,
+        params_finite)`` for a :class:`DataSource` type; compiled once per plan, the state
+        donated."""
+        def build():
+            def program(steps_plan, state, data, xs):
+                return self._train_chunk(
+                    lambda x: source_type.batch(data, x, self.placement), steps_plan, state, xs)
+            return jax.jit(program, static_argnums=(0,), donate_argnums=(1,),
+                           out_shardings=self.placement.replicated)
+        return self._cached(("train", source_type), build)
+
+    def evaluate(self):
+        """``program(state, batch)``: the metric collection of one masked batch."""
+        task = self.task
+
+        @self._per_seed
+        def evaluate(state, batch):
+            outputs = task.eval_forward(state, batch["input"])
+            return task.metrics.single_from_model_output(
+                loss=task.loss(outputs, batch["target"]), logits=outputs,
+                labels=batch["target"], mask=batch["mask"])
+        return self._cached("eval", lambda: jax.jit(
+            evaluate, out_shardings=self.placement.replicated))
+
+    def predict(self):
+        """``program(state, inputs)``: the module's outputs in evaluation mode."""
+        return self._cached("predict", lambda: jax.jit(
+            self._per_seed(self.task.eval_forward), out_shardings=self.placement.replicated))
+
+
+def scalars(values: dict[str, Any], num_seeds: int) -> dict[str, float]:
+    """Metric values as floats; with several seeds their mean under the metric's name and
+    each seed's value under ``seed_i/NAME``."""
+    if num_seeds == 1:
+        return {name: float(value) for name, value in values.items()}
+    logs = {name: float(np.mean(value)) for name, value in values.items()}
+    for name, value in values.items():
+        logs.update({f"seed_{i}/{name}": float(v) for i, v in enumerate(np.ravel(value))})
+    return logs
