@@ -531,8 +531,10 @@ class Trainer:
         for batch in data_lib.eval_batches(split, batch_size, process_index=jax.process_index(),
                                            process_count=jax.process_count()):
             out = apply(state, self._global(batch["input"], self.input_sharded))
-            outputs.append(np.asarray(out)[..., batch["mask"] > 0, :])
-        return np.concatenate(outputs, axis=-2)
+            outputs.append(np.asarray(out))
+        # Whole global batches in order, padded at the end: the first len(inputs) rows are real
+        # (the mask of a batch holds only this process's rows).
+        return np.concatenate(outputs, axis=-2)[..., :len(inputs), :]
 
     def _fitted_state(self) -> TrainState:
         if self.state is None:
