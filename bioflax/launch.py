@@ -162,6 +162,11 @@ def _stop(processes) -> None:
             process.kill()
 
 
+def _usage_error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bioflax.launch", description=__doc__.split("\n\n", 1)[0],
@@ -177,16 +182,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        parser.error("no command: put it after --, e.g. -- main.py --config=... --workdir=...")
+        return _usage_error("no command to run: put it after --, e.g. "
+                            "-- main.py --config=CONFIG --workdir=DIR.")
     if args.processes < 1:
-        parser.error(f"--processes={args.processes} must be at least 1")
+        return _usage_error(f"--processes={args.processes} must be at least 1.")
     if args.devices_per_process is not None and args.devices_per_process < 1:
-        parser.error(f"--devices-per-process={args.devices_per_process} must be at least 1")
+        return _usage_error(
+            f"--devices-per-process={args.devices_per_process} must be at least 1.")
     logdir = args.logdir
     if logdir is None:
         workdir = workdir_of(command)
         if workdir is None:
-            parser.error("the command has no --workdir: pass --logdir=DIR for the logs")
+            return _usage_error("the command has no --workdir for the logs to go to: add "
+                                "--logdir=DIR before --.")
         logdir = os.path.join(workdir, "logs")
     return launch(command, args.processes, pathlib.Path(logdir), args.devices_per_process)
 
