@@ -120,13 +120,15 @@ def launch(command: list[str], num_processes: int, logdir: pathlib.Path,
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            running = any(p.poll() is None for p in processes)
-            failed = next((i for i, p in enumerate(processes)
-                           if p.poll() not in (None, 0)), None)
-            if failed is not None or not running:
-                break
-            time.sleep(_POLL_S)
+        # Wait for each exit as it happens, so that the first process to fail is the one
+        # named (the others fail soon after it, on their collectives).
+        running, failed = {p.pid: i for i, p in enumerate(processes)}, None
+        while running and failed is None:
+            pid, status = os.waitpid(-1, 0)
+            if pid in running:
+                i = running.pop(pid)
+                processes[i].returncode = os.waitstatus_to_exitcode(status)
+                failed = i if processes[i].returncode else None
         if failed is not None and not forwarded:
             _stop(processes)
         for process in processes:

@@ -21,7 +21,7 @@ from e2e import (checkpoint_steps, environment, flat_arrays, load_checkpoint, ma
 
 TEACHER = "configs/teacher.py"
 STEPS_PER_EPOCH = 16  # 1024 examples in global batches of 64
-EPOCHS = 12
+EPOCHS = 8
 RUN = ("--config.model.mode=kp", "--config.data.train_size=1024", "--config.data.test_size=500",
        "--config.data.batch_size=64", "--config.data.eval_batch_size=500",
        "--config.training.log_every_steps=16", "--config.training.checkpoint_every_steps=16",
@@ -77,28 +77,28 @@ def reference(tmp_path_factory):
 
 def test_in_memory_run_matches_one_process_and_checkpoints_move_between_them(tmp_path,
                                                                             reference):
-    # 1 -> 2 processes: resume from the reference's checkpoint of epoch 4.
+    # 1 -> 2 processes: resume from the reference's checkpoint of epoch 3.
     shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
-    for step in checkpoint_steps(tmp_path)[4:]:
+    for step in checkpoint_steps(tmp_path)[3:]:
         shutil.rmtree(tmp_path / "checkpoints" / str(step))
-    result = run_two_processes(tmp_path, epochs(8), "--config.plots=True")
+    result = run_two_processes(tmp_path, epochs(6), "--config.plots=True")
     assert result.returncode == 0, result.stderr[-3000:]
     for process in (0, 1):
-        assert "Resuming from the checkpoint of step 64" in log(tmp_path, process)
+        assert "Resuming from the checkpoint of step 48" in log(tmp_path, process)
     # Checkpoints written once, each whole; the files of a run written by process 0 only.
     assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(
-        str(16 * e) for e in range(1, 9))
+        str(STEPS_PER_EPOCH * e) for e in range(1, 7))
     events = [p.name for p in tmp_path.iterdir() if p.name.startswith("events.out")]
     process_0 = (tmp_path / ".lock").read_text().split()[1]  # "pid N on HOST"
     assert len(events) == 1 and f".{process_0}." in events[0], (events, process_0)
     assert sorted(os.listdir(tmp_path / "plots"))
     assert '"num_processes": 2' in (tmp_path / "result.json").read_text()
 
-    # 2 -> 1 process: the multi-process checkpoint of epoch 8 resumes on one process.
+    # 2 -> 1 process: the multi-process checkpoint of epoch 6 resumes on one process.
     result = run_main(TEACHER, tmp_path, *RUN, epochs(EPOCHS), devices=4)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resuming from the checkpoint of step 128" in result.stderr
-    assert_same_run(tmp_path, reference, first_step=64)
+    assert "Resuming from the checkpoint of step 96" in result.stderr
+    assert_same_run(tmp_path, reference, first_step=48)
 
 
 def process_ids(launcher: subprocess.Popen) -> dict[int, int]:
@@ -120,7 +120,7 @@ def test_tf_data_run_killed_on_one_process_stops_and_resumes_past_a_corrupt_chec
                                 env=environment(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while not [s for s in checkpoint_steps(tmp_path) if s >= 80]:
+    while not [s for s in checkpoint_steps(tmp_path) if s >= 64]:
         assert launcher.poll() is None, launcher.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
