@@ -4,6 +4,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 
 # Before TensorFlow loads (through tensorflow_datasets and clu): no oneDNN or TPU-probe notices.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -11,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 from ml_collections import config_flags
 
-from bioflax import train
+from bioflax import distributed, train
 from bioflax.errors import BioflaxError, ConfigError, TrainingInterrupted
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -29,8 +30,12 @@ class _DropLibraryChatter(logging.Filter):
             for library in ("/orbax/", "/clu/platform/", "/tensorflow_datasets/"))
 
 
-def _fail(message: str, exit_code: int):
+def _fail(message: str, exit_code: int, *, every_process: bool = False):
+    """Prints ``error: message`` and exits; in a multi-process run without waiting for the
+    other processes, unless the failure is known to reach ``every_process`` at once."""
     print(f"error: {message}", file=sys.stderr)
+    if not every_process:
+        distributed.exit_alone(exit_code)
     sys.exit(exit_code)
 
 
@@ -58,9 +63,15 @@ def main(argv):
     except ConfigError as error:
         _fail(str(error), 2)
     except TrainingInterrupted as interrupted:
-        _fail(str(interrupted), 130 if interrupted.signal_name == "SIGINT" else 143)
+        _fail(str(interrupted), 130 if interrupted.signal_name == "SIGINT" else 143,
+              every_process=True)
     except BioflaxError as error:
         _fail(str(error), 1)
+    except Exception:  # a bug: it keeps its traceback; a multi-process run stops at once
+        if distributed.joined():
+            traceback.print_exc()
+            distributed.exit_alone(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from bioflax import distributed
 from bioflax.errors import CheckpointError
 from bioflax.trainer import Callback, CheckpointCallback, TrainState, Trainer
 
@@ -62,20 +63,25 @@ class ModelCheckpoint(CheckpointCallback):
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
+            restored, error = None, None
             try:
                 metadata = self.manager.item_metadata(step)
                 saved = getattr(metadata.get("state") if metadata else None, "tree", None)
                 if not isinstance(saved, Mapping):
                     raise FileNotFoundError("its metadata is missing")
-            except Exception as error:  # pylint: disable=broad-except
-                self._set_aside(step, error)
-                continue
-            _check_same_model(saved, target, step, self.directory)
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), callbacks=ocp.args.JsonRestore()))
-            except Exception as error:  # pylint: disable=broad-except
-                self._set_aside(step, error)
+            except Exception as caught:  # pylint: disable=broad-except
+                error = caught
+            if error is None:
+                _check_same_model(saved, target, step, self.directory)
+                try:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract),
+                        callbacks=ocp.args.JsonRestore()))
+                except Exception as caught:  # pylint: disable=broad-except
+                    error = caught
+            # Every process must take the same decision: unreadable if unreadable to any.
+            if distributed.any_process(error is not None):
+                self._set_aside(step, error or RuntimeError("another process could not read it"))
                 continue
             logger.info("Resuming from the checkpoint of step %d in %s.", step,
                            self.directory)
@@ -88,16 +94,20 @@ class ModelCheckpoint(CheckpointCallback):
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
-        path = os.path.join(self.directory, str(step))
-        aside = f"{path}.unreadable"
-        suffix = 1
-        while os.path.exists(aside):
-            aside, suffix = f"{path}.unreadable{suffix}", suffix + 1
-        os.rename(path, aside)
+        """Renames checkpoint ``step`` to ``STEP.unreadable``: process 0 does, the others
+        wait for it (every process must call this)."""
+        if jax.process_index() == 0:
+            path = os.path.join(self.directory, str(step))
+            aside = f"{path}.unreadable"
+            suffix = 1
+            while os.path.exists(aside):
+                aside, suffix = f"{path}.unreadable{suffix}", suffix + 1
+            os.rename(path, aside)
+            logger.warning("The checkpoint of step %d in %s is unreadable (%s: %s); moved it "
+                           "to %s and trying the next older one.", step, self.directory,
+                           type(error).__name__, str(error)[:300], aside)
+        distributed.barrier(f"checkpoint {step} set aside")
         self.manager.reload()
-        logger.warning("The checkpoint of step %d in %s is unreadable (%s: %s); moved it to %s "
-                       "and trying the next older one.", step, self.directory,
-                       type(error).__name__, str(error)[:300], aside)
 
     def save(self, state: TrainState, callback_states: Mapping[str, Any]) -> None:
         step = int(state.step)

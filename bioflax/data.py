@@ -247,7 +247,7 @@ def _make_teacher(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
     teacher = models.TeacherNetwork(
         hidden_layers=tuple(cfg.teacher_hidden_layers), features=output_dim,
         activation=cfg.teacher_activation)
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's: a multi-process run has others
     with jax.default_device(cpu), jax.default_matmul_precision("highest"):
         params = teacher.init(jax.random.key(seed), x_train[:1])
         y_train = np.asarray(teacher.apply(params, x_train), dtype=np.float32)

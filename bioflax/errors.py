@@ -40,3 +40,7 @@ class TrainingInterrupted(BioflaxError):
         super().__init__(f"{signal_name} stopped training at step {step}; the state of that "
                          "step is checkpointed. Run the same command again to resume.")
         self.signal_name, self.step = signal_name, step
+
+
+class DistributedError(BioflaxError, RuntimeError):
+    """The processes of a multi-process run cannot be joined (environment, launcher)."""

@@ -20,6 +20,7 @@ from flax import linen as nn
 from bioflax import callbacks as callbacks_lib
 from bioflax import config_validation
 from bioflax import data as data_lib
+from bioflax import distributed
 from bioflax import metrics as metrics_lib
 from bioflax import models
 from bioflax import plots
@@ -138,8 +139,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The result holds ``history`` (one dict per epoch), ``test`` (final test metrics,
     ``test/loss`` ...) and ``state`` (the trained TrainState).
     """
-    if config.training.multi_host:
-        jax.distributed.initialize()
+    if config.training.multi_host or distributed.requested():
+        distributed.initialize()
     config_validation.validate(config)
     one_run_per_workdir = (workdir_lib.exclusive(workdir) if jax.process_index() == 0
                            else contextlib.nullcontext())
@@ -161,7 +162,8 @@ def write_result(workdir: str, test: dict[str, float], steps: int, first_step: i
         "test": {name: float(value) for name, value in test.items()},
         "steps": steps, "first_step": first_step, "wall_time_s": round(wall_time_s, 1),
         "device": devices[0].device_kind, "platform": devices[0].platform,
-        "num_devices": len(devices), "jax_version": jax.__version__,
+        "num_devices": len(devices), "num_processes": jax.process_count(),
+        "jax_version": jax.__version__,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     path = os.path.join(workdir, workdir_lib.RESULT_FILE)
@@ -208,7 +210,7 @@ def _train_and_evaluate(config, workdir, info, splits):
     logger.info("Finished at step %d: %s. Every curve: tensorboard --logdir %s", step,
                 "  ".join(f"{name} {value:.4g}" for name, value in test.items()
                           if not name.startswith("seed_")), workdir)
-    if config.plots and jax.process_index() == 0:
+    if config.plots:
         _write_plots(workdir, writer, step, trainer, task, fit.state, info, splits["test"])
     if jax.process_index() == 0 and not fast_dev_run:
         write_result(workdir, test, step, fit.first_step, time.perf_counter() - started)
@@ -239,9 +241,14 @@ def _hidden_angle(num_hidden: int):
 
 
 def _write_plots(workdir, writer, step, trainer, task, state, info, test):
-    """Alignment curves and test predictions, as PNG files in workdir/plots and in TensorBoard."""
+    """Alignment curves and test predictions, as PNG files in workdir/plots and in TensorBoard.
+
+    Every process computes the predictions (one program over all devices); process 0 draws.
+    """
     sample = data_lib.Split(test.inputs[:1000], test.targets[:1000])
     outputs = trainer.predict(task, state, sample.inputs)
+    if jax.process_index() > 0:
+        return
     if trainer.num_seeds > 1:
         outputs = outputs[0]  # the first seed's predictions
     figures = plots.run_figures(read_scalars(workdir), info.task, sample.inputs,

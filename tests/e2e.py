@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -38,8 +39,12 @@ def checkpoint_steps(workdir) -> list[int]:
 
 
 def load_checkpoint(workdir, step: int) -> dict:
+    """Checkpoint ``step`` of ``workdir`` on this process's first device, whatever devices
+    and processes wrote it."""
     path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
-    return ocp.StandardCheckpointer().restore(path)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+        path, args=ocp.args.StandardRestore(fallback_sharding=here))
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:

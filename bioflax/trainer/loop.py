@@ -279,8 +279,10 @@ class Trainer:
         for batch in data_lib.eval_batches(split, batch_size, process_index=jax.process_index(),
                                            process_count=jax.process_count()):
             out = apply(state, self.placement.to_global(batch["input"], self.placement.inputs))
-            outputs.append(np.asarray(out)[..., batch["mask"] > 0, :])
-        return np.concatenate(outputs, axis=-2)
+            outputs.append(np.asarray(out))
+        # Whole global batches in order, padded at the end: the first len(inputs) rows are real
+        # (the mask of a batch holds only this process's rows).
+        return np.concatenate(outputs, axis=-2)[..., :len(inputs), :]
 
 
 def _check_finite(losses: np.ndarray, params_finite: bool, step: int) -> None:
