@@ -188,3 +188,11 @@ def test_each_process_gets_its_id_the_count_a_shared_port_and_its_devices():
 def test_launcher_input_mistakes_are_one_error_line(capsys, argv, expected):
     assert launch.main(argv) == 2
     assert capsys.readouterr().err.strip().startswith(expected)
+
+
+def test_importing_bioflax_starts_no_jax_backend():
+    """jax.distributed.initialize must come before any backend use: importing may not."""
+    code = ("import bioflax, bioflax.train, bioflax.converter, bioflax.zoo\n"
+            "import jax._src.xla_bridge as xb\nassert not xb._backends, list(xb._backends)")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=pathlib.Path(__file__).resolve().parents[1])

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from flax.training import train_state
@@ -16,7 +17,7 @@ OptimizerFactory = Callable[[int], optax.GradientTransformation]
 
 # The key an evaluation or prediction pass draws its random streams from (a step number no
 # training run reaches), so that evaluating twice gives the same numbers.
-_EVAL_STEP = jnp.uint32(0xFFFFFFFF)
+_EVAL_STEP = np.uint32(0xFFFFFFFF)  # NumPy: importing must not start the JAX backend
 
 
 class TrainState(train_state.TrainState):
