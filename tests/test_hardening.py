@@ -48,7 +48,7 @@ def wait_for_checkpoint(process: subprocess.Popen, workdir, at_least: int = 1,
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("model.mode", "fb", "choose one of ['bp', 'fa', 'kp', 'dfa', 'interpolate_fa_bp']"),
+    ("model.mode", "fb", "choose one of ['bp', 'fa', 'kp', 'interpolate_fa_bp', 'usf', 'frsf', 'brsf', 'dfa']"),
     ("model.activations", ("swish2",), "model.activations[0] = 'swish2'"),
     ("optimizer.name", "adagrad", "choose one of ['sgd', 'rmsprop', 'adam']"),
     ("optimizer.rmsprop_decay", 1.0, "optimizer.rmsprop_decay = 1.0 is invalid"),
