@@ -105,6 +105,35 @@ def test_main_reports_an_override_of_a_missing_field(tmp_path):
     assert "--config.optimizer.learning_rat" in line and "no such field" in line
 
 
+def test_a_missing_config_file_is_named(tmp_path):
+    missing = tmp_path / "nope.py"
+    for overrides in ((), ("--config.seed=1",)):  # overrides make the flag parser load it
+        result = run_main(str(missing), tmp_path / "run", *overrides)
+        assert result.returncode == 2
+        line = one_error_line(result)
+        assert f"the config file {missing} cannot be loaded: there is no such file" in line
+        assert "--config=" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_that_cannot_be_created_is_named(tmp_path):
+    result = run_main(TEACHER, "/proc/bioflax_workdir", *QUIET)
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "the workdir /proc/bioflax_workdir cannot be created" in line
+    assert "Choose a directory that you can write to" in line
+
+
+def test_a_workdir_that_is_a_file_is_refused_and_the_file_kept(tmp_path):
+    path = tmp_path / "results.txt"
+    path.write_text("keep me")
+    result = run_main(TEACHER, path, *QUIET)
+    assert result.returncode == 2
+    assert (f"the workdir {path} is an existing file, not a directory"
+            in one_error_line(result))
+    assert path.read_text() == "keep me"
+
+
 # --- data -----------------------------------------------------------------------------
 
 
