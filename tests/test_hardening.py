@@ -56,7 +56,11 @@ def wait_for_checkpoint(process: subprocess.Popen, workdir, at_least: int = 1,
                             "'sigmoid_squared_error']"),
     ("model.input_layer_kernel_init", "ones", "choose one of ['lecun_normal',"),
     ("training.early_stopping_mode", "up", "choose one of ['min', 'max']"),
-    ("data.dataset", "cifar10", "choose one of ['mnist', 'teacher', 'sinreg']"),
+    ("data.dataset", "imagenet2012", "choose one of ['mnist', 'fashion_mnist', 'cifar10', "
+                                     "'cifar100', 'svhn_cropped', 'teacher', 'sinreg']"),
+    ("data.random_flip", True, "augmentation runs in the tf.data pipeline: set "
+                               "data.in_memory = False"),
+    ("data.random_crop_padding", -1, "data.random_crop_padding = -1 is invalid"),
     ("model.activations", ("relu", "relu"), "needs one activation per hidden layer"),
     ("model.hidden_layers", (0,), "model.hidden_layers[0] = 0 is invalid: must be an integer > 0"),
     ("data.batch_size", -8, "data.batch_size = -8 is invalid: must be an integer > 0"),
