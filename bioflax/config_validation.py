@@ -113,6 +113,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ConfigError(field, _get(config, field),
                               "augmentation runs in the tf.data pipeline: set "
                               "data.in_memory = False")
+    if config.data.streaming and not images:
+        raise ConfigError("data.streaming", True, f"data.dataset = {config.data.dataset!r} is "
+                          "generated in memory; only TFDS data sets stream")
+    if config.data.streaming and config.data.in_memory:
+        raise ConfigError("data.streaming", True, "a streamed data set is read through tf.data: "
+                          "set data.in_memory = False")
     if not images:
         for field in ("data.input_dim", "data.output_dim", "data.train_size",
                       "data.test_size"):

@@ -26,11 +26,13 @@ True: fetch a TFDS data set when no prepared copy is found and the network is re
 """
 
 import dataclasses
+import functools
 import math
 import os
+import queue
 import socket
 import threading
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import ml_collections
@@ -62,6 +64,9 @@ _VAL_SPLIT_STREAM = 0x76616C  # "val"
 _TEACHER_STREAM = 0x746561  # "tea"
 _SINREG_STREAM = 0x73696E  # "sin"
 _AUGMENT_STREAM = 0x617567  # "aug"
+_SHUFFLE_STREAM = 0x736875  # "shu"
+# Examples a streamed training split shuffles among (after shuffling its files).
+_SHUFFLE_BUFFER = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,60 @@ class Split:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def head(self, n: int) -> "Split":
+        """The first ``n`` examples (for plots and shapes)."""
+        return Split(self.inputs[:n], self.targets[:n])
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedSplit:
+    """A TFDS split that is read from its files as it is used, never held whole in memory
+    (``data.streaming``); each process reads only its own shard
+    (``tfds.split_for_jax_process``). :func:`train_batches` and :func:`eval_batches` take it
+    as they take a :class:`Split`; ``len`` is the number of examples the processes read
+    together in an epoch (every process the same number)."""
+
+    builder: object  # a prepared tfds.core.DatasetBuilder
+    split: str  # a TFDS split, possibly a slice ("train[:54000]")
+    mean: np.ndarray  # per channel
+    std: np.ndarray
+    input_shape: tuple[int, ...]
+    augmentation: Optional["Augmentation"] = None  # applied by train_batches only
+
+    def __len__(self) -> int:
+        count = jax.process_count()
+        return self.builder.info.splits[self.split].num_examples // count * count
+
+    def hold_out(self, fraction: float, seed: int) -> tuple["StreamedSplit", "StreamedSplit"]:
+        """The first ``1 − fraction`` of the split for training, the rest for validation
+        (a fixed cut: a streamed split has no random hold-out; ``seed`` is unused)."""
+        del seed
+        n = self.builder.info.splits[self.split].num_examples
+        cut = n - int(round(fraction * n))
+        if cut in (0, n):
+            raise ValueError(f"data.val_split={fraction} of {n} training examples leaves an "
+                             "empty training or validation split.")
+        return (dataclasses.replace(self, split=f"{self.split}[:{cut}]"),
+                dataclasses.replace(self, split=f"{self.split}[{cut}:]"))
+
+    def head(self, n: int) -> Split:
+        """The first ``n`` examples of the split in memory (for plots and shapes)."""
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        ds = self.builder.as_dataset(split=f"{self.split}[:{n}]", as_supervised=True)
+        images, labels = next(tfds.as_numpy(ds.batch(n).map(self._preprocess)))
+        return Split(images, labels)
+
+    def _examples(self, split: str, **read):
+        """``split``'s examples as a tf.data set of ``(uint8 image, label)``."""
+        return self.builder.as_dataset(split=split, as_supervised=True, **read)
+
+    def _preprocess(self, images, labels):
+        """Batched uint8 images → normalised float32 inputs; int32 labels (the same
+        arithmetic as the in-memory path, so the same values)."""
+        tf = _tensorflow()
+        x = (tf.cast(images, tf.float32) / 255.0 - self.mean) / self.std
+        return (tf.reshape(x, [-1, *self.input_shape]), tf.cast(labels, tf.int32))
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -119,7 +178,9 @@ def load(data_config: ml_collections.ConfigDict,
     info, train, test = DATASETS[name].load(data_config, seed)
     splits = {"train": train, "test": test}
     if val_split > 0:
-        splits["train"], splits["validation"] = _hold_out(train, val_split, seed)
+        hold_out = train.hold_out if isinstance(train, StreamedSplit) else functools.partial(
+            _hold_out, train)
+        splits["train"], splits["validation"] = hold_out(val_split, seed)
     augmentation = Augmentation.from_config(data_config)
     if augmentation is not None:
         splits["train"] = dataclasses.replace(splits["train"], augmentation=augmentation)
@@ -183,16 +244,19 @@ class TFDSImages:
     def load(self, data_config, seed: int) -> tuple[DatasetInfo, "Split", "Split"]:
         del seed
         builder = _prepared_builder(self.tfds_name, data_config)
-        arrays = _read_whole(builder, ("train", "test"))
         mean, std = self.normalization(data_config)
         shape = self.input_shape(data_config)
+        info = DatasetInfo(self.task, shape, self.num_classes)
+        if data_config.get("streaming", False):
+            stream = lambda split: StreamedSplit(builder, split, mean, std, shape)
+            return info, stream("train"), stream("test")
+        arrays = _read_whole(builder, ("train", "test"))
 
         def preprocess(images, labels) -> Split:
             x = images.astype(np.float32) / np.float32(255.0)
             x = ((x - mean) / std).reshape(len(images), *shape)
             return Split(x.astype(np.float32, copy=False), labels.astype(np.int32))
 
-        info = DatasetInfo(self.task, shape, self.num_classes)
         return info, preprocess(*arrays["train"]), preprocess(*arrays["test"])
 
 
@@ -485,13 +549,15 @@ def _aligned(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int, *,
+def train_batches(split: Split | StreamedSplit, global_batch_size: int, seed: int,
+                  epoch: int, *,
                   start_step: int = 0, chunk: int = 1, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
+                  process_count: int = 1, num_steps: Optional[int] = None) -> Iterator[dict]:
     """This process's training batches of one epoch, ``chunk`` steps at a time.
 
     Global batch ``i`` is ``epoch_order(seed, epoch, N)[i*B:(i+1)*B]`` (the last partial
-    batch is dropped); the first ``start_step`` batches are skipped; this process keeps rows
+    batch is dropped); the first ``start_step`` batches are skipped, and only ``num_steps``
+    batches are given when set (default: to the end of the epoch); this process keeps rows
     ``[p*B/P, (p+1)*B/P)`` of each; the split's augmentation, if any, is applied to every
     example as :meth:`Augmentation.draws` says for ``(seed, epoch)``. Yields ``{'input':
     (k, B/P, *input_shape), 'target': (k, B/P, ...)}`` NumPy arrays, ``k == chunk`` except possibly for the epoch's last chunk.
@@ -506,11 +572,18 @@ def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int, *
                          f"(steps per epoch).")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}.")
+    stop = steps if num_steps is None else start_step + num_steps
+    if not start_step <= stop <= steps:
+        raise ValueError(f"num_steps={num_steps} must be in [0, {steps - start_step}] "
+                         f"(steps left in the epoch after start_step={start_step}).")
     columns = _local_columns(global_batch_size, process_index, process_count,
                              "data.batch_size")
+    if isinstance(split, StreamedSplit):
+        return _streamed_train_batches(split, columns.stop - columns.start, seed, epoch,
+                                       start_step, stop, chunk, process_index, process_count)
 
     order = epoch_order(seed, epoch, n)[:steps * global_batch_size]
-    local_idx = order.reshape(steps, global_batch_size)[start_step:, columns]
+    local_idx = order.reshape(steps, global_batch_size)[start_step:stop, columns]
     tf = _tensorflow()
     inputs, targets = _as_tensors(split)
     augmentation = split.augmentation
@@ -530,8 +603,8 @@ def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int, *
     return ds.as_numpy_iterator()
 
 
-def eval_batches(split: Split, global_batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+def eval_batches(split: Split | StreamedSplit, global_batch_size: int, *,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
     """Every example exactly once, in order, in global batches of ``global_batch_size``.
 
     The last batch is padded to full size with zero rows; ``'mask'`` (float32) is 1 for a
@@ -540,6 +613,9 @@ def eval_batches(split: Split, global_batch_size: int, *, process_index: int = 0
     """
     columns = _local_columns(global_batch_size, process_index, process_count,
                              "data.eval_batch_size")
+    if isinstance(split, StreamedSplit):
+        return _streamed_eval_batches(split, columns.stop - columns.start, process_index,
+                                      process_count)
     n = len(split)
     num_batches = math.ceil(n / global_batch_size)
     padded = np.arange(num_batches * global_batch_size, dtype=np.int64)
@@ -564,3 +640,116 @@ def eval_batches(split: Split, global_batch_size: int, *, process_index: int = 0
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator()
+
+
+def _streamed_train_batches(split: StreamedSplit, local_batch: int, seed: int, epoch: int,
+                            start_step: int, stop: int, chunk: int, process_index: int,
+                            process_count: int) -> Iterator[dict]:
+    """:func:`train_batches` of a streamed split: this process's shard, its files and then
+    its examples (in a buffer of ``_SHUFFLE_BUFFER``) shuffled by ``(seed, epoch)``, cut into
+    local batches; a pure function of ``(seed, epoch)`` too, so a resumed run skips to the
+    same batches."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tf = _tensorflow()
+    shard = tfds.split_for_jax_process(split.split, process_index=process_index,
+                                       process_count=process_count, drop_remainder=True)
+    shuffle_seed = int(_rng(seed, _SHUFFLE_STREAM, _as_entropy(epoch)).integers(2 ** 31))
+    ds = split._examples(shard, shuffle_files=True,  # pylint: disable=protected-access
+                         read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
+    ds = ds.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=False)
+    augmentation = split.augmentation
+    if augmentation is not None:  # an example's draw: by its position in the epoch
+        shard_size = len(split) // process_count
+        draws = tf.constant(augmentation.draws(seed, epoch, len(split)))
+        ds = ds.enumerate(start=process_index * shard_size)
+    ds = ds.batch(local_batch, drop_remainder=True).skip(start_step).take(stop - start_step)
+
+    def preprocess(*batch):
+        position, (images, labels) = batch if augmentation is not None else (None, batch)
+        x, y = split._preprocess(images, labels)  # pylint: disable=protected-access
+        if augmentation is not None:
+            x = augmentation.apply(x, tf.gather(draws, position))
+        return {"input": x, "target": y}
+
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(chunk).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def _streamed_eval_batches(split: StreamedSplit, local_batch: int, process_index: int,
+                           process_count: int) -> Iterator[dict]:
+    """:func:`eval_batches` of a streamed split: each process reads its own shard in order,
+    padded (mask 0) to as many batches as the largest shard needs."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tf = _tensorflow()
+    shard = tfds.split_for_jax_process(split.split, process_index=process_index,
+                                       process_count=process_count)
+    splits = split.builder.info.splits
+    largest = math.ceil(splits[split.split].num_examples / process_count)
+    padding = math.ceil(largest / local_batch) * local_batch - splits[shard].num_examples
+    ds = split._examples(shard)  # pylint: disable=protected-access
+    blank = tf.zeros(ds.element_spec[0].shape, ds.element_spec[0].dtype)
+    ds = ds.map(lambda x, y: (x, y, 1.0)).concatenate(tf.data.Dataset.from_tensors(
+        (blank, tf.zeros([], ds.element_spec[1].dtype), 0.0)).repeat(padding))
+
+    def preprocess(images, labels, mask):
+        x, y = split._preprocess(images, labels)  # pylint: disable=protected-access
+        real = tf.reshape(mask > 0, [-1] + [1] * len(split.input_shape))
+        return {"input": tf.where(real, x, tf.zeros_like(x)), "target": y, "mask": mask}
+
+    ds = ds.batch(local_batch).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                                   deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def prefetch(items: Iterable, transform: Callable = lambda item: item, *,
+             size: int = 2) -> Iterator:
+    """``transform(item)`` for each of ``items``, in order, computed on a background thread
+    up to ``size`` items ahead of the consumer.
+
+    Meant for ``transform`` = "make this chunk a global device array": the host's copies of
+    the next chunks then overlap the device's work on the current one (big_vision's
+    ``prefetch_iterator`` is the same idea). An exception in the thread is raised to the
+    consumer; closing the iterator early stops the thread.
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}.")
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    stopped = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                result = (transform(item), None)
+                while not stopped.is_set():
+                    try:
+                        ready.put(result, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stopped.is_set():
+                    return
+            ready.put((done, None))
+        except BaseException as e:  # pylint: disable=broad-except  # re-raised below
+            ready.put((done, e))
+
+    def consume():
+        thread = threading.Thread(target=produce, name="bioflax-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                result, error = ready.get()
+                if result is done:
+                    if error is not None:
+                        raise error
+                    return
+                yield result
+        finally:
+            stopped.set()
+            while thread.is_alive():  # unblock a put waiting for room, then let it end
+                try:
+                    ready.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+
+    return consume()

@@ -123,7 +123,7 @@ def _train_and_evaluate(config, workdir, info, splits):
         num_seeds=training.num_seeds)
     _, total_steps = trainer.schedule(len(splits["train"]), config.data.batch_size)
     task = build_task(config, info, total_steps)
-    state = trainer.init_state(task, splits["train"].inputs[:1])
+    state = trainer.init_state(task, splits["train"].head(1).inputs)
     if checkpoint is not None:
         state = checkpoint.restore_latest(state) or state
     first_step = int(state.step)
@@ -145,7 +145,7 @@ def _train_and_evaluate(config, workdir, info, splits):
 
 def _write_plots(workdir, writer, step, trainer, task, info, test):
     """Alignment curves and test predictions, as PNG files in workdir/plots and in TensorBoard."""
-    sample = data_lib.Split(test.inputs[:1000], test.targets[:1000])
+    sample = test.head(1000)
     outputs = trainer.predict(task, sample.inputs)
     if trainer.num_seeds > 1:
         outputs = outputs[0]  # the first seed's predictions

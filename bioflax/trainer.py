@@ -329,15 +329,11 @@ class Trainer:
                 yield (self._dataset_on_device, self._global(indices, self.replicated)), n
             return
         batches = data_lib.train_batches(
-            train, batch_size, self.seed, epoch, start_step=start, chunk=k,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        first = start
-        for chunk in batches:
-            n = min(len(chunk["input"]), stop - first)
-            if n <= 0:
-                break
-            yield (self._global(jax.tree.map(lambda x: x[:n], chunk), self.chunk_sharded),), n
-            first += n
+            train, batch_size, self.seed, epoch, start_step=start, num_steps=stop - start,
+            chunk=k, process_index=jax.process_index(), process_count=jax.process_count())
+        # The next chunks become global arrays on a thread while the current one trains.
+        for chunk in data_lib.prefetch(batches, lambda c: self._global(c, self.chunk_sharded)):
+            yield (chunk,), chunk["input"].shape[0]
 
     # --- the loop ------------------------------------------------------------------------
 

@@ -40,6 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.teacher_hidden_layers = ()  # hidden widths of the teacher network
     data.teacher_activation = "identity"  # activation after every teacher layer
     data.in_memory = True  # hold the training split on the device (fast path) or use tf.data
+    # TFDS data sets: read the splits from their files as training goes, each process its own
+    # shard, instead of loading them whole into memory (for data sets larger than memory;
+    # needs data.in_memory = False). The validation split is then the last val_split of
+    # the training split, not a random one.
+    data.streaming = False
 
     config.model = model = ml_collections.ConfigDict()
     model.mode = "bp"  # 'bp', 'fa', 'kp', 'dfa' or 'interpolate_fa_bp'

@@ -3,9 +3,11 @@ synthetic teacher-student and sine tasks."""
 
 import collections
 import itertools
+import math
 import os
 import pathlib
 import shutil
+import threading
 import time
 
 import jax
@@ -490,3 +492,112 @@ def test_check_batch_size():
         data.check_batch_size(100, 8)
     with pytest.raises(ValueError, match=r"data\.eval_batch_size"):
         data.check_batch_size(100, 8, field="data.eval_batch_size")
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+
+def test_prefetch_keeps_order_and_runs_at_most_size_ahead():
+    produced = []
+
+    def items():
+        for i in range(10):
+            produced.append(i)
+            yield i
+
+    fetched = data.prefetch(items(), lambda i: i * i, size=2)
+    assert next(fetched) == 0
+    time.sleep(0.5)  # the thread fills the queue (2 items) and holds a third, ready to put
+    assert len(produced) <= 4
+    assert list(fetched) == [i * i for i in range(1, 10)]
+
+
+def test_prefetch_raises_the_threads_error_and_stops_when_closed():
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    fetched = data.prefetch(failing())
+    assert next(fetched) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(fetched)
+    before = {t for t in threading.enumerate() if t.name == "bioflax-prefetch"}
+    endless = data.prefetch(itertools.count(), size=1)
+    assert next(endless) == 0
+    endless.close()
+    assert {t for t in threading.enumerate() if t.name == "bioflax-prefetch"} == before
+
+
+def test_train_batches_num_steps_stops_early(mnist):
+    train = mnist[1]["train"]
+    full, _ = stack_chunks(data.train_batches(train, 500, 1, 4))
+    part, _ = stack_chunks(data.train_batches(train, 500, 1, 4, start_step=3, num_steps=8,
+                                              chunk=3))
+    np.testing.assert_array_equal(part, full[3:11])
+    with pytest.raises(ValueError, match="num_steps"):
+        data.train_batches(train, 500, 1, 4, start_step=110, num_steps=20)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.fixture(scope="module")
+def streamed():
+    return data.load(make_config(streaming=True), seed=0)
+
+
+def test_streamed_mnist_reads_every_training_example_once_per_epoch(mnist, streamed):
+    info, splits = streamed
+    assert info == mnist[0] and set(splits) == {"train", "test"}
+    train = splits["train"]
+    assert isinstance(train, data.StreamedSplit) and len(train) == 60_000
+    inputs, targets = stack_chunks(data.train_batches(train, 500, seed=2, epoch=0, chunk=40))
+    assert inputs.shape == (120, 500, 784) and targets.shape == (120, 500)
+    # The same values as the in-memory path: the same normalisation, every example once.
+    read = data.Split(inputs.reshape(-1, 784), targets.ravel())
+    assert collections.Counter(row_keys(read)) == collections.Counter(row_keys(mnist[1]["train"]))
+    assert not np.array_equal(targets.ravel(), mnist[1]["train"].targets)  # shuffled
+
+    # A pure function of (seed, epoch): the same batches again, from any start step.
+    again, _ = stack_chunks(data.train_batches(train, 500, seed=2, epoch=0, start_step=7,
+                                               num_steps=5, chunk=2))
+    np.testing.assert_array_equal(again, inputs[7:12])
+    other, _ = stack_chunks(data.train_batches(train, 500, seed=2, epoch=1, num_steps=2))
+    assert not np.array_equal(other, inputs[:2])
+
+
+def test_streamed_mnist_processes_read_disjoint_shards(mnist, streamed):
+    train = streamed[1]["train"]
+    parts = [stack_chunks(data.train_batches(train, 500, 0, 0, chunk=60, process_index=p,
+                                             process_count=2)) for p in range(2)]
+    keys = [set(row_keys(data.Split(x.reshape(-1, 784), y.ravel()))) for x, y in parts]
+    assert parts[0][0].shape == (120, 250, 784)
+    assert not keys[0] & keys[1]
+    assert keys[0] | keys[1] == set(row_keys(mnist[1]["train"]))
+
+
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_streamed_evaluation_reads_every_example_once_in_order(mnist, streamed, process_count):
+    test = streamed[1]["test"]
+    assert len(test) == 10_000  # one process here
+    real = []
+    for p in range(process_count):
+        batches = list(data.eval_batches(test, 3 * 128, process_index=p,
+                                         process_count=process_count))
+        assert len(batches) == math.ceil(math.ceil(10_000 / process_count) / (384 // process_count))
+        for b in batches:
+            keep = b["mask"] > 0
+            assert not b["input"][~keep].any()
+            real.append((b["input"][keep], b["target"][keep]))
+    inputs = np.concatenate([x for x, _ in real])
+    np.testing.assert_array_equal(inputs, mnist[1]["test"].inputs)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in real]),
+                                  mnist[1]["test"].targets)
+
+
+def test_streamed_validation_is_the_end_of_the_training_split(mnist):
+    _, splits = data.load(make_config(streaming=True, val_split=0.1), seed=0)
+    assert len(splits["train"]) == 54_000 and len(splits["validation"]) == 6_000
+    head = splits["validation"].head(6_000)
+    np.testing.assert_array_equal(head.inputs, mnist[1]["train"].inputs[54_000:])
+    np.testing.assert_array_equal(head.targets, mnist[1]["train"].targets[54_000:])
