@@ -143,8 +143,8 @@ class StreamedSplit:
     def head(self, n: int) -> Split:
         """The first ``n`` examples of the split in memory (for plots and shapes)."""
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-        ds = self.builder.as_dataset(split=f"{self.split}[:{n}]", as_supervised=True)
-        images, labels = next(tfds.as_numpy(ds.batch(n).map(self._preprocess)))
+        ds = self._examples(self.split).take(n).batch(n).map(self._preprocess)
+        images, labels = next(iter(tfds.as_numpy(ds)))
         return Split(images, labels)
 
     def _examples(self, split: str, **read):
