@@ -13,7 +13,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bioflax import distributed, train
-from bioflax.errors import BioflaxError, ConfigError, TrainingInterrupted
+from bioflax.errors import (BioflaxError, ConfigError, ConfigFileError, TrainingInterrupted,
+                            WorkdirError)
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
@@ -45,6 +46,11 @@ def parse_flags(argv):
         return flags.FLAGS(argv)
     except flags.Error as error:
         _fail(f"{error}\nPass --helpfull to see the flags.", 2)
+    except OSError as error:  # an override of a config whose file could not be loaded
+        argument = next((value for flag, value in zip(argv, argv[1:]) if flag == "--config"),
+                        next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                             ""))
+        _fail(str(config_file_error(argument, error)), 2)
     except (AttributeError, KeyError) as error:
         missing = re.findall(r"'([^']+)'", str(error))
         overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
@@ -53,14 +59,35 @@ def parse_flags(argv):
               "their meaning are listed in configs/default.py.", 2)
 
 
+def config_file_error(argument: str, error: OSError) -> ConfigFileError:
+    """What went wrong loading the --config file ``argument`` (``PATH[:ARG]``), in one line."""
+    path = argument.split(":", 1)[0]
+    reason = ("there is no such file" if not os.path.exists(path) else
+              "it is a directory" if os.path.isdir(path) else
+              str(error.__cause__ or error).splitlines()[0])
+    return ConfigFileError(path, reason)
+
+
+def loaded_config():
+    """The --config flag's config; ConfigFileError when its file could not be loaded (the
+    config flag defers that error to the first use of the config)."""
+    config = flags.FLAGS.config
+    try:
+        config.get("seed")
+    except OSError as error:
+        raise config_file_error(config_flags.get_config_filename(flags.FLAGS["config"]),
+                                error) from error
+    return config
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropLibraryChatter())
     try:
-        train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except ConfigError as error:
+        train.train_and_evaluate(loaded_config(), flags.FLAGS.workdir)
+    except (ConfigError, ConfigFileError, WorkdirError) as error:
         _fail(str(error), 2)
     except TrainingInterrupted as interrupted:
         _fail(str(interrupted), 130 if interrupted.signal_name == "SIGINT" else 143,

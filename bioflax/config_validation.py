@@ -9,13 +9,10 @@ import numbers
 import jax
 import ml_collections
 
-from bioflax import data, metrics, models
+from bioflax import data, losses, models
 from bioflax.errors import ConfigError
-
-
-INITIALIZERS = ("lecun_normal", "uniform", "fan_in_uniform", "variance_scaling", "zeros")
-OPTIMIZERS = ("sgd", "rmsprop", "adam")
-SCHEDULES = ("constant", "cosine")
+from bioflax.initializers import INITIALIZERS
+from bioflax.optimizers import OPTIMIZERS, SCHEDULES
 
 
 def _choice(config, field: str, allowed) -> None:
@@ -42,9 +39,7 @@ def _positive(config, field: str, integer: bool = True, allow_zero: bool = False
 
 def num_outputs(config: ml_collections.ConfigDict) -> int:
     """The network's output width that the data set implies."""
-    if config.data.dataset == "mnist":
-        return data.MNIST_NUM_CLASSES
-    return int(config.data.output_dim)
+    return data.DATASETS[config.data.dataset].num_outputs(config.data)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -59,7 +54,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _choice(config, "model.input_layer_kernel_init", INITIALIZERS)
     _choice(config, "training.early_stopping_mode", ("min", "max"))
     if config.model.loss is not None:
-        _choice(config, "model.loss", metrics.LOSSES[data.DATASET_TASKS[config.data.dataset]])
+        _choice(config, "model.loss", losses.LOSSES[data.DATASET_TASKS[config.data.dataset]])
 
     hidden, activations = tuple(config.model.hidden_layers), tuple(config.model.activations)
     if len(hidden) != len(activations):
@@ -107,10 +102,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                           "must lie in [0, 1)")
     for field in ("optimizer.momentum", "optimizer.weight_decay"):
         _positive(config, field, integer=False, allow_zero=True)
-    for field in ("model.kernel_init_scale", "model.feedback_init_scale",
-                  "data.normalize_std"):
+    for field in ("model.kernel_init_scale", "model.feedback_init_scale"):
         _positive(config, field, integer=False)
-    if config.data.dataset != "mnist":
+    if config.data.normalize_std is not None:
+        _positive(config, "data.normalize_std", integer=False)
+    _positive(config, "data.random_crop_padding", allow_zero=True)
+    images = isinstance(data.DATASETS[config.data.dataset], data.TFDSImages)
+    for field in ("data.random_crop_padding", "data.random_flip"):
+        if _get(config, field) and not images:
+            raise ConfigError(field, _get(config, field),
+                              f"data.dataset = {config.data.dataset!r} has no images to "
+                              "augment")
+        if _get(config, field) and config.data.in_memory:
+            raise ConfigError(field, _get(config, field),
+                              "augmentation runs in the tf.data pipeline: set "
+                              "data.in_memory = False")
+    if config.data.streaming and not images:
+        raise ConfigError("data.streaming", True, f"data.dataset = {config.data.dataset!r} is "
+                          "generated in memory; only TFDS data sets stream")
+    if config.data.streaming and config.data.in_memory:
+        raise ConfigError("data.streaming", True, "a streamed data set is read through tf.data: "
+                          "set data.in_memory = False")
+    if not images:
         for field in ("data.input_dim", "data.output_dim", "data.train_size",
                       "data.test_size"):
             _positive(config, field)

@@ -1,7 +1,9 @@
-"""Input pipelines: MNIST (TFDS), the teacher-student task and sine regression.
+"""Input pipelines: TFDS image classification (MNIST, Fashion-MNIST, CIFAR-10/100, SVHN),
+the teacher-student task and sine regression, chosen by name from :data:`DATASETS`.
 
-Every data set is small enough to live in host memory, so :func:`load` returns each split as
-a pair of NumPy arrays (:class:`Split`), already preprocessed. Batches come out of them in
+:func:`load` returns each split as a pair of NumPy arrays (:class:`Split`), already
+normalised; the training split may carry an :class:`Augmentation` (random crop, flip) that
+the tf.data path applies. Batches come out of them in
 one of two equivalent ways:
 
 * :func:`train_batches` / :func:`eval_batches`: a ``tf.data`` pipeline over the in-memory
@@ -18,15 +20,19 @@ Config fields read from ``config.data`` (see ``configs/default.py``): ``dataset`
 ``data_dir``, ``batch_size``, ``eval_batch_size``, ``val_split``, ``normalize_mean``,
 ``normalize_std``, ``input_dim``, ``output_dim``, ``train_size``, ``test_size``,
 ``teacher_hidden_layers``, ``teacher_activation`` and, optionally, ``download`` (default
-True: fetch MNIST with TFDS when no prepared copy is found and the network is reachable).
+True: fetch a TFDS data set when no prepared copy is found and the network is reachable),
+``flatten`` (default True), ``random_crop_padding`` (default 0) and ``random_flip``
+(default False).
 """
 
 import dataclasses
+import functools
 import math
 import os
+import queue
 import socket
 import threading
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import ml_collections
@@ -45,17 +51,11 @@ def _tensorflow():
         pass
     return tf
 
-# Each data set and its kind of task ("classification" or "regression"), which decides the
-# metrics and the losses it can train with.
-DATASET_TASKS = {"mnist": "classification", "teacher": "regression", "sinreg": "regression"}
-DATASETS = tuple(DATASET_TASKS)
-
-MNIST_NUM_CLASSES = 10
-MNIST_INPUT_SHAPE = (784,)
-# Where TFDS downloads MNIST from; probed before a download so that an offline machine fails
-# at once instead of after a network time-out.
-_MNIST_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+# Where TFDS downloads its data sets from; probed before a download so that an offline
+# machine fails at once instead of after a network time-out.
+_TFDS_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
 _NETWORK_PROBE_TIMEOUT_S = 3.0
+_READ_BATCH = 10_000  # examples per batch when a split is read whole into memory
 # TensorFlow kernels need tensor data aligned to this many bytes (Allocator::kAllocatorAlignment).
 _TF_ALIGNMENT = 64
 
@@ -63,6 +63,10 @@ _TF_ALIGNMENT = 64
 _VAL_SPLIT_STREAM = 0x76616C  # "val"
 _TEACHER_STREAM = 0x746561  # "tea"
 _SINREG_STREAM = 0x73696E  # "sin"
+_AUGMENT_STREAM = 0x617567  # "aug"
+_SHUFFLE_STREAM = 0x736875  # "shu"
+# Examples a streamed training split shuffles among (after shuffling its files).
+_SHUFFLE_BUFFER = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +79,8 @@ class DatasetInfo:
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One split held in memory: ``inputs`` float32 ``(N, *input_shape)``, preprocessed;
-    ``targets`` int32 ``(N,)`` (classification) or float32 ``(N, num_outputs)``.
+    ``targets`` int32 ``(N,)`` (classification) or float32 ``(N, num_outputs)``; the
+    training split's ``augmentation``, if any.
 
     Arrays that are not C-contiguous and 64-byte aligned are copied into storage that is, so
     that the tf.data pipelines can share it with TensorFlow instead of copying it per epoch.
@@ -83,6 +88,7 @@ class Split:
 
     inputs: np.ndarray
     targets: np.ndarray
+    augmentation: Optional["Augmentation"] = None  # applied by train_batches only
 
     def __post_init__(self):
         # Aligned, contiguous storage lets the tf.data pipelines share it without a copy.
@@ -98,14 +104,70 @@ class Split:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def head(self, n: int) -> "Split":
+        """The first ``n`` examples (for plots and shapes)."""
+        return Split(self.inputs[:n], self.targets[:n])
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedSplit:
+    """A TFDS split that is read from its files as it is used, never held whole in memory
+    (``data.streaming``); each process reads only its own shard
+    (``tfds.split_for_jax_process``). :func:`train_batches` and :func:`eval_batches` take it
+    as they take a :class:`Split`; ``len`` is the number of examples the processes read
+    together in an epoch (every process the same number)."""
+
+    builder: object  # a prepared tfds.core.DatasetBuilder
+    split: str  # a TFDS split, possibly a slice ("train[:54000]")
+    mean: np.ndarray  # per channel
+    std: np.ndarray
+    input_shape: tuple[int, ...]
+    augmentation: Optional["Augmentation"] = None  # applied by train_batches only
+
+    def __len__(self) -> int:
+        count = jax.process_count()
+        return self.builder.info.splits[self.split].num_examples // count * count
+
+    def hold_out(self, fraction: float, seed: int) -> tuple["StreamedSplit", "StreamedSplit"]:
+        """The first ``1 − fraction`` of the split for training, the rest for validation
+        (a fixed cut: a streamed split has no random hold-out; ``seed`` is unused)."""
+        del seed
+        n = self.builder.info.splits[self.split].num_examples
+        cut = n - int(round(fraction * n))
+        if cut in (0, n):
+            raise ValueError(f"data.val_split={fraction} of {n} training examples leaves an "
+                             "empty training or validation split.")
+        return (dataclasses.replace(self, split=f"{self.split}[:{cut}]"),
+                dataclasses.replace(self, split=f"{self.split}[{cut}:]"))
+
+    def head(self, n: int) -> Split:
+        """The first ``n`` examples of the split in memory (for plots and shapes)."""
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        ds = self._examples(self.split).take(n).batch(n).map(self._preprocess)
+        images, labels = next(iter(tfds.as_numpy(ds)))
+        return Split(images, labels)
+
+    def _examples(self, split: str, **read):
+        """``split``'s examples as a tf.data set of ``(uint8 image, label)``."""
+        return self.builder.as_dataset(split=split, as_supervised=True, **read)
+
+    def _preprocess(self, images, labels):
+        """Batched uint8 images → normalised float32 inputs; int32 labels (the same
+        arithmetic as the in-memory path, so the same values)."""
+        tf = _tensorflow()
+        x = (tf.cast(images, tf.float32) / 255.0 - self.mean) / self.std
+        return (tf.reshape(x, [-1, *self.input_shape]), tf.cast(labels, tf.int32))
+
 
 # ----------------------------------------------------------------------------- loading
 
 
 def load(data_config: ml_collections.ConfigDict,
          seed: int) -> tuple[DatasetInfo, dict[str, Split]]:
-    """Loads ``data_config.dataset``: its info and splits ``'train'``, ``'test'`` and, when
-    ``data_config.val_split > 0``, ``'validation'`` (held out of train, fixed by ``seed``)."""
+    """Loads ``data_config.dataset`` (a name of :data:`DATASETS`): its info and splits
+    ``'train'``, ``'test'`` and, when ``data_config.val_split > 0``, ``'validation'`` (held
+    out of train, fixed by ``seed``). The training split carries the augmentation that
+    ``data_config`` asks for (applied by :func:`train_batches`)."""
     name = data_config.dataset
     if name not in DATASETS:
         raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
@@ -113,16 +175,15 @@ def load(data_config: ml_collections.ConfigDict,
     if not 0.0 <= val_split < 1.0:
         raise ValueError(f"data.val_split must be in [0, 1), got {data_config.val_split!r}.")
 
-    if name == "mnist":
-        info, train, test = _load_mnist(data_config)
-    elif name == "teacher":
-        info, train, test = _make_teacher(data_config, seed)
-    else:
-        info, train, test = _make_sinreg(data_config, seed)
-
+    info, train, test = DATASETS[name].load(data_config, seed)
     splits = {"train": train, "test": test}
     if val_split > 0:
-        splits["train"], splits["validation"] = _hold_out(train, val_split, seed)
+        hold_out = train.hold_out if isinstance(train, StreamedSplit) else functools.partial(
+            _hold_out, train)
+        splits["train"], splits["validation"] = hold_out(val_split, seed)
+    augmentation = Augmentation.from_config(data_config)
+    if augmentation is not None:
+        splits["train"] = dataclasses.replace(splits["train"], augmentation=augmentation)
     return info, splits
 
 
@@ -149,62 +210,127 @@ def _as_entropy(seed: int) -> int:
     return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
 
 
-def _load_mnist(cfg) -> tuple[DatasetInfo, Split, Split]:
+@dataclasses.dataclass(frozen=True)
+class TFDSImages:
+    """A TFDS image-classification data set (features ``image``, uint8 ``(H, W, C)``, and
+    ``label``), with the per-channel ``mean`` and ``std`` of its training pixels scaled to
+    [0, 1] that normalise it by default."""
+
+    tfds_name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    task = "classification"
+
+    def num_outputs(self, data_config) -> int:
+        del data_config
+        return self.num_classes
+
+    def input_shape(self, data_config) -> tuple[int, ...]:
+        """``(H·W·C,)`` with ``data.flatten`` (inputs of an MLP), else ``(H, W, C)``."""
+        flatten = data_config.get("flatten", True)
+        return (math.prod(self.image_shape),) if flatten else self.image_shape
+
+    def normalization(self, data_config) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(mean, std)``: ``data.normalize_mean``/``normalize_std`` for every
+        channel when set, else the data set's own statistics."""
+        def per_channel(value, default):
+            value = default if value is None else (float(value),) * len(default)
+            return np.asarray(value, np.float32)
+        return (per_channel(data_config.get("normalize_mean"), self.mean),
+                per_channel(data_config.get("normalize_std"), self.std))
+
+    def load(self, data_config, seed: int) -> tuple[DatasetInfo, "Split", "Split"]:
+        del seed
+        builder = _prepared_builder(self.tfds_name, data_config)
+        mean, std = self.normalization(data_config)
+        shape = self.input_shape(data_config)
+        info = DatasetInfo(self.task, shape, self.num_classes)
+        if data_config.get("streaming", False):
+            stream = lambda split: StreamedSplit(builder, split, mean, std, shape)
+            return info, stream("train"), stream("test")
+        arrays = _read_whole(builder, ("train", "test"))
+
+        def preprocess(images, labels) -> Split:
+            x = images.astype(np.float32) / np.float32(255.0)
+            x = ((x - mean) / std).reshape(len(images), *shape)
+            return Split(x.astype(np.float32, copy=False), labels.astype(np.int32))
+
+        return info, preprocess(*arrays["train"]), preprocess(*arrays["test"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Synthetic:
+    """A data set generated from ``seed`` by ``make(data_config, seed)``."""
+
+    task: str
+    make: Callable
+
+    def num_outputs(self, data_config) -> int:
+        return int(data_config.output_dim)
+
+    def load(self, data_config, seed: int):
+        return self.make(data_config, seed)
+
+
+def _prepared_builder(name: str, cfg):
+    """The TFDS builder of ``name``, prepared (downloaded when allowed and reachable);
+    DataNotFoundError naming where TFDS looked otherwise."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     data_dir = cfg.get("data_dir", None)
     if data_dir is not None:
         data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
     looked_in = data_dir or os.environ.get("TFDS_DATA_DIR") or "the TFDS default data dir"
-    fix = ("Point TFDS at a directory that holds a prepared mnist/3.0.1 with "
+    fix = (f"Point TFDS at a directory that holds a prepared {name} with "
            "--config.data.data_dir=/path/to/tensorflow_datasets or the environment "
            "variable TFDS_DATA_DIR, or run once on a machine with internet access.")
 
     try:
-        builder = tfds.builder("mnist", data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=data_dir)
         looked_in = builder.data_dir
         prepared = builder.is_prepared()
     except Exception as e:  # pylint: disable=broad-except
         raise DataNotFoundError(
-            f"Could not open the MNIST data set of TFDS (looked in {looked_in}): {e}. {fix}"
+            f"Could not open the {name} data set of TFDS (looked in {looked_in}): {e}. {fix}"
         ) from e
 
     if not prepared:
         if not cfg.get("download", True):
             raise DataNotFoundError(
-                f"MNIST is not prepared in {looked_in} and data.download is False. {fix}")
-        reachable, why = _can_reach(_MNIST_DOWNLOAD_HOST, _NETWORK_PROBE_TIMEOUT_S)
+                f"{name} is not prepared in {looked_in} and data.download is False. {fix}")
+        reachable, why = _can_reach(_TFDS_DOWNLOAD_HOST, _NETWORK_PROBE_TIMEOUT_S)
         if not reachable:
             raise DataNotFoundError(
-                f"MNIST is not prepared in {looked_in}, and it cannot be downloaded: "
-                f"{_MNIST_DOWNLOAD_HOST[0]} is unreachable ({why!r}). {fix}") from why
+                f"{name} is not prepared in {looked_in}, and it cannot be downloaded: "
+                f"{_TFDS_DOWNLOAD_HOST[0]} is unreachable ({why!r}). {fix}") from why
         try:
             builder.download_and_prepare()
         except Exception as e:  # pylint: disable=broad-except
             raise DataNotFoundError(
-                f"MNIST is not prepared in {looked_in} and downloading it failed: {e}. {fix}"
+                f"{name} is not prepared in {looked_in} and downloading it failed: {e}. {fix}"
             ) from e
+    return builder
+
+
+def _read_whole(builder, splits) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{split: (images, labels)}`` read whole into NumPy arrays (in batches: the size
+    of a split is not always known before it is read)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    def read(split):
+        ds = builder.as_dataset(split=split, as_supervised=True).batch(_READ_BATCH)
+        images, labels = zip(*tfds.as_numpy(ds))
+        return np.concatenate(images), np.concatenate(labels)
 
     try:
-        arrays = {}
-        for split in ("train", "test"):
-            ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
-            arrays[split] = tfds.as_numpy(ds)
+        return {split: read(split) for split in splits}
     except Exception as e:  # pylint: disable=broad-except
         raise DataNotFoundError(
-            f"MNIST in {looked_in} could not be read (truncated or corrupt files?): "
-            f"{type(e).__name__}: {e}. Delete that directory and download it again. {fix}"
-        ) from e
-
-    mean, std = float(cfg.normalize_mean), float(cfg.normalize_std)
-
-    def preprocess(images, labels) -> Split:
-        x = images.reshape(len(images), -1).astype(np.float32) / np.float32(255.0)
-        x = (x - np.float32(mean)) / np.float32(std)
-        return Split(x.astype(np.float32, copy=False), labels.astype(np.int32))
-
-    info = DatasetInfo(DATASET_TASKS["mnist"], MNIST_INPUT_SHAPE, MNIST_NUM_CLASSES)
-    return info, preprocess(*arrays["train"]), preprocess(*arrays["test"])
+            f"{builder.name} in {builder.data_dir} could not be read (truncated or corrupt "
+            f"files?): {type(e).__name__}: {e}. Delete that directory and download it again, "
+            "or point --config.data.data_dir / TFDS_DATA_DIR at an intact copy.") from e
 
 
 def _can_reach(address: tuple[str, int], timeout: float) -> tuple[bool, Exception | None]:
@@ -253,7 +379,7 @@ def _make_teacher(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
         y_train = np.asarray(teacher.apply(params, x_train), dtype=np.float32)
         y_test = np.asarray(teacher.apply(params, x_test), dtype=np.float32)
 
-    info = DatasetInfo(DATASET_TASKS["teacher"], (input_dim,), output_dim)
+    info = DatasetInfo("regression", (input_dim,), output_dim)
     return info, Split(x_train, y_train), Split(x_test, y_test)
 
 
@@ -269,8 +395,91 @@ def _make_sinreg(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
         x = rng.uniform(-np.pi, np.pi, (n, 1)).astype(np.float32)
         return Split(x, np.sin(x.astype(np.float64)).astype(np.float32))
 
-    info = DatasetInfo(DATASET_TASKS["sinreg"], (1,), 1)
+    info = DatasetInfo("regression", (1,), 1)
     return info, draw(train_size), draw(test_size)
+
+
+# Every data set by name. The mean and std of a TFDS entry are per channel, over all pixels
+# of its training split scaled to [0, 1]. MNIST's are the values of the PyTorch MNIST example
+# (tests/test_data.py recomputes them from the prepared copy); the others are the values
+# published with those data sets' common training recipes (Fashion-MNIST: 0.2860/0.3530;
+# CIFAR-10/100: per-channel std over all pixels, not the mean of per-image stds; SVHN:
+# the cropped-digits training split). Only MNIST's could be recomputed on this project's
+# machines, which hold no copy of the others.
+DATASETS = {
+    "mnist": TFDSImages("mnist", 10, (28, 28, 1), (0.1307,), (0.3081,)),
+    "fashion_mnist": TFDSImages("fashion_mnist", 10, (28, 28, 1), (0.2860,), (0.3530,)),
+    "cifar10": TFDSImages("cifar10", 10, (32, 32, 3), (0.4914, 0.4822, 0.4465),
+                          (0.2470, 0.2435, 0.2616)),
+    "cifar100": TFDSImages("cifar100", 100, (32, 32, 3), (0.5071, 0.4865, 0.4409),
+                           (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": TFDSImages("svhn_cropped", 10, (32, 32, 3), (0.4377, 0.4438, 0.4728),
+                               (0.1980, 0.2010, 0.1970)),
+    "teacher": Synthetic("regression", _make_teacher),
+    "sinreg": Synthetic("regression", _make_sinreg),
+}
+# Each data set's kind of task ("classification" or "regression"), which decides the
+# metrics and the losses it can train with.
+DATASET_TASKS = {name: spec.task for name, spec in DATASETS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """The standard training augmentation of small images, run in tf.data by
+    :func:`train_batches`: a random crop back to the image size after padding every side by
+    ``padding`` black pixels, and a horizontal flip with probability 1/2 (``flip``).
+
+    Each example's draw is a pure function of ``(seed, epoch, example index)``
+    (:meth:`draws`), so a resumed run, another chunk size or another process count sees the
+    same augmented images. ``fill`` is a black pixel after normalisation, per channel.
+    """
+
+    image_shape: tuple[int, int, int]
+    padding: int
+    flip: bool
+    fill: tuple[float, ...]
+
+    @classmethod
+    def from_config(cls, data_config) -> Optional["Augmentation"]:
+        """What ``data.random_crop_padding`` and ``data.random_flip`` ask for; None: none."""
+        padding = int(data_config.get("random_crop_padding", 0) or 0)
+        flip = bool(data_config.get("random_flip", False))
+        if not padding and not flip:
+            return None
+        spec = DATASETS[data_config.dataset]
+        if not isinstance(spec, TFDSImages):
+            raise ValueError(f"data.dataset={data_config.dataset!r} has no images to crop or "
+                             "flip: set data.random_crop_padding=0 and data.random_flip=False.")
+        if padding < 0:
+            raise ValueError(f"data.random_crop_padding must be >= 0, got {padding}.")
+        mean, std = spec.normalization(data_config)
+        return cls(spec.image_shape, padding, flip, tuple(float(v) for v in -mean / std))
+
+    def draws(self, seed: int, epoch: int, num_examples: int) -> np.ndarray:
+        """int32 ``(num_examples, 3)``: each example's crop row and column offsets in
+        ``[0, 2·padding]`` and its flip (0 or 1) in epoch ``epoch``."""
+        rng = _rng(seed, _AUGMENT_STREAM, _as_entropy(epoch))
+        offsets = rng.integers(0, 2 * self.padding + 1, size=(num_examples, 2))
+        flips = rng.integers(0, 2 if self.flip else 1, size=(num_examples, 1))
+        return np.concatenate([offsets, flips], axis=1).astype(np.int32)
+
+    def apply(self, inputs, draws):
+        """``inputs`` ``(..., *input_shape)`` (flattened or ``(H, W, C)`` images) augmented
+        as ``draws`` ``(..., 3)`` say; a TensorFlow op of the same shape."""
+        tf = _tensorflow()
+        height, width, channels = self.image_shape
+        x = tf.reshape(inputs, [-1, height, width, channels])
+        d = tf.reshape(draws, [-1, 3])
+        if self.padding:
+            p = [[self.padding, self.padding], [self.padding, self.padding], [0, 0]]
+            # x + 0 keeps every image pixel exact; the border gets the normalised black.
+            border = tf.pad(tf.zeros([height, width, 1], x.dtype), p, constant_values=1.0)
+            x = tf.pad(x, [[0, 0]] + p) + border * tf.constant(self.fill, x.dtype)
+            x = tf.gather(x, d[:, :1] + tf.range(height), axis=1, batch_dims=1)
+            x = tf.gather(x, d[:, 1:2] + tf.range(width), axis=2, batch_dims=1)
+        if self.flip:
+            x = tf.where(tf.reshape(d[:, 2] > 0, [-1, 1, 1, 1]), tf.reverse(x, [2]), x)
+        return tf.reshape(x, tf.shape(inputs))
 
 
 # ----------------------------------------------------------------------------- batching
@@ -340,15 +549,18 @@ def _aligned(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int, *,
+def train_batches(split: Split | StreamedSplit, global_batch_size: int, seed: int,
+                  epoch: int, *,
                   start_step: int = 0, chunk: int = 1, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
+                  process_count: int = 1, num_steps: Optional[int] = None) -> Iterator[dict]:
     """This process's training batches of one epoch, ``chunk`` steps at a time.
 
     Global batch ``i`` is ``epoch_order(seed, epoch, N)[i*B:(i+1)*B]`` (the last partial
-    batch is dropped); the first ``start_step`` batches are skipped; this process keeps rows
-    ``[p*B/P, (p+1)*B/P)`` of each. Yields ``{'input': (k, B/P, *input_shape), 'target':
-    (k, B/P, ...)}`` NumPy arrays, ``k == chunk`` except possibly for the epoch's last chunk.
+    batch is dropped); the first ``start_step`` batches are skipped, and only ``num_steps``
+    batches are given when set (default: to the end of the epoch); this process keeps rows
+    ``[p*B/P, (p+1)*B/P)`` of each; the split's augmentation, if any, is applied to every
+    example as :meth:`Augmentation.draws` says for ``(seed, epoch)``. Yields ``{'input':
+    (k, B/P, *input_shape), 'target': (k, B/P, ...)}`` NumPy arrays, ``k == chunk`` except possibly for the epoch's last chunk.
     """
     n = len(split)
     steps = steps_per_epoch(n, global_batch_size)
@@ -360,26 +572,39 @@ def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int, *
                          f"(steps per epoch).")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}.")
+    stop = steps if num_steps is None else start_step + num_steps
+    if not start_step <= stop <= steps:
+        raise ValueError(f"num_steps={num_steps} must be in [0, {steps - start_step}] "
+                         f"(steps left in the epoch after start_step={start_step}).")
     columns = _local_columns(global_batch_size, process_index, process_count,
                              "data.batch_size")
+    if isinstance(split, StreamedSplit):
+        return _streamed_train_batches(split, columns.stop - columns.start, seed, epoch,
+                                       start_step, stop, chunk, process_index, process_count)
 
     order = epoch_order(seed, epoch, n)[:steps * global_batch_size]
-    local_idx = order.reshape(steps, global_batch_size)[start_step:, columns]
+    local_idx = order.reshape(steps, global_batch_size)[start_step:stop, columns]
     tf = _tensorflow()
     inputs, targets = _as_tensors(split)
+    augmentation = split.augmentation
+    if augmentation is not None:
+        draws = tf.constant(augmentation.draws(seed, epoch, n))
 
     def gather(idx):
-        return {"input": tf.gather(inputs, idx), "target": tf.gather(targets, idx)}
+        x = tf.gather(inputs, idx)
+        if augmentation is not None:
+            x = augmentation.apply(x, tf.gather(draws, idx))
+        return {"input": x, "target": tf.gather(targets, idx)}
 
     ds = tf.data.Dataset.from_tensor_slices(local_idx.astype(np.int64))
     ds = ds.batch(chunk, drop_remainder=False)
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
+    return _without_graph_rewrites(ds).as_numpy_iterator()
 
 
-def eval_batches(split: Split, global_batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+def eval_batches(split: Split | StreamedSplit, global_batch_size: int, *,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
     """Every example exactly once, in order, in global batches of ``global_batch_size``.
 
     The last batch is padded to full size with zero rows; ``'mask'`` (float32) is 1 for a
@@ -388,6 +613,9 @@ def eval_batches(split: Split, global_batch_size: int, *, process_index: int = 0
     """
     columns = _local_columns(global_batch_size, process_index, process_count,
                              "data.eval_batch_size")
+    if isinstance(split, StreamedSplit):
+        return _streamed_eval_batches(split, columns.stop - columns.start, process_index,
+                                      process_count)
     n = len(split)
     num_batches = math.ceil(n / global_batch_size)
     padded = np.arange(num_batches * global_batch_size, dtype=np.int64)
@@ -411,4 +639,127 @@ def eval_batches(split: Split, global_batch_size: int, *, process_index: int = 0
     ds = tf.data.Dataset.from_tensor_slices((local_idx, local_mask))
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
+    return _without_graph_rewrites(ds).as_numpy_iterator()
+
+
+def _without_graph_rewrites(ds):
+    """``ds`` without tf.data's default graph optimizations. They rewrite the pipeline's
+    graph, which holds the whole in-memory split, each time an iterator starts: on a 2-core
+    CPU under load that took 2.5-3.5 s per epoch (0.3-0.6 s without), for no gain in a
+    pipeline of one gather."""
+    options = _tensorflow().data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    return ds.with_options(options)
+
+
+def _streamed_train_batches(split: StreamedSplit, local_batch: int, seed: int, epoch: int,
+                            start_step: int, stop: int, chunk: int, process_index: int,
+                            process_count: int) -> Iterator[dict]:
+    """:func:`train_batches` of a streamed split: this process's shard, its files and then
+    its examples (in a buffer of ``_SHUFFLE_BUFFER``) shuffled by ``(seed, epoch)``, cut into
+    local batches; a pure function of ``(seed, epoch)`` too, so a resumed run skips to the
+    same batches."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tf = _tensorflow()
+    shard = tfds.split_for_jax_process(split.split, process_index=process_index,
+                                       process_count=process_count, drop_remainder=True)
+    shuffle_seed = int(_rng(seed, _SHUFFLE_STREAM, _as_entropy(epoch)).integers(2 ** 31))
+    ds = split._examples(shard, shuffle_files=True,  # pylint: disable=protected-access
+                         read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
+    ds = ds.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=False)
+    augmentation = split.augmentation
+    if augmentation is not None:  # an example's draw: by its position in the epoch
+        shard_size = len(split) // process_count
+        draws = tf.constant(augmentation.draws(seed, epoch, len(split)))
+        ds = ds.enumerate(start=process_index * shard_size)
+    ds = ds.batch(local_batch, drop_remainder=True).skip(start_step).take(stop - start_step)
+
+    def preprocess(*batch):
+        position, (images, labels) = batch if augmentation is not None else (None, batch)
+        x, y = split._preprocess(images, labels)  # pylint: disable=protected-access
+        if augmentation is not None:
+            x = augmentation.apply(x, tf.gather(draws, position))
+        return {"input": x, "target": y}
+
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(chunk).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def _streamed_eval_batches(split: StreamedSplit, local_batch: int, process_index: int,
+                           process_count: int) -> Iterator[dict]:
+    """:func:`eval_batches` of a streamed split: each process reads its own shard in order,
+    padded (mask 0) to as many batches as the largest shard needs."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tf = _tensorflow()
+    shard = tfds.split_for_jax_process(split.split, process_index=process_index,
+                                       process_count=process_count)
+    splits = split.builder.info.splits
+    largest = math.ceil(splits[split.split].num_examples / process_count)
+    padding = math.ceil(largest / local_batch) * local_batch - splits[shard].num_examples
+    ds = split._examples(shard)  # pylint: disable=protected-access
+    blank = tf.zeros(ds.element_spec[0].shape, ds.element_spec[0].dtype)
+    ds = ds.map(lambda x, y: (x, y, 1.0)).concatenate(tf.data.Dataset.from_tensors(
+        (blank, tf.zeros([], ds.element_spec[1].dtype), 0.0)).repeat(padding))
+
+    def preprocess(images, labels, mask):
+        x, y = split._preprocess(images, labels)  # pylint: disable=protected-access
+        real = tf.reshape(mask > 0, [-1] + [1] * len(split.input_shape))
+        return {"input": tf.where(real, x, tf.zeros_like(x)), "target": y, "mask": mask}
+
+    ds = ds.batch(local_batch).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                                   deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def prefetch(items: Iterable, transform: Callable = lambda item: item, *,
+             size: int = 2) -> Iterator:
+    """``transform(item)`` for each of ``items``, in order, computed on a background thread
+    up to ``size`` items ahead of the consumer.
+
+    Meant for ``transform`` = "make this chunk a global device array": the host's copies of
+    the next chunks then overlap the device's work on the current one (big_vision's
+    ``prefetch_iterator`` is the same idea). An exception in the thread is raised to the
+    consumer; closing the iterator early stops the thread.
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}.")
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    stopped = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                result = (transform(item), None)
+                while not stopped.is_set():
+                    try:
+                        ready.put(result, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stopped.is_set():
+                    return
+            ready.put((done, None))
+        except BaseException as e:  # pylint: disable=broad-except  # re-raised below
+            ready.put((done, e))
+
+    def consume():
+        thread = threading.Thread(target=produce, name="bioflax-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                result, error = ready.get()
+                if result is done:
+                    if error is not None:
+                        raise error
+                    return
+                yield result
+        finally:
+            stopped.set()
+            while thread.is_alive():  # unblock a put waiting for room, then let it end
+                try:
+                    ready.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+
+    return consume()

@@ -17,6 +17,25 @@ class ConfigError(BioflaxError, ValueError):
         self.field, self.value = field, value
 
 
+class ConfigFileError(BioflaxError, OSError):
+    """The config file named on the command line cannot be loaded."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"the config file {path} cannot be loaded: {reason}. Pass "
+                         "--config=PATH of an existing config file, e.g. "
+                         "--config=configs/kp_mnist.py (the configs are in configs/).")
+        self.path = path
+
+
+class WorkdirError(BioflaxError, OSError):
+    """The workdir cannot be created or is not a directory."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"the workdir {path} {reason}. Choose a directory that you can "
+                         "write to (a new one, or the workdir of a run to resume).")
+        self.path = path
+
+
 class DataNotFoundError(BioflaxError, RuntimeError):
     """A data set could not be found, downloaded or read."""
 

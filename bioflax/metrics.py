@@ -8,11 +8,14 @@ from typing import Any, Callable, Mapping
 import flax
 import jax
 import jax.numpy as jnp
-import optax
 from clu import metrics as clu_metrics
 from flax import traverse_util
 
 from bioflax import layers
+# The losses live in bioflax.losses; importable from here too, for existing callers.
+from bioflax.losses import (LOSSES, loss_for, mean_squared_error,  # pylint: disable=unused-import
+                            sigmoid_cross_entropy, sigmoid_squared_error,
+                            softmax_cross_entropy)
 
 
 @flax.struct.dataclass
@@ -24,45 +27,6 @@ class ClassificationMetrics(clu_metrics.Collection):
 @flax.struct.dataclass
 class RegressionMetrics(clu_metrics.Collection):
     loss: clu_metrics.Average.from_output("loss")
-
-
-def softmax_cross_entropy(logits, labels):
-    """Per-example ``−log softmax(logits)[label]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def sigmoid_cross_entropy(logits, labels):
-    """Per-example ``Σ_j BCE(σ(z_j), onehot_j)``: one sigmoid output per class, as in
-    Akrout et al. 2019 and Nøkland 2016; its gradient is ``σ(z) − onehot``."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
-
-
-def sigmoid_squared_error(logits, labels):
-    """Per-example ``½ ‖σ(z) − onehot‖²``: sigmoid outputs and squared error, as in
-    Lillicrap et al. 2016."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    return 0.5 * jnp.sum(jnp.square(jax.nn.sigmoid(logits) - targets), axis=-1)
-
-
-def mean_squared_error(predictions, targets):
-    """Per-example ``mean_j (y_j − t_j)²``."""
-    return jnp.mean(jnp.square(predictions - targets), axis=-1)
-
-
-# The losses each kind of task can train with; the first is its default.
-LOSSES = {
-    "classification": {"softmax_cross_entropy": softmax_cross_entropy,
-                       "sigmoid_cross_entropy": sigmoid_cross_entropy,
-                       "sigmoid_squared_error": sigmoid_squared_error},
-    "regression": {"mean_squared_error": mean_squared_error},
-}
-
-
-def loss_for(task: str, name: str | None = None):
-    """The per-example loss ``name`` of ``LOSSES[task]``, or the task's default when None."""
-    losses = LOSSES[task]
-    return losses[name or next(iter(losses))]
 
 
 def _leaves(tree) -> list[jax.Array]:

@@ -12,15 +12,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging as absl_logging
 from clu import metric_writers
-from flax import linen as nn
 
 from bioflax import callbacks as callbacks_lib
 from bioflax import config_validation
 from bioflax import data as data_lib
 from bioflax import distributed
+from bioflax import initializers, losses, optimizers
 from bioflax import metrics as metrics_lib
 from bioflax import models
 from bioflax import plots
@@ -32,25 +31,6 @@ from bioflax.trainer import (Durations, InMemory, Task, TFData, Trainer, make_me
 logger = logging.getLogger(__name__)
 
 
-def get_initializer(name: str, scale: float) -> nn.initializers.Initializer:
-    """'lecun_normal'; 'uniform': U[−s, s]; 'fan_in_uniform': U[−s/√fan_in, s/√fan_in]
-    (s = 1: PyTorch's nn.Linear default); 'variance_scaling': truncated normal, var
-    s/fan_in; 'zeros'."""
-    if name == "lecun_normal":
-        return nn.initializers.lecun_normal()
-    if name == "zeros":
-        return nn.initializers.zeros
-    if name == "fan_in_uniform":  # variance_scaling's uniform bound is √(3·v/fan_in)
-        return nn.initializers.variance_scaling(scale ** 2 / 3, "fan_in", "uniform")
-    if name == "uniform":
-        return lambda key, shape, dtype=jax.numpy.float32: jax.random.uniform(
-            key, shape, dtype, -scale, scale)
-    if name == "variance_scaling":
-        return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-    raise ValueError(f"Unknown initializer {name!r}; choose one of "
-                     f"{list(config_validation.INITIALIZERS)}.")
-
-
 def build_model(model_config: ml_collections.ConfigDict, info: data_lib.DatasetInfo):
     return models.BioNeuralNetwork(
         hidden_layers=tuple(model_config.hidden_layers),
@@ -58,43 +38,12 @@ def build_model(model_config: ml_collections.ConfigDict, info: data_lib.DatasetI
         features=info.num_outputs,
         mode=model_config.mode,
         interpolation_factor=model_config.interpolation_factor,
-        kernel_init=get_initializer(model_config.kernel_init, model_config.kernel_init_scale),
-        feedback_init=get_initializer(model_config.feedback_init,
-                                      model_config.feedback_init_scale),
+        kernel_init=initializers.get(model_config.kernel_init, model_config.kernel_init_scale),
+        feedback_init=initializers.get(model_config.feedback_init,
+                                       model_config.feedback_init_scale),
         input_layer_kernel_init=(
             None if model_config.input_layer_kernel_init is None else
-            get_initializer(model_config.input_layer_kernel_init, model_config.kernel_init_scale)))
-
-
-def build_optimizer(config: ml_collections.ConfigDict, total_steps: int):
-    """The optimizer with its learning rate injected (so it can be logged).
-
-    Weight decay comes first in the chain, ``w ← w − lr·(u + wd·w)``, which makes
-    Kolen-Pollack's ``W − B`` shrink by ``(1 − lr·wd)`` per plain SGD step.
-    """
-    if config.schedule == "cosine":
-        schedule = optax.cosine_decay_schedule(config.learning_rate,
-                                               max(total_steps - config.warmup_steps, 1))
-    else:
-        schedule = optax.constant_schedule(config.learning_rate)
-    if config.warmup_steps:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps), schedule],
-            [config.warmup_steps])
-
-    def make(learning_rate):
-        if config.name == "sgd":
-            update = optax.sgd(learning_rate, momentum=config.momentum or None)
-        elif config.name == "rmsprop":  # PyTorch's and Torch7's form: g / (√ν + ε)
-            update = optax.rmsprop(learning_rate, decay=config.rmsprop_decay, eps=1e-8,
-                                   eps_in_sqrt=False)
-        else:
-            update = optax.adam(learning_rate)
-        if config.weight_decay:
-            return optax.chain(optax.add_decayed_weights(config.weight_decay), update)
-        return update
-
-    return optax.inject_hyperparams(make)(learning_rate=schedule)
+            initializers.get(model_config.input_layer_kernel_init, model_config.kernel_init_scale)))
 
 
 def durations(config: ml_collections.ConfigDict, num_train_examples: int) -> Durations:
@@ -126,8 +75,8 @@ def build_task(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo,
                     if config.alignment.enabled else [])
     return Task(
         module=build_model(config.model, info),
-        loss=metrics_lib.loss_for(info.task, config.model.loss),
-        optimizer=functools.partial(build_optimizer, config.optimizer),
+        loss=losses.loss_for(info.task, config.model.loss),
+        optimizer=functools.partial(optimizers.build, config.optimizer),
         metrics=(metrics_lib.ClassificationMetrics if classification
                  else metrics_lib.RegressionMetrics),
         step_metrics=step_metrics)
@@ -245,7 +194,7 @@ def _write_plots(workdir, writer, step, trainer, task, state, info, test):
 
     Every process computes the predictions (one program over all devices); process 0 draws.
     """
-    sample = data_lib.Split(test.inputs[:1000], test.targets[:1000])
+    sample = test.head(1000)
     outputs = trainer.predict(task, state, sample.inputs)
     if jax.process_index() > 0:
         return

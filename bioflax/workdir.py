@@ -6,10 +6,20 @@ import fcntl
 import os
 import socket
 
-from bioflax.errors import WorkdirLockedError
+from bioflax.errors import WorkdirError, WorkdirLockedError
 
 LOCK_FILE = ".lock"
 RESULT_FILE = "result.json"  # written last, by a run that finished
+
+
+def make(workdir: str) -> None:
+    """Creates ``workdir`` (and its parents) unless it exists; WorkdirError if it cannot."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(workdir, "is an existing file, not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(workdir, f"cannot be created ({e.strerror})") from e
 
 
 @contextlib.contextmanager
@@ -19,7 +29,7 @@ def exclusive(workdir: str):
     ``flock`` locks belong to the open file, so a run killed with ``kill -9`` leaves no
     stale lock behind: the file stays, the lock does not.
     """
-    os.makedirs(workdir, exist_ok=True)
+    make(workdir)
     path = os.path.join(workdir, LOCK_FILE)
     with open(path, "a+", encoding="utf-8") as lock:
         try:

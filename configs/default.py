@@ -13,15 +13,26 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # initialises parameters and teacher, picks the validation split, orders data
 
     config.data = data = ml_collections.ConfigDict()
-    data.dataset = "mnist"  # 'mnist' (TFDS), 'teacher' (teacher-student regression), 'sinreg'
+    # A TFDS image-classification data set, 'mnist', 'fashion_mnist', 'cifar10', 'cifar100'
+    # or 'svhn_cropped'; or 'teacher' (teacher-student regression) or 'sinreg'.
+    data.dataset = "mnist"
     # TFDS data directory; None: TFDS's default, or $TFDS_DATA_DIR when set.
     data.data_dir = ml_collections.config_dict.placeholder(str)
-    data.download = True  # MNIST: let TFDS download it when no prepared copy is found
+    data.download = True  # TFDS data sets: let TFDS download one when no prepared copy is found
     data.batch_size = 128  # global training batch, split evenly over all devices
     data.eval_batch_size = 1000  # global evaluation batch (the last one is padded and masked)
     data.val_split = 0.1  # fraction of the training set held out for validation; 0: none
-    data.normalize_mean = 0.1307  # MNIST pixels in [0, 1] become (x - mean) / std
-    data.normalize_std = 0.3081
+    # Image pixels in [0, 1] become (x - mean) / std, per channel. None: the data set's own
+    # statistics (bioflax/data.py DATASETS; MNIST 0.1307 and 0.3081); a number: that value
+    # for every channel (0 and 1 keep pixels in [0, 1]).
+    data.normalize_mean = ml_collections.config_dict.placeholder(float)
+    data.normalize_std = ml_collections.config_dict.placeholder(float)
+    data.flatten = True  # images as vectors (N, H*W*C), as MLPs take them; False: (N, H, W, C)
+    # Training augmentation of images, run in tf.data (needs data.in_memory = False), a pure
+    # function of (seed, epoch, example): pad every side by this many black pixels, then crop
+    # a random window of the image size (CIFAR's standard: 4); 0: no crop.
+    data.random_crop_padding = 0
+    data.random_flip = False  # flip each training image horizontally with probability 1/2
     data.input_dim = 10  # teacher task: input dimension (sinreg: 1)
     data.output_dim = 10  # teacher task: output dimension (sinreg: 1)
     data.train_size = 10_000  # teacher and sinreg: number of training examples
@@ -29,6 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.teacher_hidden_layers = ()  # hidden widths of the teacher network
     data.teacher_activation = "identity"  # activation after every teacher layer
     data.in_memory = True  # hold the training split on the device (fast path) or use tf.data
+    # TFDS data sets: read the splits from their files as training goes, each process its own
+    # shard, instead of loading them whole into memory (for data sets larger than memory;
+    # needs data.in_memory = False). The validation split is then the last val_split of
+    # the training split, not a random one.
+    data.streaming = False
 
     config.model = model = ml_collections.ConfigDict()
     model.mode = "bp"  # 'bp', 'fa', 'kp', 'dfa' or 'interpolate_fa_bp'

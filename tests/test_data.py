@@ -3,9 +3,11 @@ synthetic teacher-student and sine tasks."""
 
 import collections
 import itertools
+import math
 import os
 import pathlib
 import shutil
+import threading
 import time
 
 import jax
@@ -99,13 +101,174 @@ def test_mnist_validation_split(mnist, monkeypatch):
     assert collections.Counter(train_keys + val_keys) == collections.Counter(row_keys(full))
     # The same examples for the same seed, others for another seed (reusing the MNIST
     # arrays already read, to keep the test fast).
-    monkeypatch.setattr(data, "_load_mnist", lambda cfg: (mnist[0], full, mnist[1]["test"]))
+    monkeypatch.setitem(data.DATASETS, "mnist", data.Synthetic(
+        "classification", lambda cfg, seed: (mnist[0], full, mnist[1]["test"])))
     _, b = data.load(make_config(val_split=0.1), seed=0)
     _, c = data.load(make_config(val_split=0.1), seed=1)
     for name in ("train", "validation"):
         np.testing.assert_array_equal(a[name].inputs, b[name].inputs)
         np.testing.assert_array_equal(a[name].targets, b[name].targets)
     assert set(row_keys(c["validation"])) != set(val_keys)
+
+
+def test_mnist_statistics_are_those_of_its_training_pixels(mnist):
+    _, raw = data.load(make_config(normalize_mean=0.0, normalize_std=1.0), seed=0)
+    pixels = raw["train"].inputs.astype(np.float64)  # x / 255
+    spec = data.DATASETS["mnist"]
+    np.testing.assert_allclose(pixels.mean(), spec.mean[0], atol=5e-5)
+    np.testing.assert_allclose(pixels.std(), spec.std[0], atol=5e-5)
+    # The default (None) normalises with them: the same arrays as the explicit values.
+    _, default = data.load(make_config(normalize_mean=None, normalize_std=None), seed=0)
+    np.testing.assert_array_equal(default["test"].inputs, mnist[1]["test"].inputs)
+
+
+# ----------------------------------------------------------------------------- TFDS images
+
+# Per-channel mean and std of the training pixels in [0, 1], as published for each data set
+# (typed here independently of bioflax/data.py).
+PUBLISHED_STATISTICS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+
+def constant_images(num_examples: int):
+    """A mock ``as_dataset``: image ``i`` has the value ``(i + 40·c) mod 256`` in every
+    pixel of channel ``c``, and label ``i mod num_classes``."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    def as_dataset(self, *args, **kwargs):
+        del args, kwargs
+        shape = self.info.features["image"].shape
+        classes = self.info.features["label"].num_classes
+        images = np.stack([np.broadcast_to((i + 40 * np.arange(shape[-1])) % 256, shape)
+                           for i in range(num_examples)]).astype(np.uint8)
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": images, "label": np.arange(num_examples) % classes})
+    return as_dataset
+
+
+def load_mock(name, monkeypatch, num_examples=12, **overrides):
+    """``data.load`` of TFDS data set ``name`` with :func:`constant_images` (no files, no
+    network)."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(data, "_can_reach", lambda *args: (True, None))
+    config = make_config(dataset=name, normalize_mean=None, normalize_std=None,
+                         data_dir="/nonexistent/tfds")
+    config.update(overrides)
+    with tfds.testing.mock_data(as_dataset_fn=constant_images(num_examples),
+                                policy=tfds.testing.MockPolicy.USE_CODE):
+        return data.load(config, seed=0)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_STATISTICS))
+def test_every_tfds_image_data_set_is_registered_as_tfds_describes_it(name):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    features = tfds.builder(name, data_dir="/nonexistent/tfds").info.features
+    spec = data.DATASETS[name]
+    assert spec.task == data.DATASET_TASKS[name] == "classification"
+    assert spec.image_shape == features["image"].shape
+    assert spec.num_classes == features["label"].num_classes
+    assert (spec.mean, spec.std) == PUBLISHED_STATISTICS[name]
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_cifar10_is_normalised_per_channel_and_keeps_its_images(monkeypatch, flatten):
+    info, splits = load_mock("cifar10", monkeypatch, flatten=flatten)
+    mean, std = PUBLISHED_STATISTICS["cifar10"]
+    values = (np.arange(12)[:, None] + 40 * np.arange(3)) / 255.0  # (example, channel)
+    want = ((values - mean) / std)[:, None, None, :] * np.ones((12, 32, 32, 3))
+    assert info == data.DatasetInfo("classification", (3072,) if flatten else (32, 32, 3), 10)
+    for split in ("train", "test"):
+        assert splits[split].inputs.shape == (12, *info.input_shape)
+        np.testing.assert_allclose(splits[split].inputs.reshape(12, 32, 32, 3), want,
+                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(splits[split].targets, np.arange(12) % 10)
+    assert splits["train"].augmentation is None
+
+
+def test_a_number_normalises_every_channel_alike(monkeypatch):
+    _, splits = load_mock("svhn_cropped", monkeypatch, normalize_mean=0.5, normalize_std=0.25,
+                          flatten=False)
+    values = (np.arange(12)[:, None] + 40 * np.arange(3)) / 255.0
+    np.testing.assert_allclose(splits["test"].inputs[:, 5, 7, :], (values - 0.5) / 0.25,
+                               rtol=1e-6, atol=1e-6)
+
+
+def augmented_candidates(image: np.ndarray, padding: int, fill) -> list[np.ndarray]:
+    """Every crop of ``image`` (H, W, C) padded by ``fill``, each also flipped."""
+    h, w, _ = image.shape
+    padded = np.pad(image - fill, ((padding, padding), (padding, padding), (0, 0))) + fill
+    crops = [padded[dy:dy + h, dx:dx + w] for dy in range(2 * padding + 1)
+             for dx in range(2 * padding + 1)]
+    return crops + [c[:, ::-1] for c in crops]
+
+
+def test_random_crop_and_flip_are_standard_and_a_function_of_seed_epoch_example(monkeypatch):
+    info, splits = load_mock("cifar10", monkeypatch, num_examples=64, flatten=False,
+                             random_crop_padding=4, random_flip=True)
+    train, test = splits["train"], splits["test"]
+    images = np.asarray(train.inputs)
+    ramp = np.arange(32, dtype=np.float32)  # make every crop and flip distinguishable
+    images = images + ramp[:, None, None] * 0.01 + ramp[None, :, None] * 0.001
+    train = data.Split(images, train.targets, train.augmentation)
+    mean, std = np.asarray(PUBLISHED_STATISTICS["cifar10"][0]), np.asarray(
+        PUBLISHED_STATISTICS["cifar10"][1])
+    black = (0.0 - mean) / std
+
+    inputs, targets = stack_chunks(data.train_batches(train, 16, seed=3, epoch=1, chunk=2))
+    inputs, targets = inputs.reshape(-1, 32, 32, 3), targets.ravel()
+    order = data.epoch_order(3, 1, 64)
+    np.testing.assert_array_equal(targets, train.targets[order])
+    offsets, flips = set(), 0
+    for x, index in zip(inputs, order):
+        candidates = augmented_candidates(images[index], 4, black)
+        match = [k for k, c in enumerate(candidates) if np.allclose(x, c, atol=1e-5)]
+        assert len(match) == 1
+        offsets.add(match[0] % 81)
+        flips += match[0] >= 81
+    assert len(offsets) > 30 and 16 < flips < 48  # 64 draws of 81 offsets and a coin
+
+    # The same images on a resume, another chunk size, or two processes; others next epoch.
+    resumed, _ = stack_chunks(data.train_batches(train, 16, 3, 1, start_step=2, chunk=3))
+    np.testing.assert_array_equal(resumed.reshape(-1, 32, 32, 3), inputs[32:])
+    halves = [stack_chunks(data.train_batches(train, 16, 3, 1, process_index=p,
+                                              process_count=2))[0] for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves, axis=1).reshape(-1, 32, 32, 3),
+                                  inputs)
+    again, _ = stack_chunks(data.train_batches(train, 16, 3, 1))
+    np.testing.assert_array_equal(again.reshape(-1, 32, 32, 3), inputs)
+    other, _ = stack_chunks(data.train_batches(train, 16, 3, 2))
+    assert not np.array_equal(np.sort(other.reshape(64, -1), axis=0),
+                              np.sort(inputs.reshape(64, -1), axis=0))
+    # Evaluation reads the images as they are.
+    evaluated = np.concatenate([b["input"] for b in data.eval_batches(test, 32)])
+    np.testing.assert_array_equal(evaluated, test.inputs)
+
+
+def test_augmentation_of_flattened_images_flips_rows_of_pixels(monkeypatch):
+    _, splits = load_mock("fashion_mnist", monkeypatch, num_examples=40, random_flip=True)
+    train = splits["train"]
+    assert train.inputs.shape == (40, 784)
+    images = train.inputs + np.tile(np.arange(28, dtype=np.float32), 28) * 0.01
+    train = data.Split(images, train.targets, train.augmentation)
+    inputs, _ = stack_chunks(data.train_batches(train, 8, seed=0, epoch=0))
+    flipped = 0
+    for x, index in zip(inputs.reshape(-1, 784), data.epoch_order(0, 0, 40)):
+        image = images[index].reshape(28, 28)
+        same = np.array_equal(x.reshape(28, 28), image)
+        mirrored = np.array_equal(x.reshape(28, 28), image[:, ::-1])
+        assert same != mirrored
+        flipped += mirrored
+    assert 5 < flipped < 35
+
+
+def test_augmentation_needs_images():
+    with pytest.raises(ValueError, match="no images"):
+        data.load(make_config(dataset="sinreg", input_dim=1, output_dim=1, random_flip=True),
+                  seed=0)
 
 
 # ----------------------------------------------------------------------------- order
@@ -273,15 +436,16 @@ def test_synthetic_train_batches_equal_gather():
 # ----------------------------------------------------------------------------- errors
 
 
-def test_missing_data_dir_fails_promptly(tmp_path):
-    config = make_config(data_dir=str(tmp_path))
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_missing_data_dir_fails_promptly(tmp_path, name):
+    config = make_config(dataset=name, data_dir=str(tmp_path))
     config.download = False
     start = time.monotonic()
     with pytest.raises(data.DataNotFoundError) as excinfo:
         data.load(config, seed=0)
     assert time.monotonic() - start < 10
     message = str(excinfo.value)
-    assert str(tmp_path) in message
+    assert str(tmp_path) in message and name in message
     assert "data.data_dir" in message and "TFDS_DATA_DIR" in message
 
 
@@ -310,7 +474,7 @@ def test_corrupt_data_gives_clear_error(tmp_path):
 
 
 def test_bad_dataset_name():
-    with pytest.raises(ValueError, match=r"data\.dataset 'cifar'.*mnist.*teacher.*sinreg"):
+    with pytest.raises(ValueError, match=r"data\.dataset 'cifar'.*mnist.*cifar10.*teacher"):
         data.load(make_config(dataset="cifar"), seed=0)
 
 
@@ -328,3 +492,112 @@ def test_check_batch_size():
         data.check_batch_size(100, 8)
     with pytest.raises(ValueError, match=r"data\.eval_batch_size"):
         data.check_batch_size(100, 8, field="data.eval_batch_size")
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+
+def test_prefetch_keeps_order_and_runs_at_most_size_ahead():
+    produced = []
+
+    def items():
+        for i in range(10):
+            produced.append(i)
+            yield i
+
+    fetched = data.prefetch(items(), lambda i: i * i, size=2)
+    assert next(fetched) == 0
+    time.sleep(0.5)  # the thread fills the queue (2 items) and holds a third, ready to put
+    assert len(produced) <= 4
+    assert list(fetched) == [i * i for i in range(1, 10)]
+
+
+def test_prefetch_raises_the_threads_error_and_stops_when_closed():
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    fetched = data.prefetch(failing())
+    assert next(fetched) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(fetched)
+    before = {t for t in threading.enumerate() if t.name == "bioflax-prefetch"}
+    endless = data.prefetch(itertools.count(), size=1)
+    assert next(endless) == 0
+    endless.close()
+    assert {t for t in threading.enumerate() if t.name == "bioflax-prefetch"} == before
+
+
+def test_train_batches_num_steps_stops_early(mnist):
+    train = mnist[1]["train"]
+    full, _ = stack_chunks(data.train_batches(train, 500, 1, 4))
+    part, _ = stack_chunks(data.train_batches(train, 500, 1, 4, start_step=3, num_steps=8,
+                                              chunk=3))
+    np.testing.assert_array_equal(part, full[3:11])
+    with pytest.raises(ValueError, match="num_steps"):
+        data.train_batches(train, 500, 1, 4, start_step=110, num_steps=20)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.fixture(scope="module")
+def streamed():
+    return data.load(make_config(streaming=True), seed=0)
+
+
+def test_streamed_mnist_reads_every_training_example_once_per_epoch(mnist, streamed):
+    info, splits = streamed
+    assert info == mnist[0] and set(splits) == {"train", "test"}
+    train = splits["train"]
+    assert isinstance(train, data.StreamedSplit) and len(train) == 60_000
+    inputs, targets = stack_chunks(data.train_batches(train, 500, seed=2, epoch=0, chunk=40))
+    assert inputs.shape == (120, 500, 784) and targets.shape == (120, 500)
+    # The same values as the in-memory path: the same normalisation, every example once.
+    read = data.Split(inputs.reshape(-1, 784), targets.ravel())
+    assert collections.Counter(row_keys(read)) == collections.Counter(row_keys(mnist[1]["train"]))
+    assert not np.array_equal(targets.ravel(), mnist[1]["train"].targets)  # shuffled
+
+    # A pure function of (seed, epoch): the same batches again, from any start step.
+    again, _ = stack_chunks(data.train_batches(train, 500, seed=2, epoch=0, start_step=7,
+                                               num_steps=5, chunk=2))
+    np.testing.assert_array_equal(again, inputs[7:12])
+    other, _ = stack_chunks(data.train_batches(train, 500, seed=2, epoch=1, num_steps=2))
+    assert not np.array_equal(other, inputs[:2])
+
+
+def test_streamed_mnist_processes_read_disjoint_shards(mnist, streamed):
+    train = streamed[1]["train"]
+    parts = [stack_chunks(data.train_batches(train, 500, 0, 0, chunk=60, process_index=p,
+                                             process_count=2)) for p in range(2)]
+    keys = [set(row_keys(data.Split(x.reshape(-1, 784), y.ravel()))) for x, y in parts]
+    assert parts[0][0].shape == (120, 250, 784)
+    assert not keys[0] & keys[1]
+    assert keys[0] | keys[1] == set(row_keys(mnist[1]["train"]))
+
+
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_streamed_evaluation_reads_every_example_once_in_order(mnist, streamed, process_count):
+    test = streamed[1]["test"]
+    assert len(test) == 10_000  # one process here
+    real = []
+    for p in range(process_count):
+        batches = list(data.eval_batches(test, 3 * 128, process_index=p,
+                                         process_count=process_count))
+        assert len(batches) == math.ceil(math.ceil(10_000 / process_count) / (384 // process_count))
+        for b in batches:
+            keep = b["mask"] > 0
+            assert not b["input"][~keep].any()
+            real.append((b["input"][keep], b["target"][keep]))
+    inputs = np.concatenate([x for x, _ in real])
+    np.testing.assert_array_equal(inputs, mnist[1]["test"].inputs)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in real]),
+                                  mnist[1]["test"].targets)
+
+
+def test_streamed_validation_is_the_end_of_the_training_split(mnist):
+    _, splits = data.load(make_config(streaming=True, val_split=0.1), seed=0)
+    assert len(splits["train"]) == 54_000 and len(splits["validation"]) == 6_000
+    head = splits["validation"].head(6_000)
+    np.testing.assert_array_equal(head.inputs, mnist[1]["train"].inputs[54_000:])
+    np.testing.assert_array_equal(head.targets, mnist[1]["train"].targets[54_000:])

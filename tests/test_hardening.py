@@ -56,7 +56,11 @@ def wait_for_checkpoint(process: subprocess.Popen, workdir, at_least: int = 1,
                             "'sigmoid_squared_error']"),
     ("model.input_layer_kernel_init", "ones", "choose one of ['lecun_normal',"),
     ("training.early_stopping_mode", "up", "choose one of ['min', 'max']"),
-    ("data.dataset", "cifar10", "choose one of ['mnist', 'teacher', 'sinreg']"),
+    ("data.dataset", "imagenet2012", "choose one of ['mnist', 'fashion_mnist', 'cifar10', "
+                                     "'cifar100', 'svhn_cropped', 'teacher', 'sinreg']"),
+    ("data.random_flip", True, "augmentation runs in the tf.data pipeline: set "
+                               "data.in_memory = False"),
+    ("data.random_crop_padding", -1, "data.random_crop_padding = -1 is invalid"),
     ("model.activations", ("relu", "relu"), "needs one activation per hidden layer"),
     ("model.hidden_layers", (0,), "model.hidden_layers[0] = 0 is invalid: must be an integer > 0"),
     ("data.batch_size", -8, "data.batch_size = -8 is invalid: must be an integer > 0"),
@@ -103,6 +107,35 @@ def test_main_reports_an_override_of_a_missing_field(tmp_path):
     assert result.returncode == 2
     line = one_error_line(result)
     assert "--config.optimizer.learning_rat" in line and "no such field" in line
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    missing = tmp_path / "nope.py"
+    for overrides in ((), ("--config.seed=1",)):  # overrides make the flag parser load it
+        result = run_main(str(missing), tmp_path / "run", *overrides)
+        assert result.returncode == 2
+        line = one_error_line(result)
+        assert f"the config file {missing} cannot be loaded: there is no such file" in line
+        assert "--config=" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_that_cannot_be_created_is_named(tmp_path):
+    result = run_main(TEACHER, "/proc/bioflax_workdir", *QUIET)
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "the workdir /proc/bioflax_workdir cannot be created" in line
+    assert "Choose a directory that you can write to" in line
+
+
+def test_a_workdir_that_is_a_file_is_refused_and_the_file_kept(tmp_path):
+    path = tmp_path / "results.txt"
+    path.write_text("keep me")
+    result = run_main(TEACHER, path, *QUIET)
+    assert result.returncode == 2
+    assert (f"the workdir {path} is an existing file, not a directory"
+            in one_error_line(result))
+    assert path.read_text() == "keep me"
 
 
 # --- data -----------------------------------------------------------------------------

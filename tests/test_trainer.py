@@ -198,32 +198,6 @@ def test_smoothed_stopping_waits_for_the_running_average_to_reach_the_threshold(
         callbacks.EarlyStopping(smoothing=1.0)
 
 
-def test_fan_in_uniform_and_zeros_initializers():
-    import jax  # pylint: disable=import-outside-toplevel
-    weights = np.asarray(train.get_initializer("fan_in_uniform", 2.0)(
-        jax.random.key(0), (400, 300)))
-    bound = 2.0 / np.sqrt(400)  # U[-s/√fan_in, s/√fan_in], fan_in = 400
-    assert np.abs(weights).max() <= bound and np.abs(weights).max() > 0.99 * bound
-    np.testing.assert_allclose(weights.var(), bound ** 2 / 3, rtol=0.02)
-    zeros = train.get_initializer("zeros", 1.0)(jax.random.key(0), (3, 2))
-    np.testing.assert_array_equal(zeros, np.zeros((3, 2)))
-
-
-def test_rmsprop_divides_by_the_root_of_the_running_square_plus_epsilon():
-    config = teacher_config.get_config().optimizer
-    config.name, config.learning_rate, config.rmsprop_decay = "rmsprop", 0.01, 0.9
-    optimizer = train.build_optimizer(config, total_steps=10)
-    params = np.array([1.0, -2.0], np.float32)
-    state = optimizer.init(params)
-    nu, expected = np.zeros(2), params.astype(np.float64)
-    for gradient in (np.array([0.5, -1.0]), np.array([2.0, 0.1])):
-        nu = 0.9 * nu + 0.1 * gradient ** 2
-        expected = expected - 0.01 * gradient / (np.sqrt(nu) + 1e-8)
-        updates, state = optimizer.update(gradient.astype(np.float32), state, params)
-        params = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(params, expected, rtol=1e-5)
-
-
 @pytest.mark.parametrize("mode", ["fa", "kp", "dfa"])
 def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
     """The fast path (scanned chunks, donated state, on-device batches, alignment on some

@@ -28,7 +28,7 @@ class DataSource(abc.ABC):
         return len(self.split)
 
     def sample_input(self) -> np.ndarray:
-        return self.split.inputs[:1]
+        return self.split.head(1).inputs
 
     @abc.abstractmethod
     def chunks(self, placement: Placement, batch_size: int, seeds: Sequence[int], epoch: int,
@@ -83,16 +83,13 @@ class TFData(DataSource):
     def chunks(self, placement, batch_size, seeds, epoch, start, stop, chunk_steps):
         (seed,) = seeds
         batches = data_lib.train_batches(
-            self.split, batch_size, seed, epoch, start_step=start, chunk=chunk_steps,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        first = start
-        for chunk in batches:
-            n = min(len(chunk["input"]), stop - first)
-            if n <= 0:
-                break
-            yield (), placement.to_global(jax.tree.map(lambda x: x[:n], chunk),
-                                          placement.chunk), n
-            first += n
+            self.split, batch_size, seed, epoch, start_step=start, num_steps=stop - start,
+            chunk=chunk_steps, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        # The next chunks become global arrays on a thread while the current one trains.
+        for chunk in data_lib.prefetch(batches,
+                                       lambda c: placement.to_global(c, placement.chunk)):
+            yield (), chunk, chunk["input"].shape[0]
 
     @staticmethod
     def batch(data, x, placement):

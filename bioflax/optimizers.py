@@ -1,0 +1,54 @@
+"""Optimizers and learning-rate schedules, chosen by name from :data:`OPTIMIZERS` and
+:data:`SCHEDULES`; :func:`build` makes the optimizer a ``config.optimizer`` describes."""
+
+from typing import Callable
+
+import ml_collections
+import optax
+
+# name → (config.optimizer, learning rate or schedule) → the update rule.
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": lambda config, learning_rate: optax.sgd(learning_rate,
+                                                   momentum=config.momentum or None),
+    # PyTorch's and Torch7's form: g / (√ν + ε).
+    "rmsprop": lambda config, learning_rate: optax.rmsprop(
+        learning_rate, decay=config.rmsprop_decay, eps=1e-8, eps_in_sqrt=False),
+    "adam": lambda config, learning_rate: optax.adam(learning_rate),
+}
+
+# name → (peak learning rate, steps after the warm-up) → schedule.
+SCHEDULES: dict[str, Callable[[float, int], optax.Schedule]] = {
+    "constant": lambda learning_rate, steps: optax.constant_schedule(learning_rate),
+    "cosine": lambda learning_rate, steps: optax.cosine_decay_schedule(learning_rate,
+                                                                       max(steps, 1)),
+}
+
+
+def _choose(registry: dict, name: str, field: str):
+    if name not in registry:
+        raise ValueError(f"Unknown {field} {name!r}; choose one of {list(registry)}.")
+    return registry[name]
+
+
+def build(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """The optimizer ``config`` (a ``config.optimizer``) names, its learning rate injected
+    (so it can be logged); ValueError for an unknown optimizer or schedule name.
+
+    Weight decay comes first in the chain, ``w ← w − lr·(u + wd·w)``, which makes
+    Kolen-Pollack's ``W − B`` shrink by ``(1 − lr·wd)`` per plain SGD step.
+    """
+    update_rule = _choose(OPTIMIZERS, config.name, "optimizer.name")
+    schedule = _choose(SCHEDULES, config.schedule, "optimizer.schedule")(
+        config.learning_rate, total_steps - config.warmup_steps)
+    if config.warmup_steps:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps), schedule],
+            [config.warmup_steps])
+
+    def make(learning_rate):
+        update = update_rule(config, learning_rate)
+        if config.weight_decay:
+            return optax.chain(optax.add_decayed_weights(config.weight_decay), update)
+        return update
+
+    return optax.inject_hyperparams(make)(learning_rate=schedule)

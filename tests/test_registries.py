@@ -1,0 +1,93 @@
+"""Optimizers, initialisers, losses and data sets are chosen by name from one registry each,
+and the config validation allows exactly those names."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from bioflax import config_validation, data, initializers, losses, optimizers
+from bioflax.errors import ConfigError
+from configs import default as default_config
+from configs import teacher as teacher_config
+
+
+def test_fan_in_uniform_and_zeros_initializers():
+    weights = np.asarray(initializers.get("fan_in_uniform", 2.0)(jax.random.key(0), (400, 300)))
+    bound = 2.0 / np.sqrt(400)  # U[-s/√fan_in, s/√fan_in], fan_in = 400
+    assert np.abs(weights).max() <= bound and np.abs(weights).max() > 0.99 * bound
+    np.testing.assert_allclose(weights.var(), bound ** 2 / 3, rtol=0.02)
+    zeros = initializers.get("zeros", 1.0)(jax.random.key(0), (3, 2))
+    np.testing.assert_array_equal(zeros, np.zeros((3, 2)))
+    uniform = np.asarray(initializers.get("uniform", 0.3)(jax.random.key(1), (200, 200)))
+    assert uniform.min() >= -0.3 and uniform.max() <= 0.3
+    np.testing.assert_allclose(uniform.var(), 0.3 ** 2 / 3, rtol=0.03)
+
+
+def test_rmsprop_divides_by_the_root_of_the_running_square_plus_epsilon():
+    config = teacher_config.get_config().optimizer
+    config.name, config.learning_rate, config.rmsprop_decay = "rmsprop", 0.01, 0.9
+    optimizer = optimizers.build(config, total_steps=10)
+    params = np.array([1.0, -2.0], np.float32)
+    state = optimizer.init(params)
+    nu, expected = np.zeros(2), params.astype(np.float64)
+    for gradient in (np.array([0.5, -1.0]), np.array([2.0, 0.1])):
+        nu = 0.9 * nu + 0.1 * gradient ** 2
+        expected = expected - 0.01 * gradient / (np.sqrt(nu) + 1e-8)
+        updates, state = optimizer.update(gradient.astype(np.float32), state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params, expected, rtol=1e-5)
+
+
+def test_sgd_with_decay_first_and_a_cosine_schedule_after_warm_up():
+    config = teacher_config.get_config().optimizer
+    config.update(name="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.5,
+                  schedule="cosine", warmup_steps=2)
+    optimizer = optimizers.build(config, total_steps=6)
+    w = np.array([1.0], np.float32)
+    state = optimizer.init(w)
+    # lr: warm-up 0, 0.05, then cosine over 4 steps from 0.1: 0.1, 0.0854, 0.05, 0.0146.
+    rates = [0.0, 0.05] + [0.05 * (1 + np.cos(np.pi * k / 4)) for k in range(4)]
+    expected = 1.0
+    for rate in rates:
+        gradient = np.array([2.0], np.float32)
+        expected -= rate * (2.0 + 0.5 * expected)
+        updates, state = optimizer.update(gradient, state, w)
+        w = optax.apply_updates(w, updates)
+    np.testing.assert_allclose(w, [expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize("field, registry", [("name", optimizers.OPTIMIZERS),
+                                             ("schedule", optimizers.SCHEDULES)])
+def test_an_unknown_optimizer_or_schedule_name_is_refused_not_replaced(field, registry):
+    config = teacher_config.get_config().optimizer
+    config[field] = "adagrad"
+    with pytest.raises(ValueError, match=rf"Unknown optimizer.{field} 'adagrad'.*"
+                                         rf"{list(registry)[0]}"):
+        optimizers.build(config, total_steps=10)
+    with pytest.raises(ValueError, match="Unknown initializer 'ones'"):
+        initializers.get("ones")
+
+
+@pytest.mark.parametrize("field, registry", [
+    ("optimizer.name", optimizers.OPTIMIZERS),
+    ("optimizer.schedule", optimizers.SCHEDULES),
+    ("model.kernel_init", initializers.INITIALIZERS),
+    ("model.feedback_init", initializers.INITIALIZERS),
+    ("model.loss", losses.LOSSES["classification"]),
+    ("data.dataset", data.DATASETS),
+])
+def test_validation_allows_exactly_the_registered_names(field, registry, monkeypatch):
+    section, name = field.split(".")
+    for choice in registry:
+        config = default_config.get_config()
+        config[section][name] = choice
+        if choice in ("teacher", "sinreg"):
+            config.data.input_dim = config.data.output_dim = 1
+        config_validation.validate(config)
+    config = default_config.get_config()
+    config[section][name] = "registered_later"
+    with pytest.raises(ConfigError, match=f"{field} = 'registered_later'"):
+        config_validation.validate(config)
+    monkeypatch.setitem(registry, "registered_later", next(iter(registry.values())))
+    config_validation.validate(config)
