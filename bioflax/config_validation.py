@@ -45,6 +45,7 @@ def num_outputs(config: ml_collections.ConfigDict) -> int:
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError for the first field that cannot work; returns None otherwise."""
     _choice(config, "data.dataset", data.DATASETS)
+    _choice(config, "model.name", models.MODELS)
     _choice(config, "model.mode", models.MODES)
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
@@ -68,7 +69,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for index, width in enumerate(hidden):
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width <= 0:
             raise ConfigError(f"model.hidden_layers[{index}]", width, "must be an integer > 0")
-    if config.model.mode == "dfa":
+    if config.model.mode == "dfa" and config.model.name == "mlp":
         outputs = num_outputs(config)
         for index, width in enumerate(hidden):
             if width < outputs:
@@ -117,6 +118,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ConfigError(field, _get(config, field),
                               "augmentation runs in the tf.data pipeline: set "
                               "data.in_memory = False")
+    if config.data.image_size is not None:
+        _positive(config, "data.image_size")
+        if not images or config.data.streaming:
+            raise ConfigError("data.image_size", config.data.image_size,
+                              "resizing applies to TFDS images loaded whole (not streamed)")
+    if config.model.name != "mlp" and config.data.flatten:
+        raise ConfigError("data.flatten", True, f"model.name = {config.model.name!r} takes "
+                          "images (N, H, W, C): set data.flatten = False")
     if config.data.streaming and not images:
         raise ConfigError("data.streaming", True, f"data.dataset = {config.data.dataset!r} is "
                           "generated in memory; only TFDS data sets stream")

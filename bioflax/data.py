@@ -227,10 +227,17 @@ class TFDSImages:
         del data_config
         return self.num_classes
 
+    def image_size(self, data_config) -> tuple[int, int, int]:
+        """``(H, W, C)`` of the images the model sees: ``data.image_size`` × the same, when
+        set (LeNet-5 reads MNIST at 32×32, as biotorch resizes it), else the data set's."""
+        size = data_config.get("image_size", None)
+        return self.image_shape if size is None else (size, size, self.image_shape[-1])
+
     def input_shape(self, data_config) -> tuple[int, ...]:
         """``(H·W·C,)`` with ``data.flatten`` (inputs of an MLP), else ``(H, W, C)``."""
         flatten = data_config.get("flatten", True)
-        return (math.prod(self.image_shape),) if flatten else self.image_shape
+        image = self.image_size(data_config)
+        return (math.prod(image),) if flatten else image
 
     def normalization(self, data_config) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel ``(mean, std)``: ``data.normalize_mean``/``normalize_std`` for every
@@ -252,8 +259,12 @@ class TFDSImages:
             return info, stream("train"), stream("test")
         arrays = _read_whole(builder, ("train", "test"))
 
+        image_size = self.image_size(data_config)
+
         def preprocess(images, labels) -> Split:
             x = images.astype(np.float32) / np.float32(255.0)
+            if image_size != self.image_shape:  # bilinear, half-pixel centres (as PIL's)
+                x = np.asarray(jax.image.resize(x, (len(x), *image_size), "bilinear"))
             x = ((x - mean) / std).reshape(len(images), *shape)
             return Split(x.astype(np.float32, copy=False), labels.astype(np.int32))
 

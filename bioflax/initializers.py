@@ -24,6 +24,9 @@ INITIALIZERS: dict[str, Callable[[float], nn.initializers.Initializer]] = {
     "variance_scaling": lambda scale: nn.initializers.variance_scaling(
         scale, "fan_in", "truncated_normal"),
     "zeros": lambda scale: nn.initializers.zeros,
+    # U[−a, a], a = s·√(6/(fan_in + fan_out)) (s = 1: Glorot & Bengio; biotorch's "xavier").
+    "xavier_uniform": lambda scale: nn.initializers.variance_scaling(
+        scale ** 2, "fan_avg", "uniform"),
 }
 
 

@@ -19,7 +19,7 @@ from bioflax import callbacks as callbacks_lib
 from bioflax import config_validation
 from bioflax import data as data_lib
 from bioflax import distributed
-from bioflax import initializers, losses, optimizers
+from bioflax import losses, optimizers
 from bioflax import metrics as metrics_lib
 from bioflax import models
 from bioflax import plots
@@ -32,18 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(model_config: ml_collections.ConfigDict, info: data_lib.DatasetInfo):
-    return models.BioNeuralNetwork(
-        hidden_layers=tuple(model_config.hidden_layers),
-        activations=tuple(model_config.activations),
-        features=info.num_outputs,
-        mode=model_config.mode,
-        interpolation_factor=model_config.interpolation_factor,
-        kernel_init=initializers.get(model_config.kernel_init, model_config.kernel_init_scale),
-        feedback_init=initializers.get(model_config.feedback_init,
-                                       model_config.feedback_init_scale),
-        input_layer_kernel_init=(
-            None if model_config.input_layer_kernel_init is None else
-            initializers.get(model_config.input_layer_kernel_init, model_config.kernel_init_scale)))
+    return models.build(model_config, info.num_outputs)
 
 
 def durations(config: ml_collections.ConfigDict, num_train_examples: int) -> Durations:

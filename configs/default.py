@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.normalize_mean = ml_collections.config_dict.placeholder(float)
     data.normalize_std = ml_collections.config_dict.placeholder(float)
     data.flatten = True  # images as vectors (N, H*W*C), as MLPs take them; False: (N, H, W, C)
+    # Resize images to image_size x image_size (bilinear) before normalising, e.g. 32 for
+    # LeNet-5 on MNIST as biotorch does; None: the data set's size. In-memory loading only.
+    data.image_size = ml_collections.config_dict.placeholder(int)
     # Training augmentation of images, run in tf.data (needs data.in_memory = False), a pure
     # function of (seed, epoch, example): pad every side by this many black pixels, then crop
     # a random window of the image size (CIFAR's standard: 4); 0: no crop.
@@ -47,7 +50,15 @@ def get_config() -> ml_collections.ConfigDict:
     data.streaming = False
 
     config.model = model = ml_collections.ConfigDict()
-    model.mode = "bp"  # 'bp', 'fa', 'kp', 'dfa' or 'interpolate_fa_bp'
+    # 'mlp' (BioNeuralNetwork: hidden_layers, activations), or a model of bioflax/zoo.py
+    # trained through bioflax.convert: 'lenet5' (32x32x1 input), 'lenet_cifar', 'resnet20',
+    # 'resnet32', 'resnet44', 'resnet56', 'resnet110' (these take images: data.flatten=False)
+    model.name = "mlp"
+    # The learning rule (bioflax/rules.py): 'bp', 'fa', 'kp', 'dfa', 'interpolate_fa_bp',
+    # 'usf', 'frsf' or 'brsf'
+    model.mode = "bp"
+    # Zoo models: Dense/Conv layers kept on backprop, glob patterns of their paths ('fc2')
+    model.keep_backprop = ()
     model.interpolation_factor = 0.5  # λ of interpolate_fa_bp: 1 = FA, 0 = BP
     model.hidden_layers = (500,)  # widths of the hidden layers
     model.activations = ("relu",)  # one activation name per hidden layer

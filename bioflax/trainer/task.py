@@ -46,7 +46,9 @@ class Task:
         step's batch and random streams), returning a dict of scalars.
       rng_streams: the random streams passed to the module (``make_rng(name)``).
       train_flag: pass ``train=True`` in training and ``train=False`` in evaluation and
-        prediction; default: whether ``module.__call__`` has a parameter named ``train``.
+        prediction; default: whether ``module.__call__`` has a parameter named ``train``
+        (for a wrapper that calls the module in its field ``module``, as
+        ``bioflax.convert``'s does, that module's ``__call__``).
     """
 
     module: nn.Module
@@ -59,7 +61,8 @@ class Task:
 
     def __post_init__(self):
         if self.train_flag is None:
-            takes_train = "train" in inspect.signature(self.module.__call__).parameters
+            called = getattr(self.module, "module", self.module)
+            takes_train = "train" in inspect.signature(called.__call__).parameters
             object.__setattr__(self, "train_flag", takes_train)
 
     def make_optimizer(self, total_steps: Optional[int]) -> optax.GradientTransformation:
