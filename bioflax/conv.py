@@ -156,3 +156,18 @@ def _conv_bwd(spec, residuals, dy):
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         **kwargs) -> jax.Array:
+    """A drop-in for ``lax.conv_general_dilated`` as ``flax.linen.Conv`` calls it (channels
+    last): :func:`conv` where it applies, ``lax`` for input dilation."""
+    if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, **kwargs)
+    del dimension_numbers, kwargs  # flax.linen.Conv's are channels last, default precision
+    return conv(lhs, rhs, strides=window_strides, padding=padding,
+                kernel_dilation=rhs_dilation, feature_group_count=feature_group_count)

@@ -8,6 +8,11 @@ pass is the original's exactly, the ``'params'`` tree is the original's leaf for
 (Kolen-Pollack adds ``feedback_kernel`` beside each ``kernel``), and fixed feedback
 matrices go to the ``'feedback'`` collection at the layer's path.
 
+On CPU the convolutions of converted ``nn.Conv`` layers run as patches and matrix products
+(:mod:`bioflax.conv`), equal to XLA's convolution up to float rounding and several times
+faster to train inside a compiled loop there; a layer given its own
+``conv_general_dilated`` keeps it.
+
 Everything else — BatchNorm, LayerNorm, pooling, activations, residual additions,
 embeddings, and layers of other classes (``DenseGeneral``, ``Einsum``, ``ConvTranspose``,
 ``ConvLocal``) — keeps exact backprop: it passes on whatever signal reaches it from above.
@@ -36,15 +41,25 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bioflax import conv as conv_lib
 from bioflax import rules
 
 DFA_FEEDBACK = "output_feedback"
 KeepBackprop = Union[Sequence[str], Callable[[str, nn.Module], bool]]
 
-# The primitive field of each convertible layer class, and the lax function it defaults to.
+def _default_conv(*args, **kwargs):
+    """``nn.Conv``'s convolution: on XLA:CPU :func:`bioflax.conv.conv_general_dilated`
+    (patches and matmuls, whose VJPs avoid XLA:CPU's slow backward convolutions inside
+    ``lax.scan``, jax-ml/jax#12868), elsewhere ``lax.conv_general_dilated``."""
+    if jax.default_backend() == "cpu":
+        return conv_lib.conv_general_dilated(*args, **kwargs)
+    return jax.lax.conv_general_dilated(*args, **kwargs)
+
+
+# The primitive field of each convertible layer class, and the function it defaults to.
 _PRIMITIVES = {
     nn.Dense: ("dot_general", jax.lax.dot_general),
-    nn.Conv: ("conv_general_dilated", jax.lax.conv_general_dilated),
+    nn.Conv: ("conv_general_dilated", _default_conv),
 }
 _RULE_OP = "_bioflax_rule_op"
 
