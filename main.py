@@ -23,12 +23,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 class _DropLibraryChatter(logging.Filter):
     """Orbax logs every file of every save at INFO, clu's progress reporter its work-unit
-    notes, TFDS every data set it opens; keep their warnings and errors."""
+    notes, TFDS every data set it opens, JAX its search for TPUs; keep their warnings and
+    errors."""
 
     def filter(self, record):
         return record.levelno >= logging.WARNING or not any(
             library in record.pathname
-            for library in ("/orbax/", "/clu/platform/", "/tensorflow_datasets/"))
+            for library in ("/orbax/", "/clu/platform/", "/tensorflow_datasets/",
+                            "/jax/_src/xla_bridge.py"))  # JAX's probe for absent TPUs
 
 
 def _fail(message: str, exit_code: int, *, every_process: bool = False):

@@ -21,16 +21,15 @@ steps in a ``lax.scan``, gathering each batch on the device from an index array.
 figure is one such program's examples/s after compilation; the variants take turns
 (interleaved) for ``--repeats`` rounds and each is reported by its median.
 
-Flax variants (``make_model(rule, conv)``):
+Flax variants (``make_model(rule, impl)``):
 
-- ``nn.Conv``: plain ``flax.linen.Conv`` and ``nn.Dense`` layers, backprop;
-- ``bp``: the same network with :func:`bioflax.conv.conv` in place of ``nn.Conv``;
-- ``fa``: feedback alignment on every layer, a first estimate of what a rule costs: each
-  conv layer sends down the input-gradient of ``conv(·, B)`` with a fixed ``B`` of the
-  kernel's shape (a ``custom_vjp`` around :func:`bioflax.conv.conv`), and the dense layers
-  are ``bioflax.RandomDenseLinearFA``.
-
-The other rules come with ``bioflax.convert`` (not in this branch yet).
+- ``flax nn.Conv bp``: plain ``flax.linen.Conv`` and ``nn.Dense`` layers, backprop (XLA's
+  convolutions);
+- ``bioflax RULE``: the same network converted by ``bioflax.convert(lenet, RULE)`` for every
+  rule (on CPU its convolutions run as :mod:`bioflax.conv`'s patches and matmuls);
+- ``hand-built bp`` and ``hand-built fa``: the network written by hand from
+  :func:`bioflax.conv.conv` (FA: a ``custom_vjp`` sending down ``conv(·, B)``'s
+  input-gradient, and ``RandomDenseLinearFA``), to show what the converter costs.
 
 Peers, when ``--peer-python`` names an interpreter with torch (and biotorch 0.0.16,
 installed with ``--no-deps``): a plain PyTorch loop of the same LeNet (biotorch's
@@ -132,19 +131,15 @@ def flax_side():
             x = nn.relu(self.dense_layer(84)(x))
             return self.dense_layer(NUM_CLASSES)(x)
 
-    def make_model(rule: str, conv_impl: str = "bioflax") -> nn.Module:
-        """LeNet trained by ``rule`` (``'bp'`` or ``'fa'``), its convs from ``conv_impl``
-        (``'bioflax'`` or ``'nn.Conv'``, the latter for backprop only)."""
-        if conv_impl == "nn.Conv":
-            if rule != "bp":
-                raise ValueError("nn.Conv trains by backprop only")
-            return LeNet(functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID"),
-                         nn.Dense)
-        if rule == "bp":
-            return LeNet(Conv, nn.Dense)
-        if rule == "fa":
-            return LeNet(functools.partial(Conv, fa=True), bioflax.RandomDenseLinearFA)
-        raise ValueError(f"unknown rule {rule!r}: 'bp' or 'fa' until bioflax.convert exists")
+    plain = LeNet(functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID"), nn.Dense)
+    hand_built = {"bp": LeNet(Conv, nn.Dense),
+                  "fa": LeNet(functools.partial(Conv, fa=True), bioflax.RandomDenseLinearFA)}
+
+    def make_model(rule: str, impl: str) -> nn.Module:
+        """LeNet trained by ``rule``: ``impl`` ``'nn.Conv'`` (plain, bp), ``'convert'``
+        (``bioflax.convert``, any rule) or ``'hand-built'`` (bp, fa)."""
+        return {"nn.Conv": lambda: plain, "convert": lambda: bioflax.convert(plain, rule),
+                "hand-built": lambda: hand_built[rule]}[impl]()
 
     class ChunkTimer:
         """One model's compiled chunk of ``steps`` SGD steps, warmed up; each call times
@@ -157,15 +152,17 @@ def flax_side():
             self.fixed = {k: v for k, v in variables.items() if k != "params"}
             self.steps = steps
 
-            def loss(params, fixed, x, y):
-                logits = model.apply({"params": params, **fixed}, x)
+            def loss(params, fixed, x, y, key):
+                logits = model.apply({"params": params, **fixed}, x,
+                                     rngs={"feedback": key})  # brSF redraws B per step
                 return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
                                                      y[:, None], axis=1))
 
             def chunk(params, fixed, data, targets, indices):
                 def step(params, idx):
+                    key = jax.random.fold_in(jax.random.key(0), idx[0])
                     value, grads = jax.value_and_grad(loss)(params, fixed, data[idx],
-                                                            targets[idx])
+                                                            targets[idx], key)
                     params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
                     return params, value
                 return jax.lax.scan(step, params, indices)
@@ -281,6 +278,8 @@ def main():
                         help="an interpreter with torch and biotorch 0.0.16 for the peers")
     parser.add_argument("--steps", type=int, default=100, help="steps per timed figure")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (figures per variant)")
+    parser.add_argument("--rules", default="bp,fa,kp,dfa,usf,brsf,frsf",
+                        help="the bioflax rules to time, comma-separated")
     parser.add_argument("--peer_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer_only:
@@ -294,12 +293,13 @@ def main():
     print(f"device: {device.platform} {device.device_kind}; jax {jax.__version__}; "
           f"LeNet-5 (biotorch LeNetMNIST), batch {BATCH}, SGD, float32; {args.steps} steps "
           f"per figure, median of {args.repeats} interleaved rounds")
-    variants = {"flax nn.Conv bp": ("bp", "nn.Conv"), "bioflax bp": ("bp", "bioflax"),
-                "bioflax fa": ("fa", "bioflax")}
+    variants = {"flax nn.Conv bp": ("bp", "nn.Conv"), "hand-built bp": ("bp", "hand-built"),
+                "hand-built fa": ("fa", "hand-built"),
+                **{f"bioflax {rule}": (rule, "convert") for rule in args.rules.split(",")}}
     timers = {}
-    for name, (rule, conv_impl) in variants.items():
+    for name, (rule, impl) in variants.items():
         start = time.perf_counter()
-        timers[name] = ChunkTimer(make_model(rule, conv_impl), inputs, targets, args.steps)
+        timers[name] = ChunkTimer(make_model(rule, impl), inputs, targets, args.steps)
         print(f"  {name}: compiled and warmed up in {time.perf_counter() - start:.0f} s",
               flush=True)
     why_not = peer_python_ok(args.peer_python)
@@ -327,17 +327,19 @@ def main():
     print("\nratios (targets: bioflax bp / plain PyTorch >= 1.2; each rule >= 1.5x biotorch's "
           "same rule and >= 0.9x bioflax bp)")
     print(f"  bioflax bp / flax nn.Conv bp: {bp / median['flax nn.Conv bp']:.2f}")
+    for rule in ("bp", "fa"):
+        if f"bioflax {rule}" in median:
+            print(f"  converter / hand-built, {rule}: "
+                  f"{median[f'bioflax {rule}'] / median[f'hand-built {rule}']:.2f}")
     if "plain PyTorch" in median:
         print(f"  bioflax bp / plain PyTorch:   {bp / median['plain PyTorch']:.2f}")
-    for rule in ("bp", "fa", "dfa", "usf", "brsf", "frsf"):
+    for rule in ("bp", "fa", "kp", "dfa", "usf", "brsf", "frsf"):
         ours, theirs = median.get(f"bioflax {rule}"), median.get(f"biotorch {rule}")
         parts = [f"{rule:<5}"]
         if ours:
             parts.append(f"bioflax / bioflax bp {ours / bp:.2f}")
             if theirs:
                 parts.append(f"bioflax / biotorch {ours / theirs:.2f}")
-        elif theirs:
-            parts.append("bioflax: needs bioflax.convert")
         print("  " + "   ".join(parts))
 
 
