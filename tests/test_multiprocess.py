@@ -171,6 +171,15 @@ def test_an_incomplete_environment_is_named_before_joining(monkeypatch, env, exp
         distributed.initialize()
 
 
+def test_a_coordinator_that_never_answers_is_named(monkeypatch):
+    monkeypatch.setenv(distributed.COORDINATOR, f"127.0.0.1:{launch.free_port()}")
+    monkeypatch.setenv(distributed.NUM_PROCESSES, "2")
+    monkeypatch.setenv(distributed.PROCESS_ID, "1")
+    monkeypatch.setattr(distributed, "CONNECT_TIMEOUT_S", 1)
+    with pytest.raises(DistributedError, match="no coordinator answers at JAX_COORDINATOR_ADDR"):
+        distributed.initialize()
+
+
 def test_each_process_gets_its_id_the_count_a_shared_port_and_its_devices():
     envs = [launch.process_environment(i, 2, 1234, 3, base={"XLA_FLAGS": "--xla_foo=1"})
             for i in range(2)]
