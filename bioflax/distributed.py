@@ -42,7 +42,8 @@ def initialize() -> None:
     """``jax.distributed.initialize`` with the count and id from the environment.
 
     Raises DistributedError, naming the variable and the fix, when the environment is
-    incomplete or inconsistent, or when the cluster cannot be detected.
+    incomplete or inconsistent, when no cluster is detected in its place, or when no
+    coordinator answers within ``CONNECT_TIMEOUT_S``.
     """
     address = os.environ.get(COORDINATOR) or None
     num_processes = _read_int(NUM_PROCESSES)
