@@ -13,7 +13,9 @@ MPI, Kubernetes and Cloud TPU. CPU devices talk through Gloo collectives.
 
 import logging
 import os
+import socket
 import sys
+import time
 
 import jax
 import numpy as np
@@ -27,6 +29,8 @@ PROCESS_ID = "JAX_PROCESS_ID"
 # A process that sends no heartbeat for this long is declared dead and the others stop,
 # instead of waiting on it for JAX's default 100 s.
 HEARTBEAT_TIMEOUT_S = 30
+# How long a process waits for the coordinator (process 0) to come up; JAX's default.
+CONNECT_TIMEOUT_S = 300
 
 
 def requested() -> bool:
@@ -38,7 +42,8 @@ def initialize() -> None:
     """``jax.distributed.initialize`` with the count and id from the environment.
 
     Raises DistributedError, naming the variable and the fix, when the environment is
-    incomplete or inconsistent, or when the cluster cannot be detected.
+    incomplete or inconsistent, when no cluster is detected in its place, or when no
+    coordinator answers within ``CONNECT_TIMEOUT_S``.
     """
     address = os.environ.get(COORDINATOR) or None
     num_processes = _read_int(NUM_PROCESSES)
@@ -55,16 +60,37 @@ def initialize() -> None:
             raise DistributedError(
                 f"{NUM_PROCESSES}={num_processes} is set but {COORDINATOR} is not: set it to "
                 "host:port of process 0 (a free port on that host) in every process.")
+        if process_id > 0:
+            _wait_for_coordinator(address)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                                    process_id=process_id,
+                                   initialization_timeout=CONNECT_TIMEOUT_S,
                                    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except ValueError as error:
         raise DistributedError(
             f"cannot start a multi-process run: {error} Outside SLURM, Open MPI, Kubernetes "
             f"and Cloud TPU, set {COORDINATOR}, {NUM_PROCESSES} and {PROCESS_ID} in every "
             "process, or start them with python -m bioflax.launch.") from error
+
+
+def _wait_for_coordinator(address: str) -> None:
+    """Returns once ``address`` accepts TCP connections; DistributedError after
+    ``CONNECT_TIMEOUT_S`` (JAX itself would abort the process without a word of why)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+            return
+        except (OSError, ValueError) as error:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"no coordinator answers at {COORDINATOR}={address} after "
+                    f"{CONNECT_TIMEOUT_S} s ({error}): start process 0 with the same address, "
+                    "or set it to process 0's host and port.") from None
+        time.sleep(0.5)
 
 
 def _read_int(name: str):

@@ -109,20 +109,21 @@ def launch(command: list[str], num_processes: int, logdir: pathlib.Path,
         processes.append(process)
         logs.append((log, log_path))
 
-    forwarded: list[int] = []
+    # Exits are collected here as they happen (os.waitpid), so that the first process to
+    # fail is the one named: the others fail soon after it, on their collectives.
+    running, failed, forwarded = {p.pid: i for i, p in enumerate(processes)}, None, []
 
     def forward(signum, frame):
         del frame
         forwarded.append(signum)
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signum)
+        for pid in list(running):  # not yet reaped, so the pid is still theirs
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # reaped since the list was taken
+                pass
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # Wait for each exit as it happens, so that the first process to fail is the one
-        # named (the others fail soon after it, on their collectives).
-        running, failed = {p.pid: i for i, p in enumerate(processes)}, None
         while running and failed is None:
             pid, status = os.waitpid(-1, 0)
             if pid in running:

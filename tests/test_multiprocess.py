@@ -171,6 +171,29 @@ def test_an_incomplete_environment_is_named_before_joining(monkeypatch, env, exp
         distributed.initialize()
 
 
+@pytest.mark.skipif(any(name in os.environ for name in (
+    "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "KUBERNETES_SERVICE_HOST", "TPU_WORKER_ID")),
+    reason="JAX would detect this cluster and join it")
+def test_multi_host_with_only_a_coordinator_address_says_what_is_missing(monkeypatch):
+    # The case: jax.distributed.initialize alone stops with a bare ValueError.
+    for name in (distributed.NUM_PROCESSES, distributed.PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(distributed.COORDINATOR, f"127.0.0.1:{launch.free_port()}")
+    with pytest.raises(DistributedError, match="Number of processes must be defined. Outside "
+                                               "SLURM, .* set JAX_COORDINATOR_ADDRESS, "
+                                               "JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
+        distributed.initialize()
+
+
+def test_a_coordinator_that_never_answers_is_named(monkeypatch):
+    monkeypatch.setenv(distributed.COORDINATOR, f"127.0.0.1:{launch.free_port()}")
+    monkeypatch.setenv(distributed.NUM_PROCESSES, "2")
+    monkeypatch.setenv(distributed.PROCESS_ID, "1")
+    monkeypatch.setattr(distributed, "CONNECT_TIMEOUT_S", 1)
+    with pytest.raises(DistributedError, match="no coordinator answers at JAX_COORDINATOR_ADDR"):
+        distributed.initialize()
+
+
 def test_each_process_gets_its_id_the_count_a_shared_port_and_its_devices():
     envs = [launch.process_environment(i, 2, 1234, 3, base={"XLA_FLAGS": "--xla_foo=1"})
             for i in range(2)]
