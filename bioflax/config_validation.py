@@ -49,6 +49,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _choice(config, "model.mode", models.MODES)
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
+    if any(not 0.0 < fraction < 1.0 for fraction in config.optimizer.decay_at):
+        raise ConfigError("optimizer.decay_at", config.optimizer.decay_at,
+                          "fractions of the run, each in (0, 1)")
+    _positive(config, "optimizer.decay_factor", integer=False)
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
     if config.model.input_layer_kernel_init is not None:

@@ -16,11 +16,20 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adam": lambda config, learning_rate: optax.adam(learning_rate),
 }
 
-# name → (peak learning rate, steps after the warm-up) → schedule.
-SCHEDULES: dict[str, Callable[[float, int], optax.Schedule]] = {
-    "constant": lambda learning_rate, steps: optax.constant_schedule(learning_rate),
-    "cosine": lambda learning_rate, steps: optax.cosine_decay_schedule(learning_rate,
-                                                                       max(steps, 1)),
+def _multistep(config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+    """The learning rate times ``decay_factor`` at each fraction ``decay_at`` of the run
+    (PyTorch's MultiStepLR with milestones in epochs: 100 of 250 epochs is 0.4)."""
+    return optax.piecewise_constant_schedule(
+        config.learning_rate,
+        {int(round(fraction * steps)): config.decay_factor for fraction in config.decay_at})
+
+
+# name → (config.optimizer, steps after the warm-up) → schedule.
+SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
+    "constant": lambda config, steps: optax.constant_schedule(config.learning_rate),
+    "cosine": lambda config, steps: optax.cosine_decay_schedule(config.learning_rate,
+                                                                max(steps, 1)),
+    "multistep": _multistep,
 }
 
 
@@ -39,7 +48,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> optax.Gradient
     """
     update_rule = _choose(OPTIMIZERS, config.name, "optimizer.name")
     schedule = _choose(SCHEDULES, config.schedule, "optimizer.schedule")(
-        config.learning_rate, total_steps - config.warmup_steps)
+        config, total_steps - config.warmup_steps)
     if config.warmup_steps:
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps), schedule],

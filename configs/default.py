@@ -84,7 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
     optimizer.rmsprop_decay = 0.99  # rmsprop only: ν ← decay·ν + (1 − decay)·g²
     # wd * W is added to the gradient of W (and of KP's B) before the optimizer: L2 decay.
     optimizer.weight_decay = 0.0
-    optimizer.schedule = "constant"  # 'constant' or 'cosine' (decays to 0 over the run)
+    # 'constant', 'cosine' (decays to 0 over the run) or 'multistep' (× decay_factor at
+    # each fraction decay_at of the run's steps)
+    optimizer.schedule = "constant"
+    optimizer.decay_at = (0.5, 0.75)  # multistep: fractions of the run (epoch 50 of 100: 0.5)
+    optimizer.decay_factor = 0.1  # multistep: the factor at each of them
     optimizer.warmup_steps = 0  # linear warm-up from 0 before the schedule
 
     config.training = training = ml_collections.ConfigDict()
