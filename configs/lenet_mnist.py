@@ -1,8 +1,9 @@
 """LeNet-5 (biotorch's MNIST LeNet, bioflax/zoo.py) on MNIST resized to 32×32, trained by a
 rule through ``bioflax.convert``: ``--config=configs/lenet_mnist.py:kp`` (default ``kp``;
 any rule of bioflax/rules.py). Xavier-uniform W and B and SGD with momentum 0.9 as biotorch
-trains it; learning rate 0.01 with cosine decay over 10 epochs, weight decay 1e-4 (which KP
-needs to align B with W), alignment of every conv and dense layer once per 100 steps."""
+trains it; learning rate 0.003 with cosine decay over 10 epochs (KP at 0.01 stayed near chance
+for 2 epochs on the validation split, at 0.003 it reached 95.8% in 3), weight decay 1e-4
+(which KP needs to align B with W), alignment of every conv and dense layer every 100 steps."""
 
 from configs import default
 
@@ -15,7 +16,7 @@ def get_config(rule: str = "kp"):
     config.model.mode = rule
     config.model.kernel_init = "xavier_uniform"
     config.model.feedback_init = "xavier_uniform"
-    config.optimizer.learning_rate = 0.01
+    config.optimizer.learning_rate = 0.003
     config.optimizer.schedule = "cosine"
     config.optimizer.weight_decay = 1e-4
     config.training.epochs = 10
