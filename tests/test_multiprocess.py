@@ -185,13 +185,19 @@ def test_multi_host_with_only_a_coordinator_address_says_what_is_missing(monkeyp
         distributed.initialize()
 
 
-def test_a_coordinator_that_never_answers_is_named(monkeypatch):
-    monkeypatch.setenv(distributed.COORDINATOR, f"127.0.0.1:{launch.free_port()}")
-    monkeypatch.setenv(distributed.NUM_PROCESSES, "2")
-    monkeypatch.setenv(distributed.PROCESS_ID, "1")
-    monkeypatch.setattr(distributed, "CONNECT_TIMEOUT_S", 1)
-    with pytest.raises(DistributedError, match="no coordinator answers at JAX_COORDINATOR_ADDR"):
-        distributed.initialize()
+def test_a_coordinator_that_never_answers_is_named():
+    # In a fresh process: jax.distributed.initialize must come before any JAX computation,
+    # which earlier tests in this process have run.
+    code = ("import pytest\nfrom bioflax import distributed\n"
+            "from bioflax.errors import DistributedError\n"
+            "distributed.CONNECT_TIMEOUT_S = 1\n"
+            "with pytest.raises(DistributedError, "
+            "match='no coordinator answers at JAX_COORDINATOR_ADDR'):\n"
+            "    distributed.initialize()\n")
+    env = {**os.environ, distributed.COORDINATOR: f"127.0.0.1:{launch.free_port()}",
+           distributed.NUM_PROCESSES: "2", distributed.PROCESS_ID: "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env,
+                   cwd=pathlib.Path(__file__).resolve().parents[1])
 
 
 def test_each_process_gets_its_id_the_count_a_shared_port_and_its_devices():
