@@ -174,28 +174,33 @@ def test_an_incomplete_environment_is_named_before_joining(monkeypatch, env, exp
 @pytest.mark.skipif(any(name in os.environ for name in (
     "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "KUBERNETES_SERVICE_HOST", "TPU_WORKER_ID")),
     reason="JAX would detect this cluster and join it")
-def test_multi_host_with_only_a_coordinator_address_says_what_is_missing(monkeypatch):
+def test_multi_host_with_only_a_coordinator_address_says_what_is_missing():
     # The issue's case: jax.distributed.initialize alone stops with a bare ValueError.
-    for name in (distributed.NUM_PROCESSES, distributed.PROCESS_ID):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(distributed.COORDINATOR, f"127.0.0.1:{launch.free_port()}")
-    with pytest.raises(DistributedError, match="Number of processes must be defined. Outside "
-                                               "SLURM, .* set JAX_COORDINATOR_ADDRESS, "
-                                               "JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
-        distributed.initialize()
+    env = {k: v for k, v in os.environ.items()
+           if k not in (distributed.NUM_PROCESSES, distributed.PROCESS_ID)}
+    env[distributed.COORDINATOR] = f"127.0.0.1:{launch.free_port()}"
+    initialize_in_a_fresh_process(env, "Number of processes must be defined. Outside "
+                                       "SLURM, .* set JAX_COORDINATOR_ADDRESS, "
+                                       "JAX_NUM_PROCESSES and JAX_PROCESS_ID")
 
 
 def test_a_coordinator_that_never_answers_is_named():
-    # In a fresh process: jax.distributed.initialize must come before any JAX computation,
-    # which earlier tests in this process have run.
-    code = ("import pytest\nfrom bioflax import distributed\n"
-            "from bioflax.errors import DistributedError\n"
-            "distributed.CONNECT_TIMEOUT_S = 1\n"
-            "with pytest.raises(DistributedError, "
-            "match='no coordinator answers at JAX_COORDINATOR_ADDR'):\n"
-            "    distributed.initialize()\n")
     env = {**os.environ, distributed.COORDINATOR: f"127.0.0.1:{launch.free_port()}",
            distributed.NUM_PROCESSES: "2", distributed.PROCESS_ID: "1"}
+    initialize_in_a_fresh_process(env, "no coordinator answers at JAX_COORDINATOR_ADDR",
+                                  connect_timeout_s=1)
+
+
+def initialize_in_a_fresh_process(env, error: str, connect_timeout_s=None) -> None:
+    """``distributed.initialize()`` under ``env`` raises a DistributedError matching
+    ``error``; in a new process, as jax.distributed.initialize must come before any JAX
+    computation, which earlier tests in this process have run."""
+    code = "\n".join([
+        "import pytest", "from bioflax import distributed",
+        "from bioflax.errors import DistributedError",
+        *([f"distributed.CONNECT_TIMEOUT_S = {connect_timeout_s}"] if connect_timeout_s else []),
+        f"with pytest.raises(DistributedError, match={error!r}):",
+        "    distributed.initialize()"])
     subprocess.run([sys.executable, "-c", code], check=True, env=env,
                    cwd=pathlib.Path(__file__).resolve().parents[1])
 
