@@ -126,6 +126,17 @@ def stored_matrix(variables, path, rule):
     return None if value is None else np.asarray(value)
 
 
+def layer_matrices(variables, rule):
+    """The rule's matrix of each layer of the test networks (Conv_0, Conv_1, Dense_0): for
+    DFA the ``output_feedback`` at the inputs of Conv_1 and Dense_0 (the first layer has
+    none), else the stored matrix of :func:`stored_matrix` (None for bp/uSF)."""
+    if rule == "dfa":
+        return {name: np.asarray(variables["feedback"][name]["output_feedback"])
+                for name in ("Conv_1", "Dense_0")}
+    return {name: stored_matrix(variables, (name,), rule)
+            for name in ("Conv_0", "Conv_1", "Dense_0")}
+
+
 def randomized(variables, seed):
     """Every variable redrawn in float64 (kernels ~ N(0, 1/fan_in), the rest N(0, 0.25))."""
     rng = np.random.default_rng(seed)
@@ -347,11 +358,7 @@ def test_converted_cnn_matches_hand_built_network(rule):
     params = jax.tree.map(np.asarray, variables["params"])
     if rule == "dfa":
         assert "Conv_0" not in variables["feedback"]  # the first layer's input: no B
-        feedback = {name: np.asarray(variables["feedback"][name]["output_feedback"])
-                    for name in ("Conv_1", "Dense_0")}
-    else:
-        feedback = {name: stored_matrix(variables, (name,), rule)
-                    for name in ("Conv_0", "Conv_1", "Dense_0")}
+    feedback = layer_matrices(variables, rule)
     want, d_x = cnn_reference(rule, params, feedback, x,
                               softmax_xent_and_error(y, np.asarray(labels)))
     for name, leaves in want.items():
@@ -434,12 +441,7 @@ def test_converted_residual_block_with_batchnorm_matches_hand_built_network(rule
                                             if k != "batch_stats"}, 6)}
     y, grads, g_x = converted_grads(model, variables, x, labels, mutable=["batch_stats"])
     params = jax.tree.map(np.asarray, variables["params"])
-    if rule == "dfa":
-        feedback = {name: np.asarray(variables["feedback"][name]["output_feedback"])
-                    for name in ("Conv_1", "Dense_0")}
-    else:
-        feedback = {name: stored_matrix(variables, (name,), rule)
-                    for name in ("Conv_0", "Conv_1", "Dense_0")}
+    feedback = layer_matrices(variables, rule)
     want, d_x = residual_reference(rule, params, feedback, x,
                                    softmax_xent_and_error(y, np.asarray(labels)))
     for name, leaves in want.items():
@@ -604,10 +606,7 @@ def test_alignment_reports_every_conv_and_dense_layer_of_a_converted_model(rule)
                                           {"feedback": variables["feedback"]}, grads)
     params = jax.tree.map(np.asarray, variables["params"])
     error = softmax_xent_and_error(y, np.asarray(labels))
-    feedback = ({name: np.asarray(variables["feedback"][name]["output_feedback"])
-                 for name in ("Conv_1", "Dense_0")} if rule == "dfa" else
-                {name: stored_matrix(variables, (name,), rule)
-                 for name in ("Conv_0", "Conv_1", "Dense_0")})
+    feedback = layer_matrices(variables, rule)
     rule_grads, _ = cnn_reference(rule, params, feedback, x, error)
     bp_grads, _ = cnn_reference("bp", params, {}, x, error)
     for name in ("Conv_0", "Conv_1", "Dense_0"):
