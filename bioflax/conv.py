@@ -1,23 +1,29 @@
-"""A convolution whose forward pass and both VJPs run fast inside ``lax.scan`` on XLA:CPU.
+"""A convolution that XLA's CPU backend trains fast inside ``lax.scan``: a banded matmul.
 
 :func:`conv` computes exactly what ``flax.linen.Conv`` computes without its bias (a
 ``lax.conv_general_dilated`` with the input channels last and an ``(*window, in / groups,
-out)`` kernel), but differentiates as matrix products on patches (im2col) instead of
-through XLA's backward convolutions, which XLA's CPU backend runs in a slow layout inside a
-compiled loop (jax-ml/jax#12868): with ``P`` the input's patches, ``(batch · out pixels,
-window · in)``,
+out)`` kernel), as one matrix product whose gradients autodiff derives as matrix
+products and slices, never as XLA's backward convolutions, which XLA's CPU backend runs in
+a slow layout inside a compiled loop (jax-ml/jax#12868).
 
-- the kernel's gradient is ``Pᵀ δ`` (per group);
-- the input's gradient is ``δ Wᵀ`` scattered back onto the input's pixels (col2im: a sum of
-  padded, strided copies, the transpose of the slices that build ``P``).
+Along the last spatial axis the output is cut into blocks of ``b`` neighbouring columns.
+Each block reads ``win = (b − 1)·s + (k − 1)·d + 1`` input columns (stride ``s``, kernel
+width ``k``, dilation ``d``), under each tap of the other spatial axes: the block's patch
+``P``, of length ``taps · win · in``. The kernel becomes the banded matrix
 
-``jax.vjp`` of :func:`conv` with respect to either argument takes this path, so a feedback
-rule can send down ``jax.vjp(lambda h: conv(h, B), x)[1](δ)`` (the same convolution's
-input-gradient with ``B`` in place of ``W``) and ``jax.vjp(lambda w: conv(x, w), W)[1](δ)``
-as ``dW``. Forward-mode differentiation (``jax.jvp``) is not defined (a ``custom_vjp``).
+    T[t, p, c, j, o] = Σ_v [p = j·s + v·d] · W[t, v, c, o]      (``(taps·win·in, b·out)``)
+
+and ``y_block = P @ T`` gives the block's ``b`` output columns at once. ``b = 1`` is plain
+im2col; larger blocks share each input column among the ``b`` outputs that read it, so the
+patches are ``b·k / win`` times smaller than im2col's (about ``k / 2`` for ``b = k``) at
+``win / k`` times its multiply-adds (about 2). Profiled on LeNet-5 at batch 128 on a 2-core
+CPU, this trains 1.6× faster than im2col with a custom VJP and 6× faster than ``nn.Conv``'s
+own convolutions (``benchmarks/lenet.py``). The gradients are autodiff's: ``dT = Pᵀ δ``
+summed back onto ``W``'s entries, and ``δ Tᵀ`` added back onto the input's pixels, so a
+feedback rule's ``jax.vjp(lambda h: conv(h, B), x)`` is the same convolution's
+input-gradient with ``B`` in place of ``W``.
 """
 
-import functools
 import itertools
 from typing import NamedTuple, Sequence, Union
 
@@ -25,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 from jax import lax
-
 PaddingLike = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
 IntOrSequence = Union[int, Sequence[int]]
 
@@ -52,7 +57,7 @@ def _dims(dims: IntOrSequence | None, n: int, name: str) -> tuple[int, ...]:
 def conv(x: jax.Array, kernel: jax.Array, *, strides: IntOrSequence | None = None,
          padding: PaddingLike = "SAME", kernel_dilation: IntOrSequence | None = None,
          feature_group_count: int = 1) -> jax.Array:
-    """``flax.linen.Conv``'s convolution (no bias), with fast VJPs on XLA:CPU.
+    """``flax.linen.Conv``'s convolution (no bias) as a banded matmul (module docstring).
 
     Args:
       x: ``(batch, *spatial, in_features)``.
@@ -93,69 +98,61 @@ def _out_shape(x_shape, window, spec: _Spec) -> tuple[int, ...]:
                                                     spec.dilation, spec.strides))
 
 
-def _patches(x: jax.Array, window, spec: _Spec) -> jax.Array:
-    """``(batch, *out_spatial, prod(window), in_features)``: the input under each tap of the
-    window, taps in the kernel's row-major order."""
+def _blocks(width: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """``(b, count)``: output columns per block and blocks along an axis of ``width``
+    outputs. A block is at most ``⌈k·d / s⌉`` columns wide (patches about ``k / 2`` times
+    smaller than im2col's for twice its multiply-adds); the blocks split the width evenly."""
+    widest = max(1, -(-k * dilation // stride))
+    count = -(-width // widest)
+    return -(-width // count), count
+
+
+def _band(kernel: jax.Array, block: int, win: int, stride: int, dilation: int) -> jax.Array:
+    """``T[t, p, c, j, o] = Σ_v [p = j·s + v·d] W[t, v, c, o]`` for a kernel reshaped to
+    ``(taps, k, in, out)``: shape ``(taps, win, in, block, out)``."""
+    k = kernel.shape[1]
+    column, output, tap = jnp.arange(win), jnp.arange(block), jnp.arange(k)
+    select = (column[None, :, None] == output[None, None, :] * stride
+              + tap[:, None, None] * dilation).astype(kernel.dtype)
+    return jnp.einsum("vpj,tvco->tpcjo", select, kernel)
+
+
+def _conv(x, kernel, spec: _Spec):
+    """The banded-matmul convolution of the module docstring."""
+    *window, in_per_group, out = kernel.shape
+    groups = spec.groups
+    out_spatial = _out_shape(x.shape, window, spec)
+    k, s, d = window[-1], spec.strides[-1], spec.dilation[-1]
+    block, count = _blocks(out_spatial[-1], k, s, d)
+    win = (block - 1) * s + (k - 1) * d + 1
+    pads = list(spec.padding)
+    needed = (count * block - 1) * s + (k - 1) * d + 1
+    lo, hi = pads[-1]
+    pads[-1] = (lo, hi + max(0, needed - (x.shape[-2] + lo + hi)))
     zero = jnp.zeros((), x.dtype)
-    xp = lax.pad(x, zero, [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in spec.padding] + [(0, 0, 0)])
-    out = _out_shape(x.shape, window, spec)
-    taps = []
-    for offset in itertools.product(*map(range, window)):
-        start = [o * d for o, d in zip(offset, spec.dilation)]
-        limit = [b + (m - 1) * s + 1 for b, m, s in zip(start, out, spec.strides)]
-        taps.append(lax.slice(xp, (0, *start, 0), (xp.shape[0], *limit, xp.shape[-1]),
-                              (1, *spec.strides, 1)))
-    return jnp.stack(taps, axis=-2)
-
-
-def _matmul_fwd(patches, kernel, groups):
-    """``(batch, *out_spatial, out)`` from patches and the kernel, per group."""
-    lead, (taps, c) = patches.shape[:-2], patches.shape[-2:]
-    out = kernel.shape[-1]
+    xp = lax.pad(x, zero, [(0, 0, 0)] + [(a, b, 0) for a, b in pads] + [(0, 0, 0)])
+    taps = []  # the input under each tap of the leading spatial axes
+    for offset in itertools.product(*map(range, window[:-1])):
+        start = [o * dd for o, dd in zip(offset, spec.dilation[:-1])]
+        limit = [b + (m - 1) * st + 1
+                 for b, m, st in zip(start, out_spatial[:-1], spec.strides[:-1])]
+        taps.append(lax.slice(xp, (0, *start, 0, 0), (xp.shape[0], *limit, *xp.shape[-2:]),
+                              (1, *spec.strides[:-1], 1, 1)))
+    rows = jnp.stack(taps, axis=-3)  # (batch, *out_spatial[:-1], taps, width, in)
+    patches = jnp.stack([rows[..., i * block * s:i * block * s + win, :] for i in range(count)],
+                        axis=-4)  # (batch, *out_spatial[:-1], count, taps, win, in)
+    n_taps = len(taps)
+    band = _band(kernel.reshape(n_taps, k, in_per_group, out), block, win, s, d)
+    lead = patches.shape[:-3]
     if groups == 1:
-        y = patches.reshape(-1, taps * c) @ kernel.reshape(taps * c, out)
+        y = (patches.reshape(-1, n_taps * win * in_per_group)
+             @ band.reshape(n_taps * win * in_per_group, block * out))
     else:
-        p = patches.reshape(-1, taps, groups, c // groups)
-        k = kernel.reshape(taps, c // groups, groups, out // groups)
-        y = jnp.einsum("mtgc,tcgo->mgo", p, k)
-    return y.reshape(*lead, out)
-
-
-def _forward(x, kernel, spec):
-    patches = _patches(x, kernel.shape[:-2], spec)
-    return _matmul_fwd(patches, kernel, spec.groups), patches
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(x, kernel, spec):
-    return _forward(x, kernel, spec)[0]
-
-
-def _conv_fwd(x, kernel, spec):
-    y, patches = _forward(x, kernel, spec)
-    return y, (x, kernel, patches)
-
-
-def _conv_bwd(spec, residuals, dy):
-    x, kernel, patches = residuals
-    window, groups = kernel.shape[:-2], spec.groups
-    taps, c, out = patches.shape[-2], x.shape[-1], kernel.shape[-1]
-    dy2 = dy.reshape(-1, out)
-    if groups == 1:
-        dkernel = (patches.reshape(-1, taps * c).T @ dy2).reshape(kernel.shape)
-        dpatches = (dy2 @ kernel.reshape(taps * c, out).T).reshape(patches.shape)
-    else:
-        p = patches.reshape(-1, taps, groups, c // groups)
-        k = kernel.reshape(taps, c // groups, groups, out // groups)
-        d = dy2.reshape(-1, groups, out // groups)
-        dkernel = jnp.einsum("mtgc,mgo->tcgo", p, d).reshape(kernel.shape)
-        dpatches = jnp.einsum("mgo,tcgo->mtgc", d, k).reshape(patches.shape)
-    dx, = jax.vjp(lambda h: _patches(h, window, spec), x)[1](dpatches)
-    return dx, dkernel
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
-
+        p = patches.reshape(-1, n_taps, win, groups, in_per_group)
+        t = band.reshape(n_taps, win, in_per_group, block, groups, out // groups)
+        y = jnp.einsum("mtpgc,tpcjgo->mjgo", p, t)
+    y = y.reshape(*lead[:-1], count * block, out)
+    return y[..., :out_spatial[-1], :]
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -167,6 +167,20 @@ def test_train_and_eval_differ_under_batchnorm():
     assert not np.allclose(run_train(variables, others_changed)[0][:2], train_out[:2], atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(2, 28, 28, 3), (1, 13, 7, 2)])
+def test_max_pool_equals_flax_max_pool(shape):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+    np.testing.assert_array_equal(zoo.max_pool(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def test_max_pool_gradient_goes_to_each_window_maximum():
+    # One 2x2 window per output pixel: gradient g at the maximum, split 1/2 at a tie.
+    x = jnp.asarray([[1.0, 4.0, 2.0, 2.0], [3.0, 0.0, -1.0, -5.0]]).reshape(1, 2, 4, 1)
+    grad = jax.grad(lambda x: jnp.sum(zoo.max_pool(x) * jnp.asarray([3.0, 5.0])[:, None]))(x)
+    np.testing.assert_array_equal(
+        grad.reshape(2, 4), [[0.0, 3.0, 2.5, 2.5], [0.0, 0.0, 0.0, 0.0]])
+
+
 def test_shortcut_a_is_strided_zero_padding():
     x = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
     expected = np.zeros((2, 2, 2, 3 + 2 * 2), np.float32)
