@@ -10,9 +10,9 @@ channels last:
     fc1    120 → 84, ReLU
     fc2    84 → 10 (logits)
 
-Every conv and dense layer has a bias. Max-pooling is a reshape and a max over each 2×2
-window (the same function as ``nn.max_pool`` with window and stride 2; its gradient goes
-to the maximum, split among exact ties), for every Flax variant alike.
+Every conv and dense layer has a bias. Max-pooling is :func:`bioflax.zoo.max_pool` (the
+same function as ``nn.max_pool`` with window and stride 2, as maxima of rows and columns),
+for every Flax variant alike, as in the zoo's ``LeNet5``.
 
 Training: softmax cross-entropy, plain SGD (learning rate 0.01), batch 128, float32. The
 Flax side runs the trainer's pattern: the data set (60,000 random examples: speed does not
@@ -26,7 +26,7 @@ Flax variants (``make_model(rule, impl)``):
 - ``flax nn.Conv bp``: plain ``flax.linen.Conv`` and ``nn.Dense`` layers, backprop (XLA's
   convolutions);
 - ``bioflax RULE``: the same network converted by ``bioflax.convert(lenet, RULE)`` for every
-  rule (on CPU its convolutions run as :mod:`bioflax.conv`'s patches and matmuls);
+  rule (on CPU its convolutions run as :mod:`bioflax.conv`'s banded matmuls);
 - ``hand-built bp`` and ``hand-built fa``: the network written by hand from
   :func:`bioflax.conv.conv` (FA: a ``custom_vjp`` sending down ``conv(·, B)``'s
   input-gradient, and ``RandomDenseLinearFA``), to show what the converter costs.
@@ -80,10 +80,7 @@ def flax_side():
 
     import bioflax  # pylint: disable=import-outside-toplevel
     from bioflax.conv import conv  # pylint: disable=import-outside-toplevel
-
-    def max_pool(x):
-        n, h, w, c = x.shape
-        return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    from bioflax.zoo import max_pool  # pylint: disable=import-outside-toplevel
 
     @jax.custom_vjp
     def fa_conv(x, kernel, bias, feedback):

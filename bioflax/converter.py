@@ -8,7 +8,7 @@ pass is the original's exactly, the ``'params'`` tree is the original's leaf for
 (Kolen-Pollack adds ``feedback_kernel`` beside each ``kernel``), and fixed feedback
 matrices go to the ``'feedback'`` collection at the layer's path.
 
-On CPU the convolutions of converted ``nn.Conv`` layers run as patches and matrix products
+On CPU the convolutions of converted ``nn.Conv`` layers run as banded matrix products
 (:mod:`bioflax.conv`), equal to XLA's convolution up to float rounding and several times
 faster to train inside a compiled loop there; a layer given its own
 ``conv_general_dilated`` keeps it.
@@ -49,7 +49,7 @@ KeepBackprop = Union[Sequence[str], Callable[[str, nn.Module], bool]]
 
 def _default_conv(*args, **kwargs):
     """``nn.Conv``'s convolution: on XLA:CPU :func:`bioflax.conv.conv_general_dilated`
-    (patches and matmuls, whose VJPs avoid XLA:CPU's slow backward convolutions inside
+    (banded matmuls, whose gradients avoid XLA:CPU's slow backward convolutions inside
     ``lax.scan``, jax-ml/jax#12868), elsewhere ``lax.conv_general_dilated``."""
     if jax.default_backend() == "cpu":
         return conv_lib.conv_general_dilated(*args, **kwargs)
