@@ -9,6 +9,24 @@ import traceback
 # Before TensorFlow loads (through tensorflow_datasets and clu): no oneDNN or TPU-probe notices.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with the process's stderr (fd 2) on /dev/null: its C++ start-up
+    notices (oneDNN, CPU features) are written there before any logging is set up, whatever
+    TF_CPP_MIN_LOG_LEVEL says (seen with TensorFlow 2.21 on AVX-512 CPUs). A failing import
+    still raises its Python exception."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_import_tensorflow_quietly()
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -23,14 +41,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 class _DropLibraryChatter(logging.Filter):
     """Orbax logs every file of every save at INFO, clu's progress reporter its work-unit
-    notes, TFDS every data set it opens, JAX its search for TPUs; keep their warnings and
-    errors."""
+    notes, TFDS every data set it opens, JAX its search for TPUs, TensorBoard's event reader
+    (the end-of-run plots) the files it scans; keep their warnings and errors."""
 
     def filter(self, record):
         return record.levelno >= logging.WARNING or not any(
             library in record.pathname
             for library in ("/orbax/", "/clu/platform/", "/tensorflow_datasets/",
-                            "/jax/_src/xla_bridge.py"))  # JAX's probe for absent TPUs
+                            "/tensorboard/", "/jax/_src/xla_bridge.py"))  # JAX's probe for absent TPUs
 
 
 def _fail(message: str, exit_code: int, *, every_process: bool = False):

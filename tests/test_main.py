@@ -37,6 +37,9 @@ def test_main_trains_regression_tasks(tmp_path, config):
     losses = [value for _, value in read_scalars(tmp_path)["train/loss"]]
     assert losses[-1] < 0.5 * losses[0]
     assert checkpoint_steps(tmp_path)
+    # The console holds the run's own lines: no TensorFlow start-up or TensorBoard notices.
+    for notice in ("absl::InitializeLog", "oneDNN", "cpu_feature_guard", "directory_watcher"):
+        assert notice not in result.stderr, result.stderr[-3000:]
 
 
 KILL_RUN = ("--config.training.epochs=30", "--config.training.checkpoint_every_steps=500",
