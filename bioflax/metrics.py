@@ -3,12 +3,13 @@
 No ``from __future__ import annotations`` here: clu collections read their field types.
 """
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 from clu import metrics as clu_metrics
+from flax import linen as nn
 from flax import traverse_util
 
 from bioflax import layers
@@ -77,6 +78,27 @@ def dense_layers(tree: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
     return {name: leaves for name, leaves in found.items() if "kernel" in leaves}
 
 
+def layers_in_call_order(module: nn.Module, *args, **kwargs) -> list[str]:
+    """The paths (as :func:`dense_layers` keys them) of ``module``'s layers that own a
+    ``kernel``, in the order the forward pass first calls them, from tracing ``init`` on
+    ``args`` (no computation). The last is the model's output layer in a feed-forward net."""
+    order: list[str] = []
+
+    def record(next_fun, call_args, call_kwargs, context):
+        layer = context.module
+        start = len(order)
+        if context.method_name == "__call__" and layer.scope is not None:
+            order.append("/".join(layer.scope.path))
+        output = next_fun(*call_args, **call_kwargs)
+        if order[start:start + 1] and not layer.has_variable("params", "kernel"):
+            del order[start]
+        return output
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+    return list(dict.fromkeys(order))
+
+
 def _with_feedback(params, model_state):
     """``params`` with the fixed feedback matrices of ``model_state`` merged in per layer."""
     fixed = model_state.get(layers.FEEDBACK_COLLECTION, {})
@@ -109,15 +131,18 @@ class Alignment:
       between the rule's ``(dW_l, db_l)`` and backprop's;
     - ``alignment/relative_grad_norm``: ``‖g_BP‖ / ‖g_rule‖`` over all layers (1 when both
       are zero, inf when only the rule's is);
+    - with ``output_layer`` named, ``alignment/hidden_grad_angle``: the mean of the angles of
+      the other layers (the output layer's own gradient is exact under every rule);
     - for layers with a feedback matrix shaped like ``W`` (FA, KP, interpolation):
       ``alignment/weight_cosine/l`` between ``W_l`` and ``B_l`` and
       ``alignment/weight_difference_norm/l`` ``= ‖W_l − B_l‖``.
     """
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, output_layer: Optional[str] = None):
         if every <= 0:
             raise ValueError(f"alignment every must be a positive number of steps, got {every}.")
         self.every = every
+        self.output_layer = output_layer
 
     def __call__(self, loss_of_params: Callable[[Any], jax.Array], params,
                  model_state, grads) -> dict[str, jax.Array]:
@@ -135,6 +160,10 @@ class Alignment:
         values["alignment/grad_cosine/all"] = cosine(all_rule, all_reference)
         values["alignment/grad_angle/all"] = angle_degrees(all_rule, all_reference)
         values["alignment/relative_grad_norm"] = _norm_ratio(all_reference, all_rule)
+        hidden = [values[f"alignment/grad_angle/{name}"] for name in rule
+                  if self.output_layer is not None and name != self.output_layer]
+        if hidden:
+            values["alignment/hidden_grad_angle"] = jnp.mean(jnp.stack(hidden))
         for name, leaves in dense_layers(_with_feedback(params, model_state)).items():
             feedback = leaves.get(layers.FEEDBACK_KERNEL)
             if feedback is not None and feedback.shape == leaves["kernel"].shape:

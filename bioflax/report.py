@@ -4,9 +4,9 @@ Each argument is one run's workdir, or a directory of seed workdirs (``seed_0``,
 ... as ``python -m bioflax.sweep`` writes them) that becomes one row, as mean ± standard
 deviation over its seeds. Writes into ``--out``:
 
-- ``report.md``: one table row per argument (test metrics, final gradient angle of the
-  hidden layers to backprop, W·B cosine, wall time and device of the runs), then one row
-  per run (from its ``result.json``);
+- ``report.md``: one table row per argument (final validation and test metrics, final
+  gradient angle of the hidden layers to backprop, W·B cosine, wall time and device of the
+  runs), the final angle of every layer, then one row per run (from its ``result.json``);
 - ``report.png``: validation accuracy (or training loss) and the hidden layers' mean
   gradient angle over training, and the final test metric;
 - ``alignment.png``: the gradient angle of every layer over training, one panel per rule.
@@ -29,7 +29,8 @@ from bioflax.events import read_scalars  # pylint: disable=wrong-import-position
 from bioflax.workdir import RESULT_FILE  # pylint: disable=wrong-import-position
 
 Scalars = Mapping[str, Sequence[tuple[int, float]]]
-ANGLE_PREFIX = "alignment/grad_angle/layer_"
+ANGLE_PREFIX = "alignment/grad_angle/"
+HIDDEN_ANGLE = "alignment/hidden_grad_angle"  # the mean over layers below the output layer
 MIN_ANGLE = 0.1  # degrees; below it a rule is backprop up to float round-off
 
 
@@ -74,15 +75,23 @@ def load_group(path: str) -> list[Run]:
     return [Run(workdir) for workdir in workdirs]
 
 
+def _natural(text: str) -> list:
+    """A sort key that orders ``layer_2`` before ``layer_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def layer_angle_tags(scalars: Scalars) -> list[str]:
-    """Per-layer gradient-angle tags in layer order."""
-    return sorted((t for t in scalars if t.startswith(ANGLE_PREFIX)),
-                  key=lambda tag: int(tag[len(ANGLE_PREFIX):]))
+    """Per-layer gradient-angle tags (not the angle over all layers), in the natural order
+    of the layers' paths."""
+    return sorted((tag for tag in scalars
+                   if tag.startswith(ANGLE_PREFIX) and tag != ANGLE_PREFIX + "all"), key=_natural)
 
 
 def hidden_angle_tags(scalars: Scalars) -> list[str]:
-    """The hidden layers' angle tags: the output layer's gradient is exact under every rule."""
-    return layer_angle_tags(scalars)[:-1]
+    """The tags whose mean is the hidden layers' angle: the trainer's own mean when it logged
+    one, else (runs of MLPs, whose layers ``layer_i`` end with the output layer) every layer
+    but the last; the output layer's gradient is exact under every rule."""
+    return [HIDDEN_ANGLE] if HIDDEN_ANGLE in scalars else layer_angle_tags(scalars)[:-1]
 
 
 def mean_curve(runs: Sequence[Run], tag: str) -> Optional[tuple[np.ndarray, np.ndarray,
@@ -123,6 +132,7 @@ def summary_row(name: str, runs: Sequence[Run]) -> dict[str, Optional[str]]:
     return {
         "run": name,
         "seeds": str(len(runs)),
+        "val accuracy (%)": _mean_std([run.last("val/accuracy") for run in runs], 100),
         "test accuracy (%)": _mean_std([run.last("test/accuracy") for run in runs], 100),
         "test loss": _mean_std([run.last("test/loss") for run in runs]),
         "steps": _span([run.result.get("steps") for run in runs]),
@@ -140,6 +150,14 @@ def markdown_table(rows: Sequence[Mapping[str, Optional[str]]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(row[c] or "—" for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def layer_angle_rows(groups: Mapping[str, Sequence[Run]]) -> list[dict[str, Optional[str]]]:
+    """One row per group: the final gradient angle (°) of each layer, mean ± std over runs."""
+    layers = list(dict.fromkeys(tag for runs in groups.values()
+                                for tag in layer_angle_tags(runs[0].scalars)))
+    return [{"run": name, **{tag[len(ANGLE_PREFIX):]: _mean_std([run.last(tag) for run in runs])
+                             for tag in layers}} for name, runs in groups.items()]
 
 
 def run_rows(name: str, runs: Sequence[Run]) -> list[dict[str, Optional[str]]]:
@@ -216,7 +234,7 @@ def alignment_figure(groups: Mapping[str, Sequence[Run]]):
         for tag in layer_angle_tags(runs[0].scalars):
             curve = mean_curve(runs, tag)
             if curve is not None:
-                _plot_band(ax, curve, label=f"layer {tag[len(ANGLE_PREFIX):]}")
+                _plot_band(ax, curve, label=tag[len(ANGLE_PREFIX):])
         ax.set(title=f"{name}: gradient angle to BP", xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -233,6 +251,10 @@ def write_report(paths: Sequence[str], out: str) -> list[str]:
     md = os.path.join(out, "report.md")
     with open(md, "w", encoding="utf-8") as f:
         f.write(markdown_table([summary_row(name, runs) for name, runs in groups.items()]))
+        angles = layer_angle_rows(groups)
+        if len(angles[0]) > 1:
+            f.write("\nFinal gradient angle to backprop per layer (°):\n\n")
+            f.write(markdown_table(angles))
         f.write("\nEach run:\n\n")
         f.write(markdown_table([row for name, runs in groups.items()
                                 for row in run_rows(name, runs)]))

@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging as absl_logging
 from clu import metric_writers
 
@@ -58,12 +57,17 @@ def intervals(config: ml_collections.ConfigDict, durations_: Durations) -> dict[
 
 
 def build_task(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo,
-               alignment_every_steps: int) -> Task:
+               alignment_every_steps: int, sample_input) -> Task:
+    """The task of ``config``; ``sample_input`` (one example, batched) finds the output
+    layer, whose angle the alignment metric's mean over hidden layers leaves out."""
     classification = info.task == "classification"
-    step_metrics = ([metrics_lib.Alignment(alignment_every_steps)]
-                    if config.alignment.enabled else [])
+    module = build_model(config.model, info)
+    step_metrics = ([metrics_lib.Alignment(
+        alignment_every_steps,
+        output_layer=metrics_lib.layers_in_call_order(module, sample_input)[-1])]
+        if config.alignment.enabled else [])
     return Task(
-        module=build_model(config.model, info),
+        module=module,
         loss=losses.loss_for(info.task, config.model.loss),
         optimizer=functools.partial(optimizers.build, config.optimizer),
         metrics=(metrics_lib.ClassificationMetrics if classification
@@ -134,10 +138,9 @@ def _train_and_evaluate(config, workdir, info, splits):
         log_every_steps=every["log"], callbacks=callbacks, seed=config.seed,
         limit_train_batches=training.limit_train_batches or fast_dev_run or None,
         limit_eval_batches=fast_dev_run or None, mesh=make_mesh(training.num_devices or None),
-        num_seeds=training.num_seeds,
-        epoch_summary=_hidden_angle(len(config.model.hidden_layers)))
-    task = build_task(config, info, every["alignment"])
+        num_seeds=training.num_seeds, epoch_summary=_hidden_angle)
     source = (InMemory if config.data.in_memory else TFData)(splits["train"])
+    task = build_task(config, info, every["alignment"], source.sample_input())
     fit = trainer.fit(task, source, splits.get("validation"), batch_size=config.data.batch_size,
                       eval_batch_size=config.data.eval_batch_size)
     test = trainer.evaluate(task, fit.state, splits["test"],
@@ -166,16 +169,11 @@ def _writer(workdir: str):
     return metric_writers.AsyncMultiWriter(writers)
 
 
-def _hidden_angle(num_hidden: int):
+def _hidden_angle(logs) -> dict[str, str]:
     """The epoch line's mean angle (°) between the rule's and backprop's gradients over the
-    hidden layers ``layer_0 ... layer_{num_hidden-1}``, when alignment was measured."""
-    names = [f"alignment/grad_angle/layer_{i}" for i in range(num_hidden)]
-
-    def summary(logs):
-        angles = [logs[name] for name in names if name in logs]
-        return {"hidden angle": f"{np.mean(angles):.1f}°"} if angles else {}
-
-    return summary
+    layers below the output layer, when alignment was measured."""
+    angle = logs.get("alignment/hidden_grad_angle")
+    return {} if angle is None else {"hidden angle": f"{angle:.1f}°"}
 
 
 def _write_plots(workdir, writer, step, trainer, task, state, info, test):

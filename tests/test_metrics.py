@@ -113,13 +113,14 @@ def _weights_and_feedback(mode, params, model_state):
     return names, weights, feedback
 
 
-def _run_alignment(model, params, model_state, x, t, grads):
+def _run_alignment(model, params, model_state, x, t, grads, output_layer=None):
     def loss_of_params(p):
         outputs = model.apply({"params": p, **model_state}, jnp.asarray(x))
         return metrics.mean_squared_error(outputs, jnp.asarray(t)).mean()
 
     # As the trainer does: inside a compiled function.
-    values = jax.jit(lambda p, s, g: metrics.Alignment(every=1)(loss_of_params, p, s, g))(
+    alignment = metrics.Alignment(every=1, output_layer=output_layer)
+    values = jax.jit(lambda p, s, g: alignment(loss_of_params, p, s, g))(
         params, model_state, grads)
     return {k: float(v) for k, v in values.items()}, loss_of_params
 
@@ -155,7 +156,8 @@ def test_alignment_matches_a_numpy_computation(mode, rule, lam):
         if mode == "kp":
             grads[name][layers.FEEDBACK_KERNEL] = jnp.asarray(
                 100 * rng.normal(size=dw.shape), jnp.float32)
-    values, _ = _run_alignment(model, params, model_state, x, t, grads)
+    assert metrics.layers_in_call_order(model, jnp.asarray(x)) == names
+    values, _ = _run_alignment(model, params, model_state, x, t, grads, output_layer=names[-1])
 
     expected = {}
     for name, rule_g, bp_g in zip(names, rule_grads, bp_grads):
@@ -165,13 +167,15 @@ def test_alignment_matches_a_numpy_computation(mode, rule, lam):
     expected["alignment/grad_angle/all"] = numpy_angle(_flat(rule_grads), _flat(bp_grads))
     expected["alignment/relative_grad_norm"] = float(
         np.linalg.norm(_flat(bp_grads)) / np.linalg.norm(_flat(rule_grads)))
+    expected["alignment/hidden_grad_angle"] = float(np.mean(
+        [numpy_angle(_flat([r]), _flat([b])) for r, b in zip(rule_grads[:-1], bp_grads[:-1])]))
     for name, (w, _), b in zip(names, weights, feedback):
         expected[f"alignment/weight_cosine/{name}"] = numpy_cosine(w, b)
         expected[f"alignment/weight_difference_norm/{name}"] = float(np.linalg.norm(w - b))
 
     assert set(values) == set(expected)
     for key, value in expected.items():
-        if "grad_angle" in key:
+        if "grad_angle" in key:  # also the hidden layers' mean angle
             assert values[key] == pytest.approx(value, abs=2e-3), key
         else:
             assert values[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -100,14 +100,35 @@ def test_report_averages_seed_directories_into_one_row(tmp_path):
     single = [cell.strip() for cell in rows[1].split("|")[1:-1]]
     # mean ± population std of (97, 98) %, of the final hidden angles (30, 40) and walls;
     # the range of the steps (the second seed stopped early).
-    assert fa == ["fa", "2", "97.50 ± 0.50", "0.1000 ± 0.0000", "150–200", "35.00 ± 5.00",
+    assert fa == ["fa", "2", "—", "97.50 ± 0.50", "0.1000 ± 0.0000", "150–200", "35.00 ± 5.00",
                   "0.6000 ± 0.0000", "15.00 ± 5.00", "cpu"]
-    assert single[:3] == ["single", "1", "90.00"]
+    assert single[:4] == ["single", "1", "—", "90.00"]
     runs = [[cell.strip() for cell in row.split("|")[1:-1]]
             for row in each.strip().splitlines()[2:]]
     assert [row[:2] for row in runs] == [["fa/seed_0", "97.00"], ["fa/seed_1", "98.00"],
                                          ["single", "90.00"]]
     assert [row[4:6] for row in runs] == [["10", "cpu"], ["20", "cpu"], ["3", "cpu"]]
+
+
+def test_report_of_named_layers_uses_the_logged_hidden_angle_and_lists_every_layer(tmp_path):
+    """A zoo model's layers (conv1, conv2, fc1, fc2 in natural order, conv10 after conv2) and
+    the trainer's mean over its hidden layers; the validation accuracy."""
+    writer = metric_writers.create_default_writer(str(tmp_path / "kp"), just_logging=False)
+    angles = {"conv1": 40.0, "conv2": 30.0, "conv10": 20.0, "fc2": 0.5}
+    writer.write_scalars(100, {**{f"alignment/grad_angle/{k}": v for k, v in angles.items()},
+                               "alignment/grad_angle/all": 25.0,
+                               "alignment/hidden_grad_angle": 30.0, "val/accuracy": 0.875,
+                               "test/accuracy": 0.75, "test/loss": 0.5})
+    writer.flush()
+    summary, _, rest = open(report.write_report([str(tmp_path / "kp")], str(tmp_path / "out"))[0],
+                            encoding="utf-8").read().partition("per layer (°):")
+    row = [cell.strip() for cell in summary.strip().splitlines()[2].split("|")[1:-1]]
+    assert row[:3] == ["kp", "1", "87.50"] and row[6] == "30.00"
+    header, _, values = rest.strip().splitlines()[:3]
+    assert [c.strip() for c in header.split("|")[1:-1]] == ["run", "conv1", "conv2", "conv10",
+                                                           "fc2"]
+    assert [c.strip() for c in values.split("|")[1:-1]] == ["kp", "40.00", "30.00", "20.00",
+                                                           "0.5000"]
 
 
 def test_mean_curve_uses_the_steps_every_seed_logged():

@@ -181,6 +181,15 @@ def test_max_pool_gradient_goes_to_each_window_maximum():
         grad.reshape(2, 4), [[0.0, 3.0, 2.5, 2.5], [0.0, 0.0, 0.0, 0.0]])
 
 
+def test_layers_in_call_order_end_with_the_output_layer():
+    from bioflax import metrics  # pylint: disable=import-outside-toplevel
+    assert metrics.layers_in_call_order(zoo.LeNet5(), jnp.zeros((1, *MNIST))) == [
+        "conv1", "conv2", "conv3", "fc1", "fc2"]
+    order = metrics.layers_in_call_order(zoo.get_model("resnet20"), jnp.zeros((1, *CIFAR)))
+    assert order[:3] == ["conv1", "layer1_0/conv1", "layer1_0/conv2"] and order[-1] == "fc"
+    assert len(order) == 20  # 19 convolutions and the classifier
+
+
 def test_shortcut_a_is_strided_zero_padding():
     x = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
     expected = np.zeros((2, 2, 2, 3 + 2 * 2), np.float32)
