@@ -611,7 +611,7 @@ def train_batches(split: Split | StreamedSplit, global_batch_size: int, seed: in
     ds = ds.batch(chunk, drop_remainder=False)
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return _without_graph_rewrites(ds).as_numpy_iterator()
+    return _untuned(ds).as_numpy_iterator()
 
 
 def eval_batches(split: Split | StreamedSplit, global_batch_size: int, *,
@@ -650,16 +650,21 @@ def eval_batches(split: Split | StreamedSplit, global_batch_size: int, *,
     ds = tf.data.Dataset.from_tensor_slices((local_idx, local_mask))
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return _without_graph_rewrites(ds).as_numpy_iterator()
+    return _untuned(ds).as_numpy_iterator()
 
 
-def _without_graph_rewrites(ds):
-    """``ds`` without tf.data's default graph optimizations. They rewrite the pipeline's
-    graph, which holds the whole in-memory split, each time an iterator starts: on a 2-core
-    CPU under load that took 2.5-3.5 s per epoch (0.3-0.6 s without), for no gain in a
-    pipeline of one gather."""
+def _untuned(ds):
+    """``ds`` without tf.data's default graph rewrites and its autotuner.
+
+    The rewrites run over the pipeline's graph, which holds the whole in-memory split, each
+    time an iterator starts: on a 2-core CPU under load that took 2.5-3.5 s per epoch (0.3-0.6
+    s without), for no gain in a pipeline of one gather. The autotuner's background thread
+    took CPU from the training step it feeds: on a 2-core Xeon the tf.data path ran the MLP
+    of ``benchmarks/throughput.py`` at 46,500 ex/s with it (every rule alike, 0.72-0.85x the
+    in-memory path), 50,000-60,000 without (0.93-0.95x)."""
     options = _tensorflow().data.Options()
     options.experimental_optimization.apply_default_optimizations = False
+    options.autotune.enabled = False
     return ds.with_options(options)
 
 
