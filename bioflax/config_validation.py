@@ -9,7 +9,7 @@ import numbers
 import jax
 import ml_collections
 
-from bioflax import data, losses, models
+from bioflax import data, losses, models, rules
 from bioflax.errors import ConfigError
 from bioflax.initializers import INITIALIZERS
 from bioflax.optimizers import OPTIMIZERS, SCHEDULES
@@ -55,6 +55,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _positive(config, "optimizer.decay_factor", integer=False)
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
+    _choice(config, "model.dfa_conv_feedback", rules.DFA_CONV_FEEDBACK)
     if config.model.input_layer_kernel_init is not None:
         _choice(config, "model.input_layer_kernel_init", INITIALIZERS)
     _choice(config, "training.early_stopping_mode", ("min", "max"))

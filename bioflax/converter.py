@@ -28,6 +28,13 @@ the layer that produced ``x_l``: its ``δ = φ'(a) ⊙ (e B_lᵀ)``, Nøkland's 
 read by several converted layers receives the sum of their projections, plus what reaches
 it through paths without converted layers (an identity shortcut). DFA needs a model
 output of shape ``(batch, n_outputs)``.
+
+With ``conv_feedback='shared_kernel'`` the ``B_l`` at a Conv layer's input is instead a
+kernel of shape ``(kh, kw, C, n_outputs)`` (as biotorch's DFA ``Conv2d``): the input
+receives the transposed convolution, with the layer's strides, padding and dilation, of
+``e`` repeated at every position of the layer's output map, i.e. the input-gradient of
+``Σ_positions conv(x_l, B_l)``; the same random weights at every position, so the signal is
+nearly uniform across space (it differs only near the borders).
 """
 
 import contextlib
@@ -125,16 +132,16 @@ class _Session:
         setattr(op, _RULE_OP, True)
         layer = module.clone(parent=module.scope, **{field: op, cls_field: None})
         if isinstance(rule, rules.DirectFeedbackAlignment) and not rules.backprop_is_forced():
-            args = self._dfa_input(module, args)
+            args = self._dfa_input(module, primitive, args)
         return layer(*args, **kwargs)
 
-    def _dfa_input(self, module, args):
+    def _dfa_input(self, module, primitive, args):
         """Records the layer's input for the error projection and cuts backprop into it
         (not for the first converted layer, whose input needs no projection)."""
         if len(self.converted) == 1:
             return args
         x, *rest = args
-        self.dfa_inputs.append((module, x))
+        self.dfa_inputs.append((module, primitive, x))
         return (jax.lax.stop_gradient(x), *rest)
 
     def _note_other(self, module: nn.Module) -> None:
@@ -152,26 +159,61 @@ class _Session:
                 f"DFA sends the output error e to every layer, so the model's output must "
                 f"have shape (batch, n_outputs); this model returns shape {output.shape}.")
         batch, n_outputs = output.shape
-        inputs, matrices = [], []
-        for module, x in self.dfa_inputs:
+        inputs, matrices, projections = [], [], []
+        for module, primitive, x in self.dfa_inputs:
             if x.shape[0] != batch:
                 raise ValueError(
                     f"DFA: layer {self._path(module)!r} reads an input of shape {x.shape}, "
                     f"whose leading axis is not the model's batch of {batch}.")
-            size = math.prod(x.shape[1:])
+            shape, projection = self._projection(module, primitive, x, n_outputs)
             init = self.owner.rule.feedback_init
             scope = module.scope
             matrix = scope.variable(
                 rules.FEEDBACK_COLLECTION, DFA_FEEDBACK,
-                lambda s=scope, shape=(size, n_outputs), dt=x.dtype: init(
+                lambda s=scope, shape=shape, dt=x.dtype: init(
                     s.make_rng("params"), shape, dt)).value
             inputs.append(x)
             matrices.append(matrix)
-        return _with_error_projection(output, inputs, matrices)
+            projections.append(projection)
+        return _with_error_projection(output, inputs, matrices, projections)
+
+    def _projection(self, module, primitive, x, n_outputs):
+        """``(shape of B, p)`` with ``p(x, B)`` the linear map of ``x`` to ``(batch, n)``
+        whose transpose carries ``e`` to ``x``: ``flat(x) @ B``, or for a shared kernel at a
+        Conv layer ``Σ_positions conv(x, B)``."""
+        if self.owner.rule.conv_feedback == "dense" or not isinstance(module, nn.Conv):
+            return (math.prod(x.shape[1:]), n_outputs), _dense_projection
+        if module.feature_group_count != 1:
+            raise ValueError(
+                f"DFA with conv_feedback='shared_kernel': layer {self._path(module)!r} has "
+                f"feature_group_count={module.feature_group_count}; a kernel from its "
+                f"{x.shape[-1]} input channels to the {n_outputs} outputs needs 1 "
+                "(or use conv_feedback='dense').")
+        kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
+                       else tuple(module.kernel_size))
+
+        def conv(*args, **kwargs):
+            return primitive(*args, **kwargs)
+
+        setattr(conv, _RULE_OP, True)  # B's own convolution is never converted
+        bare = module.clone(parent=None, features=n_outputs, use_bias=False,
+                            conv_general_dilated=conv, conv_general_dilated_cls=None)
+
+        def projection(x, kernel):
+            y = bare.apply({"params": {"kernel": kernel}}, x)
+            return jnp.sum(y, axis=tuple(range(1, y.ndim - 1)))
+
+        return (*kernel_size, x.shape[-1], n_outputs), projection
 
 
-def _with_error_projection(output, inputs, matrices):
-    shapes = [x.shape for x in inputs]
+def _dense_projection(x, matrix):
+    return x.reshape((x.shape[0], -1)) @ matrix
+
+
+def _with_error_projection(output, inputs, matrices, projections):
+    """``output`` unchanged; its VJP sends the transpose of ``p_l(·, B_l)`` applied to the
+    error to each input ``x_l`` (and nothing to the fixed ``B_l``)."""
+    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
 
     @jax.custom_vjp
     def project(output, inputs, matrices):
@@ -183,8 +225,10 @@ def _with_error_projection(output, inputs, matrices):
         return output, matrices
 
     def bwd(matrices, error):
-        to_inputs = [(error @ matrix.T.astype(error.dtype)).reshape(shape)
-                     for matrix, shape in zip(matrices, shapes)]
+        to_inputs = [
+            jax.linear_transpose(
+                lambda x, p=p, m=m: p(x, m.astype(x.dtype)), aval)(error.astype(aval.dtype))[0]
+            for p, m, aval in zip(projections, matrices, avals)]
         return error, to_inputs, [jnp.zeros_like(m) for m in matrices]
 
     project.defvjp(fwd, bwd)
@@ -226,7 +270,8 @@ def convert(module: nn.Module, rule: Union[str, rules.Rule], *,
         ``'usf'``, ``'brsf'``, ``'frsf'``, ``'interpolate_fa_bp'``) or a ``Rule``.
       keep_backprop: layers kept on backprop: glob patterns of their paths in the
         ``'params'`` tree (``'Dense_2'``, ``'head/*'``) or a predicate ``(path, module)``.
-      **options: the rule's options: ``feedback_init``, ``interpolation_factor``.
+      **options: the rule's options: ``feedback_init``, ``interpolation_factor``,
+        ``conv_feedback`` (DFA).
 
     Layers that are not ``nn.Dense``/``nn.Conv`` keep exact backprop; :func:`summary`
     lists what was converted. Errors that only running the model can reveal (no Dense or

@@ -116,6 +116,7 @@ class TeacherNetwork(nn.Module):
 def _rule(model_config) -> rules.Rule:
     return rules.get_rule_with(
         model_config.mode, interpolation_factor=model_config.interpolation_factor,
+        conv_feedback=model_config.dfa_conv_feedback,
         feedback_init=initializers.get(model_config.feedback_init,
                                        model_config.feedback_init_scale))
 

@@ -249,18 +249,37 @@ class BatchRandomSignSymmetry(KernelReplacingRule):
         return jnp.abs(magnitude) * jnp.sign(kernel)
 
 
+# How DFA's B at the input of a Conv layer is shaped (Dense layers always take "dense").
+DFA_CONV_FEEDBACK = {
+    # B of shape (H·W·C, n_outputs): an independent random projection at every position.
+    "dense": "one random (H·W·C, n_outputs) matrix per input",
+    # B a kernel of shape (kh, kw, C, n_outputs) of the layer's own geometry; the input
+    # receives the transposed convolution with B of e repeated over the layer's output map
+    # (biotorch's DFA Conv2d).
+    "shared_kernel": "a random (kh, kw, C, n_outputs) kernel shared across positions",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class DirectFeedbackAlignment(Rule):
     """Nøkland 2016, through any graph (wired by :func:`bioflax.convert`).
 
     The layer itself computes and differentiates as backprop does; the converter reads its
-    input through ``stop_gradient`` and sends the output error ``e`` to that input as
-    ``e Bᵀ`` with a fixed ``B`` of shape ``(size of the input, n_outputs)`` drawn with
-    ``feedback_init`` (see :mod:`bioflax.converter`).
+    input through ``stop_gradient`` and sends the output error ``e`` to that input through
+    a fixed random ``B`` drawn with ``feedback_init``: ``e Bᵀ`` with ``B`` of shape
+    ``(size of the input, n_outputs)``, or at a Conv layer with
+    ``conv_feedback='shared_kernel'`` the transposed convolution with a kernel ``B`` of
+    ``e`` repeated over the output map (:data:`DFA_CONV_FEEDBACK`, :mod:`bioflax.converter`).
     """
 
     name: ClassVar[str] = "dfa"
     feedback_init: Initializer = default_kernel_init
+    conv_feedback: str = "dense"
+
+    def __post_init__(self):
+        if self.conv_feedback not in DFA_CONV_FEEDBACK:
+            raise ValueError(f"Unknown conv_feedback {self.conv_feedback!r}; choose one of "
+                             f"{list(DFA_CONV_FEEDBACK)}.")
 
     def linear(self, scope, f, x, kernel, param_dtype):
         del scope, param_dtype
@@ -276,7 +295,8 @@ RULES: dict[str, type[Rule]] = {
 
 def get_rule(name: str, **options: Any) -> Rule:
     """The rule ``name`` of :data:`RULES` with its options (``feedback_init``,
-    ``interpolation_factor``); an unknown name or option raises a ``ValueError``."""
+    ``interpolation_factor``, ``conv_feedback``); an unknown name or option raises a
+    ``ValueError``."""
     try:
         rule_class = RULES[name]
     except KeyError:

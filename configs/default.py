@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Zoo models: Dense/Conv layers kept on backprop, glob patterns of their paths ('fc2')
     model.keep_backprop = ()
     model.interpolation_factor = 0.5  # λ of interpolate_fa_bp: 1 = FA, 0 = BP
+    # dfa, zoo models: B at a conv layer's input, 'dense' ((H·W·C, n_outputs)) or
+    # 'shared_kernel' ((kh, kw, C, n_outputs), biotorch's); see bioflax/converter.py
+    model.dfa_conv_feedback = "dense"
     model.hidden_layers = (500,)  # widths of the hidden layers
     model.activations = ("relu",)  # one activation name per hidden layer
     # W: 'lecun_normal', 'uniform' (U[-s, s]), 'fan_in_uniform' (U[-s, s] / sqrt(fan_in);

@@ -452,6 +452,67 @@ def test_converted_residual_block_with_batchnorm_matches_hand_built_network(rule
 
 
 # =========================================================================================
+# 3b. DFA with a kernel shared across positions at a conv layer's input (biotorch's)
+# =========================================================================================
+
+
+class TwoConvs(nn.Module):
+    """conv 3×3 SAME → tanh → conv (``setting``) → ReLU → flatten → dense."""
+
+    setting: str
+
+    @nn.compact
+    def __call__(self, x):
+        h0 = jnp.tanh(nn.Conv(4, (3, 3))(x))
+        h1 = nn.relu(nn.Conv(5, **CONV_SETTINGS[self.setting])(h0))
+        return nn.Dense(3)(h1.reshape((h1.shape[0], -1)))
+
+
+@pytest.mark.parametrize("setting", [s for s in CONV_SETTINGS if s != "groups_same"])
+def test_dfa_shared_kernel_sends_the_transposed_conv_of_the_repeated_error(setting):
+    rng = np.random.default_rng(12)
+    x, labels = rng.normal(size=(3, 7, 6, 2)), jnp.asarray([0, 2, 1])
+    model = convert(TwoConvs(setting), "dfa", conv_feedback="shared_kernel")
+    variables = randomized(model.init(jax.random.key(0), jnp.asarray(x)), 13)
+    y, grads, _ = converted_grads(model, variables, x, labels)
+    p = jax.tree.map(np.asarray, variables["params"])
+    kernel_b = np.asarray(variables["feedback"]["Conv_1"]["output_feedback"])
+    dense_b = np.asarray(variables["feedback"]["Dense_0"]["output_feedback"])
+    error = softmax_xent_and_error(y, np.asarray(labels))
+
+    conv0 = NpConv(x.shape, p["Conv_0"]["kernel"].shape, (1, 1), "SAME", (1, 1), 1)
+    h0 = np.tanh(conv0.forward(x, p["Conv_0"]["kernel"]) + p["Conv_0"]["bias"])
+    conv1 = conv_reference_setting(CONV_SETTINGS[setting], h0.shape, 5)
+    a1 = conv1.forward(h0, p["Conv_1"]["kernel"]) + p["Conv_1"].get("bias", 0)
+    # the dense layer's input keeps a dense B; Conv_1's input gets a (kh, kw, 4, 3) kernel
+    assert kernel_b.shape == (*CONV_SETTINGS[setting]["kernel_size"], 4, 3)
+    assert dense_b.shape == (a1[0].size, 3)
+    delta1 = (error @ dense_b.T).reshape(a1.shape) * (a1 > 0)
+    feedback = conv_reference_setting(CONV_SETTINGS[setting], h0.shape, 3)
+    repeated = np.broadcast_to(error[:, None, None, :], (*a1.shape[:3], 3))
+    delta0 = feedback.input_grad(repeated, kernel_b) * (1 - h0 ** 2)
+    close(grads["Conv_1"]["kernel"], conv1.kernel_grad(h0, delta1), "Conv_1/kernel")
+    close(grads["Conv_0"]["kernel"], conv0.kernel_grad(x, delta0), "Conv_0/kernel")
+    close(grads["Conv_0"]["bias"], delta0.sum((0, 1, 2)), "Conv_0/bias")
+
+
+def test_dfa_shared_kernel_refuses_grouped_convolutions_and_unknown_names():
+    class Grouped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(6, (2, 3), feature_group_count=2)(nn.Conv(4, (3, 3))(x))
+            return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+    with pytest.raises(ValueError, match="feature_group_count=2.*conv_feedback='dense'"):
+        convert(Grouped(), "dfa", conv_feedback="shared_kernel").init(
+            jax.random.key(0), jnp.zeros((1, 7, 6, 2)))
+    convert(Grouped(), "dfa").init(jax.random.key(0), jnp.zeros((1, 7, 6, 2)))
+    with pytest.raises(ValueError, match="Unknown conv_feedback 'tied'; choose one of "
+                                         r"\['dense', 'shared_kernel'\]"):
+        convert(TwoConvs("stride2_same"), "dfa", conv_feedback="tied")
+
+
+# =========================================================================================
 # 4. DFA through the converter equals the DFA chain layers on an MLP
 # =========================================================================================
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from bioflax import config_validation, data, initializers, losses, optimizers
+from bioflax import config_validation, data, initializers, losses, models, optimizers, rules
 from bioflax.errors import ConfigError
 from configs import default as default_config
 from configs import teacher as teacher_config
@@ -76,6 +76,7 @@ def test_an_unknown_optimizer_or_schedule_name_is_refused_not_replaced(field, re
     ("model.feedback_init", initializers.INITIALIZERS),
     ("model.loss", losses.LOSSES["classification"]),
     ("data.dataset", data.DATASETS),
+    ("model.dfa_conv_feedback", rules.DFA_CONV_FEEDBACK),
 ])
 def test_validation_allows_exactly_the_registered_names(field, registry, monkeypatch):
     section, name = field.split(".")
@@ -91,3 +92,16 @@ def test_validation_allows_exactly_the_registered_names(field, registry, monkeyp
         config_validation.validate(config)
     monkeypatch.setitem(registry, "registered_later", next(iter(registry.values())))
     config_validation.validate(config)
+
+
+@pytest.mark.parametrize("choice, conv2_feedback", [("dense", (14 * 14 * 6, 10)),
+                                                    ("shared_kernel", (5, 5, 6, 10))])
+def test_the_dfa_feedback_choice_reaches_the_zoo_model(choice, conv2_feedback):
+    config = default_config.get_config()
+    config.model.name, config.model.mode, config.model.dfa_conv_feedback = "lenet5", "dfa", choice
+    model = models.build(config.model, num_outputs=10)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 1))))
+    feedback = {name: value["output_feedback"].shape for name, value in shapes["feedback"].items()}
+    # conv2 reads the pooled 14×14×6 map; fc1 (a Dense layer) always takes a dense B
+    assert feedback["conv2"] == conv2_feedback
+    assert feedback["fc1"] == (120, 10)
