@@ -213,6 +213,8 @@ def comparison_figure(groups: Mapping[str, Sequence[Run]]):
     if test_metric == "test/accuracy":
         bar_ax.set_ylim(min(values) - 0.02, 1.0)
     bar_ax.set(title=test_metric)
+    bar_ax.tick_params(axis="x", labelrotation=30)  # long run names stay readable
+    plt.setp(bar_ax.get_xticklabels(), ha="right", rotation_mode="anchor")
     for ax in (curve_ax, angle_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -243,10 +245,21 @@ def alignment_figure(groups: Mapping[str, Sequence[Run]]):
     return fig
 
 
+def group_names(paths: Sequence[str]) -> list[str]:
+    """Each path's last component, or, when two paths end alike (the same config run under
+    two roots), each path below their common parent."""
+    names = [os.path.basename(os.path.normpath(path)) for path in paths]
+    if len(set(names)) == len(names):
+        return names
+    absolute = [os.path.abspath(path) for path in paths]
+    common = os.path.commonpath(absolute)
+    return [os.path.relpath(path, common) for path in absolute]
+
+
 def write_report(paths: Sequence[str], out: str) -> list[str]:
     """Writes ``report.md``, ``report.png`` and (when there are angles) ``alignment.png``
     into ``out``; returns the paths written."""
-    groups = {os.path.basename(os.path.normpath(path)): load_group(path) for path in paths}
+    groups = {name: load_group(path) for name, path in zip(group_names(paths), paths)}
     os.makedirs(out, exist_ok=True)
     md = os.path.join(out, "report.md")
     with open(md, "w", encoding="utf-8") as f:

@@ -131,6 +131,22 @@ def test_report_of_named_layers_uses_the_logged_hidden_angle_and_lists_every_lay
                                                            "0.5000"]
 
 
+def test_report_tells_apart_runs_of_one_config_under_two_roots(tmp_path):
+    for root, accuracy in (("paper", 0.97), ("ablation", 0.95)):
+        os.makedirs(tmp_path / root / "dfa")
+        _fake_run(tmp_path / root / "dfa", accuracy, (80.0, 60.0), 1.0)
+    paths = [str(tmp_path / "paper" / "dfa"), str(tmp_path / "ablation" / "dfa")]
+    assert report.group_names(paths) == ["paper/dfa", "ablation/dfa"]
+    assert report.group_names([str(tmp_path / "paper" / "dfa"), str(tmp_path / "x")]) == [
+        "dfa", "x"]
+    summary = open(report.write_report(paths, str(tmp_path / "out"))[0],
+                   encoding="utf-8").read().partition("Each run:")[0]
+    rows = [[c.strip() for c in row.split("|")[1:-1]]
+            for row in summary.strip().split("\n\n")[0].splitlines()[2:]]
+    assert [row[0] for row in rows] == ["paper/dfa", "ablation/dfa"]
+    assert [row[3] for row in rows] == ["97.00", "95.00"]
+
+
 def test_mean_curve_uses_the_steps_every_seed_logged():
     class FakeRun:  # pylint: disable=too-few-public-methods
         def __init__(self, points):
