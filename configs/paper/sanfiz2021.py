@@ -24,8 +24,10 @@ What biotorch's repository states (jsalbert/biotorch at 74fad0d, ``Benchmarks.md
 
 Known differences from biotorch: uSF's constant is 1/√fan_in here, √(2/(fan_in+fan_out))
 there (a per-layer scale of the updates below it); DFA's B at a conv layer's input is a
-dense (H·W·C, classes) matrix here, a spatially shared kernel there; biotorch has no KP (its
-settings here are BP's, with the weight decay that aligns B with W).
+dense (H·W·C, classes) matrix here, a spatially shared kernel there (biotorch's form is
+``model.dfa_conv_feedback='shared_kernel'``; docs/results.md compares the two: it does
+worse here); biotorch has no KP (its settings here are BP's, with the weight decay that
+aligns B with W).
 """
 
 from configs import default
