@@ -268,7 +268,9 @@ def test_a_workdir_of_another_model_shape_is_refused_with_the_parameter_named(tm
 
 def test_a_second_run_on_a_busy_workdir_refuses_and_a_killed_runs_lock_does_not_block(
         tmp_path):
-    first = start_main(tmp_path, "--config.training.epochs=200")
+    # the first run is killed below; it must not finish first (with a warm compilation
+    # cache 200 epochs took less than the second run's start-up)
+    first = start_main(tmp_path, "--config.training.epochs=100000")
     wait_for_checkpoint(first, tmp_path)
     second = run_main(TEACHER, tmp_path, *QUIET, "--config.training.epochs=200")
     assert second.returncode == 1
