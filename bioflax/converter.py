@@ -41,7 +41,6 @@ import contextlib
 import contextvars
 import dataclasses
 import fnmatch
-import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -68,7 +67,6 @@ _PRIMITIVES = {
     nn.Dense: ("dot_general", jax.lax.dot_general),
     nn.Conv: ("conv_general_dilated", _default_conv),
 }
-_RULE_OP = "_bioflax_rule_op"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +113,7 @@ class _Session:
         module = context.module
         primitive_field = _convertible(module)
         if (context.method_name != "__call__" or primitive_field is None
-                or getattr(getattr(module, primitive_field[0]), _RULE_OP, False)):
+                or rules.is_rule_op(getattr(module, primitive_field[0]))):
             self._note_other(module)
             return next_fun(*args, **kwargs)
         field, default = primitive_field
@@ -129,7 +127,6 @@ class _Session:
         primitive = (getattr(module, cls_field)() if getattr(module, cls_field) is not None
                      else getattr(module, field) or default)
         op = rules.rule_op(rule, module.scope, primitive, module.param_dtype)
-        setattr(op, _RULE_OP, True)
         layer = module.clone(parent=module.scope, **{field: op, cls_field: None})
         if isinstance(rule, rules.DirectFeedbackAlignment) and not rules.backprop_is_forced():
             args = self._dfa_input(module, primitive, args)
@@ -165,7 +162,10 @@ class _Session:
                 raise ValueError(
                     f"DFA: layer {self._path(module)!r} reads an input of shape {x.shape}, "
                     f"whose leading axis is not the model's batch of {batch}.")
-            shape, projection = self._projection(module, primitive, x, n_outputs)
+            # a Conv layer's input by the rule's conv_feedback, any other layer's dense
+            feedback = (rules.DFA_CONV_FEEDBACK[self.owner.rule.conv_feedback]
+                        if isinstance(module, nn.Conv) else rules.dense_feedback)
+            shape, projection = feedback(module, self._path(module), primitive, x, n_outputs)
             init = self.owner.rule.feedback_init
             scope = module.scope
             matrix = scope.variable(
@@ -176,38 +176,6 @@ class _Session:
             matrices.append(matrix)
             projections.append(projection)
         return _with_error_projection(output, inputs, matrices, projections)
-
-    def _projection(self, module, primitive, x, n_outputs):
-        """``(shape of B, p)`` with ``p(x, B)`` the linear map of ``x`` to ``(batch, n)``
-        whose transpose carries ``e`` to ``x``: ``flat(x) @ B``, or for a shared kernel at a
-        Conv layer ``Σ_positions conv(x, B)``."""
-        if self.owner.rule.conv_feedback == "dense" or not isinstance(module, nn.Conv):
-            return (math.prod(x.shape[1:]), n_outputs), _dense_projection
-        if module.feature_group_count != 1:
-            raise ValueError(
-                f"DFA with conv_feedback='shared_kernel': layer {self._path(module)!r} has "
-                f"feature_group_count={module.feature_group_count}; a kernel from its "
-                f"{x.shape[-1]} input channels to the {n_outputs} outputs needs 1 "
-                "(or use conv_feedback='dense').")
-        kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
-                       else tuple(module.kernel_size))
-
-        def conv(*args, **kwargs):
-            return primitive(*args, **kwargs)
-
-        setattr(conv, _RULE_OP, True)  # B's own convolution is never converted
-        bare = module.clone(parent=None, features=n_outputs, use_bias=False,
-                            conv_general_dilated=conv, conv_general_dilated_cls=None)
-
-        def projection(x, kernel):
-            y = bare.apply({"params": {"kernel": kernel}}, x)
-            return jnp.sum(y, axis=tuple(range(1, y.ndim - 1)))
-
-        return (*kernel_size, x.shape[-1], n_outputs), projection
-
-
-def _dense_projection(x, matrix):
-    return x.reshape((x.shape[0], -1)) @ matrix
 
 
 def _with_error_projection(output, inputs, matrices, projections):
