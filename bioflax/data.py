@@ -659,9 +659,9 @@ def _untuned(ds):
     The rewrites run over the pipeline's graph, which holds the whole in-memory split, each
     time an iterator starts: on a 2-core CPU under load that took 2.5-3.5 s per epoch (0.3-0.6
     s without), for no gain in a pipeline of one gather. The autotuner's background thread
-    took CPU from the training step it feeds: on a 2-core Xeon the tf.data path ran the MLP
-    of ``benchmarks/throughput.py`` at 46,500 ex/s with it (every rule alike, 0.72-0.85x the
-    in-memory path), 50,000-60,000 without (0.93-0.95x)."""
+    took CPU from the training step it feeds: on a 2-core Xeon it capped the tf.data path of
+    ``benchmarks/throughput.py`` near 46,500 ex/s for every rule (README "Performance":
+    tf.data / in-memory medians 0.80-0.94 with it, 0.93-0.95 without)."""
     options = _tensorflow().data.Options()
     options.experimental_optimization.apply_default_optimizations = False
     options.autotune.enabled = False
