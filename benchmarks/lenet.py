@@ -11,8 +11,9 @@ channels last:
     fc2    84 → 10 (logits)
 
 Every conv and dense layer has a bias. Max-pooling is :func:`bioflax.zoo.max_pool` (the
-same function as ``nn.max_pool`` with window and stride 2, as maxima of rows and columns),
-for every Flax variant alike, as in the zoo's ``LeNet5``.
+values and gradient of ``nn.max_pool`` with window and stride 2, computed as maxima of rows
+and columns and a select against each window's first maximum), for every Flax variant
+alike, as in the zoo's ``LeNet5``.
 
 Training: softmax cross-entropy, plain SGD (learning rate 0.01), batch 128, float32. The
 Flax side runs the trainer's pattern: the data set (60,000 random examples: speed does not

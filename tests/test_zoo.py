@@ -173,12 +173,30 @@ def test_max_pool_equals_flax_max_pool(shape):
     np.testing.assert_array_equal(zoo.max_pool(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
 
 
-def test_max_pool_gradient_goes_to_each_window_maximum():
-    # One 2x2 window per output pixel: gradient g at the maximum, split 1/2 at a tie.
-    x = jnp.asarray([[1.0, 4.0, 2.0, 2.0], [3.0, 0.0, -1.0, -5.0]]).reshape(1, 2, 4, 1)
-    grad = jax.grad(lambda x: jnp.sum(zoo.max_pool(x) * jnp.asarray([3.0, 5.0])[:, None]))(x)
-    np.testing.assert_array_equal(
-        grad.reshape(2, 4), [[0.0, 3.0, 2.5, 2.5], [0.0, 0.0, 0.0, 0.0]])
+def test_max_pool_gradient_goes_to_each_window_first_maximum():
+    # One 2x2 window per output pixel: gradient g at the maximum; at a tie, all of it to the
+    # first maximum in row-major order (PyTorch's max_pool2d does the same).
+    x = jnp.asarray([[1.0, 4.0, 2.0, 2.0], [3.0, 0.0, -1.0, -5.0],
+                     [0.0, 1.0, 6.0, 0.0], [1.0, 0.0, 6.0, 6.0]]).reshape(1, 4, 4, 1)
+    g = jnp.asarray([[3.0, 5.0], [7.0, 11.0]])[None, :, :, None]
+    grad = jax.grad(lambda x: jnp.sum(zoo.max_pool(x) * g))(x)
+    np.testing.assert_array_equal(grad.reshape(4, 4), [[0.0, 3.0, 5.0, 0.0],
+                                                       [0.0, 0.0, 0.0, 0.0],
+                                                       [0.0, 7.0, 11.0, 0.0],
+                                                       [0.0, 0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("shape,size", [((2, 8, 8, 3), 2), ((1, 13, 7, 2), 2), ((2, 9, 10, 2), 3)])
+def test_max_pool_gradient_equals_flax_max_pool_with_ties(shape, size):
+    # Integer-valued inputs tie often; nn.max_pool's select-and-scatter is the reference.
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.integers(-2, 3, shape).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal(
+        (shape[0], shape[1] // size, shape[2] // size, shape[3]), dtype=np.float32))
+    ours = jax.grad(lambda x: jnp.sum(zoo.max_pool(x, size) * g))(x)
+    flax_grad = jax.grad(
+        lambda x: jnp.sum(nn.max_pool(x, (size, size), strides=(size, size)) * g))(x)
+    np.testing.assert_array_equal(ours, flax_grad)
 
 
 def test_layers_in_call_order_end_with_the_output_layer():
