@@ -278,11 +278,8 @@ def shared_kernel_feedback(module: nn.Conv, path: str, primitive: Callable[..., 
     kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
                    else tuple(module.kernel_size))
 
-    def conv(*args, **kwargs):
-        return primitive(*args, **kwargs)
-
     bare = module.clone(parent=None, features=n_outputs, use_bias=False,
-                        conv_general_dilated=mark_rule_op(conv),  # B's conv is never converted
+                        conv_general_dilated=mark_rule_op(primitive),  # never converted
                         conv_general_dilated_cls=None)
 
     def projection(x, kernel):
@@ -358,9 +355,13 @@ def get_rule_with(name: str, **candidates: Any) -> Rule:
 
 
 def mark_rule_op(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """``fn`` marked as a layer primitive that :func:`bioflax.convert` must not convert."""
-    setattr(fn, _RULE_OP, True)
-    return fn
+    """A wrapper of ``fn`` marked as a layer primitive that :func:`bioflax.convert` must not
+    convert; ``fn`` itself stays unmarked (a shared primitive such as
+    ``lax.conv_general_dilated`` must stay convertible everywhere else)."""
+    def marked(*args, **kwargs):
+        return fn(*args, **kwargs)
+    setattr(marked, _RULE_OP, True)
+    return marked
 
 
 def is_rule_op(fn) -> bool:

@@ -105,3 +105,16 @@ def test_the_dfa_feedback_choice_reaches_the_zoo_model(choice, conv2_feedback):
     # conv2 reads the pooled 14×14×6 map; fc1 (a Dense layer) always takes a dense B
     assert feedback["conv2"] == conv2_feedback
     assert feedback["fc1"] == (120, 10)
+
+
+def test_a_marked_primitive_leaves_the_shared_one_convertible():
+    # shared_kernel_feedback marks B's own convolution; the primitive every other Conv uses
+    # must stay convertible, so a later conversion still gives each Conv its rule.
+    import bioflax  # pylint: disable=import-outside-toplevel
+    from bioflax import zoo  # pylint: disable=import-outside-toplevel
+    marked = rules.mark_rule_op(jax.lax.conv_general_dilated)
+    assert rules.is_rule_op(marked) and not rules.is_rule_op(jax.lax.conv_general_dilated)
+    x = jax.numpy.zeros((1, 32, 32, 1))
+    bioflax.convert(zoo.LeNet5(), "dfa", conv_feedback="shared_kernel").init(jax.random.key(0), x)
+    shapes = jax.eval_shape(lambda: bioflax.convert(zoo.LeNet5(), "fa").init(jax.random.key(0), x))
+    assert {"conv1", "conv2", "conv3"} <= set(shapes["feedback"])
