@@ -65,7 +65,7 @@ def _max_pool_bwd(size, residuals, dy):
         first = jnp.where(windows[:, :, p // size, :, p % size] == y, p, first)
     position = jnp.arange(size * size).reshape(1, 1, size, 1, size, 1)
     dx = jnp.where(position == first[:, :, None, :, None],
-                   dy[:, :, None, :, None], 0).astype(dy.dtype)
+                   dy[:, :, None, :, None], 0)
     dx = dx.reshape(n, y.shape[1] * size, y.shape[2] * size, c)
     return (jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0))),)
 
