@@ -10,10 +10,13 @@ channels last:
     fc1    120 → 84, ReLU
     fc2    84 → 10 (logits)
 
-Every conv and dense layer has a bias. Max-pooling is :func:`bioflax.zoo.max_pool` (the
-values and gradient of ``nn.max_pool`` with window and stride 2, computed as maxima of rows
-and columns and a select against each window's first maximum), for every Flax variant
-alike, as in the zoo's ``LeNet5``.
+Every conv and dense layer has a bias. Weights and feedback matrices are Xavier-uniform, as
+biotorch's benchmark initialises them (``init: "xavier"``) and as ``bioflax.zoo.LeNet5`` and
+``configs/paper/sanfiz2021.py`` do; it matters for speed only to brSF, which draws a new
+feedback matrix from that initialiser at every step. Max-pooling is
+:func:`bioflax.zoo.max_pool` (the values and gradient of ``nn.max_pool`` with window and
+stride 2, computed as maxima of rows and columns and a select against each window's first
+maximum), for every Flax variant alike, as in the zoo's ``LeNet5``.
 
 Training: softmax cross-entropy, plain SGD (learning rate 0.01), batch 128, float32. The
 Flax side runs the trainer's pattern: the data set (60,000 random examples: speed does not
@@ -81,7 +84,8 @@ def flax_side():
 
     import bioflax  # pylint: disable=import-outside-toplevel
     from bioflax.conv import conv  # pylint: disable=import-outside-toplevel
-    from bioflax.zoo import max_pool  # pylint: disable=import-outside-toplevel
+    from bioflax.rules import get_rule_with  # pylint: disable=import-outside-toplevel
+    from bioflax.zoo import max_pool, xavier_uniform  # pylint: disable=import-outside-toplevel
 
     @jax.custom_vjp
     def fa_conv(x, kernel, bias, feedback):
@@ -107,13 +111,13 @@ def flax_side():
         @nn.compact
         def __call__(self, x):
             shape = (5, 5, x.shape[-1], self.features)
-            kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+            kernel = self.param("kernel", xavier_uniform, shape)
             bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
             if not self.fa:
                 return conv(x, kernel, padding="VALID") + bias
             feedback = self.variable(
                 "feedback", "kernel",
-                lambda: nn.initializers.lecun_normal()(self.make_rng("params"), shape)).value
+                lambda: xavier_uniform(self.make_rng("params"), shape)).value
             return fa_conv(x, kernel, bias, feedback)
 
     class LeNet(nn.Module):
@@ -129,14 +133,20 @@ def flax_side():
             x = nn.relu(self.dense_layer(84)(x))
             return self.dense_layer(NUM_CLASSES)(x)
 
-    plain = LeNet(functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID"), nn.Dense)
-    hand_built = {"bp": LeNet(Conv, nn.Dense),
-                  "fa": LeNet(functools.partial(Conv, fa=True), bioflax.RandomDenseLinearFA)}
+    dense = functools.partial(nn.Dense, kernel_init=xavier_uniform)
+    plain = LeNet(functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID",
+                                    kernel_init=xavier_uniform), dense)
+    hand_built = {"bp": LeNet(Conv, dense),
+                  "fa": LeNet(functools.partial(Conv, fa=True), functools.partial(
+                      bioflax.RandomDenseLinearFA, kernel_init=xavier_uniform,
+                      feedback_init=xavier_uniform))}
 
     def make_model(rule: str, impl: str) -> nn.Module:
         """LeNet trained by ``rule``: ``impl`` ``'nn.Conv'`` (plain, bp), ``'convert'``
         (``bioflax.convert``, any rule) or ``'hand-built'`` (bp, fa)."""
-        return {"nn.Conv": lambda: plain, "convert": lambda: bioflax.convert(plain, rule),
+        return {"nn.Conv": lambda: plain,
+                "convert": lambda: bioflax.convert(
+                    plain, get_rule_with(rule, feedback_init=xavier_uniform)),
                 "hand-built": lambda: hand_built[rule]}[impl]()
 
     class ChunkTimer:
@@ -333,11 +343,11 @@ def main():
         print(f"  bioflax bp / plain PyTorch:   {bp / median['plain PyTorch']:.2f}")
     for rule in ("bp", "fa", "kp", "dfa", "usf", "brsf", "frsf"):
         ours, theirs = median.get(f"bioflax {rule}"), median.get(f"biotorch {rule}")
-        parts = [f"{rule:<5}"]
-        if ours:
-            parts.append(f"bioflax / bioflax bp {ours / bp:.2f}")
-            if theirs:
-                parts.append(f"bioflax / biotorch {ours / theirs:.2f}")
+        if not ours:
+            continue
+        parts = [f"{rule:<5}", f"bioflax / bioflax bp {ours / bp:.2f}"]
+        if theirs:
+            parts.append(f"bioflax / biotorch {ours / theirs:.2f}")
         print("  " + "   ".join(parts))
 
 
