@@ -198,7 +198,7 @@ def test_smoothed_stopping_waits_for_the_running_average_to_reach_the_threshold(
         callbacks.EarlyStopping(smoothing=1.0)
 
 
-@pytest.mark.parametrize("mode", ["fa", "kp", "dfa"])
+@pytest.mark.parametrize("mode", ["bp", "fa", "kp", "dfa"])
 def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
     """The fast path (scanned chunks, donated state, on-device batches, alignment on some
     steps) trains exactly as a plain Python loop of value_and_grad and optax updates."""
