@@ -17,9 +17,10 @@ SHORT_MNIST = ("--config.training.epochs=1", "--config.training.limit_train_batc
 
 
 # kp (ReLU, weight decay on W and B) and dfa (tanh, output feedback) through main.py cover
-# both activations and both kinds of feedback of configs/mnist_mlp.py; bp_mnist.py and
-# fa_mnist.py differ from them only in the rule's name, whose training the in-process
-# trainer tests check (two more start-ups of main.py cost a minute of the suite).
+# both activations and both kinds of feedback of configs/mnist_mlp.py; bp_mnist.py is
+# kp_mnist.py with the rule bp and no weight decay, fa_mnist.py dfa_mnist.py with the rule
+# fa, and test_trainer.py checks that the trainer trains every rule as a plain loop does
+# (two more start-ups of main.py cost a minute of the suite).
 @pytest.mark.parametrize("rule", ["kp", "dfa"])
 def test_main_trains_each_rule_on_mnist(tmp_path, rule):
     result = run_main(f"configs/{rule}_mnist.py", tmp_path, *SHORT_MNIST)
