@@ -27,8 +27,8 @@ figure is one such program's examples/s after compilation; the variants take tur
 
 Flax variants (``make_model(rule, impl)``):
 
-- ``flax nn.Conv bp``: plain ``flax.linen.Conv`` and ``nn.Dense`` layers, backprop (XLA's
-  convolutions);
+- ``flax nn.Conv bp``: ``bioflax.zoo.LeNet5``, plain ``flax.linen.Conv`` and ``nn.Dense``
+  layers, backprop (XLA's convolutions);
 - ``bioflax RULE``: the same network converted by ``bioflax.convert(lenet, RULE)`` for every
   rule (on CPU its convolutions run as :mod:`bioflax.conv`'s banded matmuls);
 - ``hand-built bp`` and ``hand-built fa``: the network written by hand from
@@ -85,7 +85,8 @@ def flax_side():
     import bioflax  # pylint: disable=import-outside-toplevel
     from bioflax.conv import conv  # pylint: disable=import-outside-toplevel
     from bioflax.rules import get_rule_with  # pylint: disable=import-outside-toplevel
-    from bioflax.zoo import max_pool, xavier_uniform  # pylint: disable=import-outside-toplevel
+    from bioflax.zoo import (  # pylint: disable=import-outside-toplevel
+        LeNet5, max_pool, xavier_uniform)
 
     @jax.custom_vjp
     def fa_conv(x, kernel, bias, feedback):
@@ -121,7 +122,8 @@ def flax_side():
             return fa_conv(x, kernel, bias, feedback)
 
     class LeNet(nn.Module):
-        """biotorch's LeNetMNIST (module docstring) from the given layer constructors."""
+        """``LeNet5`` (biotorch's LeNetMNIST, module docstring) from the given layer
+        constructors."""
         conv_layer: object
         dense_layer: object
 
@@ -133,9 +135,8 @@ def flax_side():
             x = nn.relu(self.dense_layer(84)(x))
             return self.dense_layer(NUM_CLASSES)(x)
 
+    plain = LeNet5()
     dense = functools.partial(nn.Dense, kernel_init=xavier_uniform)
-    plain = LeNet(functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID",
-                                    kernel_init=xavier_uniform), dense)
     hand_built = {"bp": LeNet(Conv, dense),
                   "fa": LeNet(functools.partial(Conv, fa=True), functools.partial(
                       bioflax.RandomDenseLinearFA, kernel_init=xavier_uniform,
