@@ -37,7 +37,7 @@ train: setup
 	$(PY) main.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -n 2 --dist worksteal
 
 benchmark: setup
 	$(PY) benchmarks/throughput.py
