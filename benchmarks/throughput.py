@@ -10,10 +10,13 @@ excluded, medians of ``--repeats`` epochs (5). Prints, for each rule:
   (3.1 MFLOP per example at W = 500);
 - a plain PyTorch loop of the same network and optimizer, when torch is installed
   (``pip install -r benchmarks/requirements.txt``);
-- how the rate scales with width and batch size, and N seeds vmapped in one program
-  against one run.
+- N KP seeds vmapped in one program (``training.num_seeds``) against one run, whose
+  examples/s N separate runs share (``--seeds``, default 1,4);
+- how the rate scales with width and batch size.
 
-    python benchmarks/throughput.py [--repeats 3] [--quick]
+``--quick`` skips the scaling tables, and the seeds table unless ``--seeds`` is given.
+
+    python benchmarks/throughput.py [--repeats 3] [--quick] [--seeds 1,4,16]
 """
 
 import argparse
@@ -182,11 +185,27 @@ def torch_rate_in_subprocess(width: int, batch: int, repeats: int):
     return float(rate), version
 
 
+def seeds_table(split: data.Split, width: int, batch: int, repeats: int,
+                counts: list[int]) -> None:
+    """examples/s of N KP seeds vmapped in one program, all seeds' examples counted,
+    against one run's (which N runs one after another share), interleaved."""
+    rates = interleaved_rates({n: EpochTimer(make_task("kp", width), split, batch, num_seeds=n)
+                               for n in sorted({1, *counts})}, repeats)
+    print(f"\nKP seeds vmapped in one program (training.num_seeds), median of {repeats} "
+          f"epochs:\n{'seeds':>5} {'ex/s in all':>12} {'vs N separate runs':>19}")
+    for n, rate in rates.items():
+        print(f"{n:>5} {rate:>12,.0f} {rate / rates[1]:>18.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per figure")
     parser.add_argument("--quick", action="store_true",
-                        help="skip the width and batch scaling tables")
+                        help="skip the width and batch scaling tables (and the seeds "
+                        "table unless --seeds is given)")
+    parser.add_argument("--seeds", type=lambda text: sorted({int(n) for n in text.split(",")}),
+                        default=None, help="comma-separated numbers of vmapped seeds to time "
+                        "against one run (default 1,4; 1 is always timed)")
     parser.add_argument("--torch_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_only:
@@ -232,14 +251,10 @@ def main():
               f"{memory / rows['bp'][0]:>5.2f}x {100 * (memory / aligned - 1):>9.1f}% "
               f"{memory / ceiling:>9.2f}x {vs_torch:>9}")
 
+    if args.seeds or not args.quick:
+        seeds_table(split, width, batch, repeats, args.seeds or [1, 4])
     if args.quick:
         return
-    seeds = 4
-    together = EpochTimer(make_task("kp", width), split, batch, num_seeds=seeds)
-    alone = EpochTimer(make_task("kp", width), split, batch)
-    rates = interleaved_rates({"together": together, "alone": alone}, repeats)
-    print(f"\n{seeds} KP seeds vmapped in one program: {rates['together']:,.0f} ex/s in all, "
-          f"{rates['together'] / rates['alone']:.2f}x one run ({rates['alone']:,.0f} ex/s)")
     small = data.Split(split.inputs[:8192], split.targets[:8192])  # wide nets are slow here
     print("\nwidth scaling (KP, batch 128, 8,192 examples): width, ex/s, fraction of that "
           "width's matmul ceiling")
