@@ -197,14 +197,24 @@ def seeds_table(split: data.Split, width: int, batch: int, repeats: int,
         print(f"{n:>5} {rate:>12,.0f} {rate / rates[1]:>18.2f}x")
 
 
+def seed_counts(text: str) -> list[int]:
+    """``--seeds``: positive integers separated by commas."""
+    try:
+        counts = sorted({int(n) for n in text.split(",")})
+    except ValueError:
+        counts = [0]
+    if counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers such as 1,4,16")
+    return counts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per figure")
     parser.add_argument("--quick", action="store_true",
                         help="skip the width and batch scaling tables (and the seeds "
                         "table unless --seeds is given)")
-    parser.add_argument("--seeds", type=lambda text: sorted({int(n) for n in text.split(",")}),
-                        default=None, help="comma-separated numbers of vmapped seeds to time "
+    parser.add_argument("--seeds", type=seed_counts, default=None, help="comma-separated numbers of vmapped seeds to time "
                         "against one run (default 1,4; 1 is always timed)")
     parser.add_argument("--torch_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
