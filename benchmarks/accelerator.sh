@@ -9,8 +9,9 @@
 # It runs from the repository root with no install step: bioflax comes from the checkout
 # (PYTHONPATH), and the packages a machine lacks can travel as wheels in .whl/, which are
 # installed first into /tmp/site. The project's accelerator machines have jax, flax, optax
-# and orbax but neither clu nor ml_collections; fetch those here with
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl clu==0.0.12 ml-collections==1.1.0
+# and orbax but neither clu nor ml_collections; fetch those, at requirements.txt's pins, with
+#   grep -E '^(clu|ml-collections)==' requirements.txt \
+#     | xargs python3 -m pip download --no-deps --only-binary=:all: -d .whl
 # PYTHON (default python3) is the interpreter; REPEATS (3) the epochs or rounds per figure,
 # LENET_STEPS (100) the steps per LeNet figure.
 set -euo pipefail

@@ -199,12 +199,13 @@ def seeds_table(split: data.Split, width: int, batch: int, repeats: int,
 
 def seed_counts(text: str) -> list[int]:
     """``--seeds``: positive integers separated by commas."""
+    error = argparse.ArgumentTypeError(f"{text!r}: give positive integers such as 1,4,16")
     try:
         counts = sorted({int(n) for n in text.split(",")})
     except ValueError:
-        counts = [0]
+        raise error from None
     if counts[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers such as 1,4,16")
+        raise error
     return counts
 
 
@@ -214,8 +215,9 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="skip the width and batch scaling tables (and the seeds "
                         "table unless --seeds is given)")
-    parser.add_argument("--seeds", type=seed_counts, default=None, help="comma-separated numbers of vmapped seeds to time "
-                        "against one run (default 1,4; 1 is always timed)")
+    parser.add_argument("--seeds", type=seed_counts, default=None,
+                        help="comma-separated numbers of vmapped seeds to time against one "
+                        "run (default 1,4; 1 is always timed)")
     parser.add_argument("--torch_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_only:
