@@ -44,15 +44,21 @@ def num_outputs(config: ml_collections.ConfigDict) -> int:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError for the first field that cannot work; returns None otherwise."""
+    _validate_choices(config)
+    _validate_model(config)
+    _validate_training(config)
+    _validate_optimizer(config)
+    _validate_data(config)
+    _validate_devices(config, num_devices)
+
+
+def _validate_choices(config) -> None:
+    """Every field that names an entry of a registry."""
     _choice(config, "data.dataset", data.DATASETS)
     _choice(config, "model.name", models.MODELS)
     _choice(config, "model.mode", models.MODES)
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
-    if any(not 0.0 < fraction < 1.0 for fraction in config.optimizer.decay_at):
-        raise ConfigError("optimizer.decay_at", config.optimizer.decay_at,
-                          "fractions of the run, each in (0, 1)")
-    _positive(config, "optimizer.decay_factor", integer=False)
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
     _choice(config, "model.dfa_conv_feedback", rules.DFA_CONV_FEEDBACK)
@@ -62,6 +68,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.model.loss is not None:
         _choice(config, "model.loss", losses.LOSSES[data.DATASET_TASKS[config.data.dataset]])
 
+
+def _validate_model(config) -> None:
+    """The MLP's layer lists, DFA's widths, the interpolation factor, the init scales."""
     hidden, activations = tuple(config.model.hidden_layers), tuple(config.model.activations)
     if len(hidden) != len(activations):
         raise ConfigError("model.activations", activations,
@@ -85,31 +94,52 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if not 0.0 <= config.model.interpolation_factor <= 1.0:
         raise ConfigError("model.interpolation_factor", config.model.interpolation_factor,
                           "must lie in [0, 1] (1 = FA, 0 = BP)")
+    for field in ("model.kernel_init_scale", "model.feedback_init_scale"):
+        _positive(config, field, integer=False)
 
+
+def _validate_training(config) -> None:
+    """Counts and periods of the loop, seeds, early stopping."""
     if config.training.num_seeds > 1 and not config.data.in_memory:
         raise ConfigError("training.num_seeds", config.training.num_seeds,
                           "several seeds at once need data.in_memory = True")
-    for field in ("data.batch_size", "data.eval_batch_size", "training.epochs",
-                  "training.num_seeds",
-                  "training.log_every_steps", "training.checkpoint_every_steps",
-                  "training.keep_checkpoints", "alignment.every_steps"):
+    for field in ("training.epochs", "training.num_seeds", "training.log_every_steps",
+                  "training.checkpoint_every_steps", "training.keep_checkpoints",
+                  "alignment.every_steps"):
         _positive(config, field)
     for field in ("training.limit_train_batches", "training.fast_dev_run",
-                  "training.early_stopping_patience", "training.num_devices",
-                  "optimizer.warmup_steps"):
+                  "training.early_stopping_patience", "training.num_devices"):
         _positive(config, field, allow_zero=True)
-    _positive(config, "optimizer.learning_rate", integer=False)
     for field in ("training.log_every_epochs", "training.checkpoint_every_epochs",
                   "alignment.every_epochs"):
         if _get(config, field) is not None:
             _positive(config, field, integer=False)
+    smoothing = config.training.stopping_smoothing
+    if not isinstance(smoothing, numbers.Real) or not 0.0 <= smoothing < 1.0:
+        raise ConfigError("training.stopping_smoothing", smoothing,
+                          "must lie in [0, 1); 0 means no smoothing")
+
+
+def _validate_optimizer(config) -> None:
+    """Learning rate, schedule, momentum, decay."""
+    if any(not 0.0 < fraction < 1.0 for fraction in config.optimizer.decay_at):
+        raise ConfigError("optimizer.decay_at", config.optimizer.decay_at,
+                          "fractions of the run, each in (0, 1)")
+    _positive(config, "optimizer.decay_factor", integer=False)
+    _positive(config, "optimizer.warmup_steps", allow_zero=True)
+    _positive(config, "optimizer.learning_rate", integer=False)
     if not 0.0 <= config.optimizer.rmsprop_decay < 1.0:
         raise ConfigError("optimizer.rmsprop_decay", config.optimizer.rmsprop_decay,
                           "must lie in [0, 1)")
     for field in ("optimizer.momentum", "optimizer.weight_decay"):
         _positive(config, field, integer=False, allow_zero=True)
-    for field in ("model.kernel_init_scale", "model.feedback_init_scale"):
-        _positive(config, field, integer=False)
+
+
+def _validate_data(config) -> None:
+    """Batch sizes, normalisation, augmentation, resizing, streaming, the sizes of generated
+    data sets, the validation split."""
+    for field in ("data.batch_size", "data.eval_batch_size"):
+        _positive(config, field)
     if config.data.normalize_std is not None:
         _positive(config, "data.normalize_std", integer=False)
     _positive(config, "data.random_crop_padding", allow_zero=True)
@@ -145,14 +175,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         for field in ("data.input_dim", "data.output_dim"):
             if _get(config, field) != 1:
                 raise ConfigError(field, _get(config, field), "sinreg is y = sin(x): must be 1")
-    smoothing = config.training.stopping_smoothing
-    if not isinstance(smoothing, numbers.Real) or not 0.0 <= smoothing < 1.0:
-        raise ConfigError("training.stopping_smoothing", smoothing,
-                          "must lie in [0, 1); 0 means no smoothing")
     val_split = config.data.val_split
     if not isinstance(val_split, numbers.Real) or not 0.0 <= val_split < 1.0:
         raise ConfigError("data.val_split", val_split, "must lie in [0, 1); 0 means none")
 
+
+def _validate_devices(config, num_devices: int | None) -> None:
+    """Devices that exist, and batches that split evenly over them."""
     devices = num_devices or config.training.num_devices or jax.device_count()
     if config.training.num_devices > jax.device_count():
         raise ConfigError("training.num_devices", config.training.num_devices,
