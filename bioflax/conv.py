@@ -110,12 +110,15 @@ def _blocks(width: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
 
 def _band(kernel: jax.Array, block: int, win: int, stride: int, dilation: int) -> jax.Array:
     """``T[t, p, c, j, o] = Σ_v [p = j·s + v·d] W[t, v, c, o]`` for a kernel reshaped to
-    ``(taps, k, in, out)``: shape ``(taps, win, in, block, out)``."""
-    k = kernel.shape[1]
-    column, output, tap = jnp.arange(win), jnp.arange(block), jnp.arange(k)
-    select = (column[None, :, None] == output[None, None, :] * stride
-              + tap[:, None, None] * dilation).astype(kernel.dtype)
-    return jnp.einsum("vpj,tvco->tpcjo", select, kernel)
+    ``(taps, k, in, out)``: shape ``(taps, win, in, block, out)``. Output column ``j``'s
+    slice is ``W`` along its window axis, dilated by ``d`` and shifted by ``j·s``: one
+    ``lax.pad``, whose gradient is a slice. (A matmul against the 0/1 selection, as the
+    equation reads, trained LeNet-5 4–7 % slower by BP and FA, README "Performance".)"""
+    span = (kernel.shape[1] - 1) * dilation + 1
+    zero = jnp.zeros((), kernel.dtype)
+    return jnp.stack([lax.pad(kernel, zero, [(0, 0, 0), (j * stride, win - span - j * stride,
+                                                          dilation - 1), (0, 0, 0), (0, 0, 0)])
+                      for j in range(block)], axis=-2)
 
 
 def _conv(x, kernel, spec: _Spec):
