@@ -23,7 +23,9 @@ Flax side runs the trainer's pattern: the data set (60,000 random examples: spee
 depend on the values) sits on the device, and one compiled program runs ``--steps`` (100)
 steps in a ``lax.scan``, gathering each batch on the device from an index array. One
 figure is one such program's examples/s after compilation; the variants take turns
-(interleaved) for ``--repeats`` rounds and each is reported by its median.
+(interleaved) for ``--repeats`` rounds and each is reported by its median; the report ends
+with how far one variant's rounds lie apart and the share of CPU time the hypervisor took,
+and warns when the rounds differ by more than 1.25×.
 
 Flax variants (``make_model(rule, impl)``):
 
@@ -278,6 +280,31 @@ def peer_python_ok(python: str) -> str:
     return "" if check.returncode == 0 else check.stderr.strip().splitlines()[-1]
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``'s ``cpu`` line: user, nice, system,
+    idle, iowait, irq, softirq, steal), or None where there is no ``/proc/stat``."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            return [int(field) for field in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def noise_report(rates: dict[str, list[float]], before, after) -> str:
+    """How far one variant's rounds lie apart (largest max/min), and which share of CPU time
+    the hypervisor took (steal) while they ran: the two signs that a machine is too noisy
+    for one run's figures."""
+    spread, name = max((max(v) / min(v), n) for n, v in rates.items())
+    line = f"rounds of one variant lie up to {spread:.2f}x apart ({name})"
+    if before and after:
+        delta = [b - a for a, b in zip(before, after)]
+        line += f"; CPU time stolen by the hypervisor: {delta[7] / max(sum(delta), 1):.0%}"
+    if spread > 1.25:
+        line += ("\nwarning: this machine was noisy during the run; take medians over several "
+                 "runs, or rerun when it is quiet")
+    return line
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -315,7 +342,7 @@ def main():
     peers = Peers(args.peer_python, args.steps) if not why_not else None
     print(f"peers: {peers.version}" if peers else f"peers skipped: {why_not}")
 
-    rates, loads = {name: [] for name in timers}, []
+    rates, loads, before = {name: [] for name in timers}, [], cpu_times()
     for round_ in range(1, args.repeats + 1):
         for name, timer in timers.items():
             rates[name].append(timer(round_))
@@ -329,6 +356,7 @@ def main():
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"\nload average (1 min) after each round: {', '.join(f'{l:.1f}' for l in loads)}; "
           f"{os.cpu_count()} CPUs")
+    print(noise_report(rates, before, cpu_times()))
     print(f"{'implementation':<18} {'median ex/s':>12}   rounds")
     for name, values in rates.items():
         print(f"{name:<18} {median[name]:>12,.0f}   {', '.join(f'{v:,.0f}' for v in values)}")
