@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import optax
 
-from bioflax import data, metrics
+from bioflax import batches, data, metrics
 from bioflax.models import BioNeuralNetwork
 from bioflax.trainer import InMemory, Task, TFData, Trainer
 
@@ -79,7 +79,7 @@ class EpochTimer:
         self.state = self.trainer.fit(self.task, self.source, batch_size=self.batch,
                                       state=self.state).state
         jax.block_until_ready(self.state)
-        examples = data.steps_per_epoch(len(self.split), self.batch) * self.batch * self.num_seeds
+        examples = batches.steps_per_epoch(len(self.split), self.batch) * self.batch * self.num_seeds
         self.rates.append(examples / (time.perf_counter() - start))
 
     @property
@@ -155,7 +155,7 @@ def torch_rate(split: data.Split, width: int, batch: int, repeats: int):
     steps = len(split) // batch
 
     def epoch(seed):
-        order = torch.from_numpy(data.epoch_order(0, seed, len(split))).to(device)
+        order = torch.from_numpy(batches.epoch_order(0, seed, len(split))).to(device)
         for i in range(steps):
             idx = order[i * batch:(i + 1) * batch]
             optimizer.zero_grad(set_to_none=True)

@@ -1,20 +1,10 @@
-"""Input pipelines: TFDS image classification (MNIST, Fashion-MNIST, CIFAR-10/100, SVHN),
-the teacher-student task and sine regression, chosen by name from :data:`DATASETS`.
+"""Data sets: TFDS image classification (MNIST, Fashion-MNIST, CIFAR-10/100, SVHN), the
+teacher-student task and sine regression, chosen by name from :data:`DATASETS`.
 
 :func:`load` returns each split as a pair of NumPy arrays (:class:`Split`), already
-normalised; the training split may carry an :class:`Augmentation` (random crop, flip) that
-the tf.data path applies. Batches come out of them in
-one of two equivalent ways:
-
-* :func:`train_batches` / :func:`eval_batches`: a ``tf.data`` pipeline over the in-memory
-  arrays (index order → batch → ``tf.gather``; prefetched), which also cuts each global
-  batch into this process's rows;
-* the trainer's in-memory fast path, ``split.inputs[epoch_order(seed, epoch, N)[i*B:(i+1)*B]]``
-  on device.
-
-Both give batch ``i`` of epoch ``e`` the same examples in the same order: the order of an
-epoch is a pure function of ``(seed, epoch)`` (:func:`epoch_order`), so a run resumed at
-step ``s`` sees exactly the batches it would have seen (``start_step``).
+normalised, or, with ``data.streaming``, as a TFDS split read from its files as it is used
+(:class:`StreamedSplit`); the training split may carry an :class:`Augmentation` (random
+crop, flip). :mod:`bioflax.batches` cuts a split into batches.
 
 Config fields read from ``config.data`` (see ``configs/default.py``): ``dataset``,
 ``data_dir``, ``batch_size``, ``eval_batch_size``, ``val_split``, ``normalize_mean``,
@@ -29,10 +19,9 @@ import dataclasses
 import functools
 import math
 import os
-import queue
 import socket
 import threading
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Optional
 
 import jax
 import ml_collections
@@ -41,7 +30,7 @@ import numpy as np
 from bioflax import models
 from bioflax.errors import DataNotFoundError
 
-def _tensorflow():
+def tensorflow():
     """TensorFlow, imported on first use (only the tf.data paths need it) and kept off the
     accelerators that JAX uses."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -57,16 +46,13 @@ _TFDS_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
 _NETWORK_PROBE_TIMEOUT_S = 3.0
 _READ_BATCH = 10_000  # examples per batch when a split is read whole into memory
 # TensorFlow kernels need tensor data aligned to this many bytes (Allocator::kAllocatorAlignment).
-_TF_ALIGNMENT = 64
+TF_ALIGNMENT = 64
 
 # Tags that keep the random streams of different purposes apart for one seed.
 _VAL_SPLIT_STREAM = 0x76616C  # "val"
 _TEACHER_STREAM = 0x746561  # "tea"
 _SINREG_STREAM = 0x73696E  # "sin"
 _AUGMENT_STREAM = 0x617567  # "aug"
-_SHUFFLE_STREAM = 0x736875  # "shu"
-# Examples a streamed training split shuffles among (after shuffling its files).
-_SHUFFLE_BUFFER = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +74,14 @@ class Split:
 
     inputs: np.ndarray
     targets: np.ndarray
-    augmentation: Optional["Augmentation"] = None  # applied by train_batches only
+    augmentation: Optional["Augmentation"] = None  # applied by batches.train_batches only
 
     def __post_init__(self):
         # Aligned, contiguous storage lets the tf.data pipelines share it without a copy.
         for field in ("inputs", "targets"):
             array = getattr(self, field)
             if not (isinstance(array, np.ndarray) and array.flags.c_contiguous
-                    and array.ctypes.data % _TF_ALIGNMENT == 0):
+                    and array.ctypes.data % TF_ALIGNMENT == 0):
                 object.__setattr__(self, field, _aligned(array))
         if len(self.inputs) != len(self.targets):
             raise ValueError(f"inputs ({len(self.inputs)}) and targets ({len(self.targets)}) "
@@ -109,20 +95,30 @@ class Split:
         return Split(self.inputs[:n], self.targets[:n])
 
 
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``array`` whose data starts on a TF-aligned address."""
+    array = np.asarray(array)
+    buffer = np.empty(array.nbytes + TF_ALIGNMENT, dtype=np.uint8)
+    offset = -buffer.ctypes.data % TF_ALIGNMENT
+    out = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamedSplit:
     """A TFDS split that is read from its files as it is used, never held whole in memory
     (``data.streaming``); each process reads only its own shard
-    (``tfds.split_for_jax_process``). :func:`train_batches` and :func:`eval_batches` take it
-    as they take a :class:`Split`; ``len`` is the number of examples the processes read
-    together in an epoch (every process the same number)."""
+    (``tfds.split_for_jax_process``). :mod:`bioflax.batches` takes it as it takes a
+    :class:`Split`; ``len`` is the number of examples the processes read together in an
+    epoch (every process the same number)."""
 
     builder: object  # a prepared tfds.core.DatasetBuilder
     split: str  # a TFDS split, possibly a slice ("train[:54000]")
     mean: np.ndarray  # per channel
     std: np.ndarray
     input_shape: tuple[int, ...]
-    augmentation: Optional["Augmentation"] = None  # applied by train_batches only
+    augmentation: Optional["Augmentation"] = None  # applied by batches.train_batches only
 
     def __len__(self) -> int:
         count = jax.process_count()
@@ -154,7 +150,7 @@ class StreamedSplit:
     def _preprocess(self, images, labels):
         """Batched uint8 images → normalised float32 inputs; int32 labels (the same
         arithmetic as the in-memory path, so the same values)."""
-        tf = _tensorflow()
+        tf = tensorflow()
         x = (tf.cast(images, tf.float32) / 255.0 - self.mean) / self.std
         return (tf.reshape(x, [-1, *self.input_shape]), tf.cast(labels, tf.int32))
 
@@ -167,7 +163,7 @@ def load(data_config: ml_collections.ConfigDict,
     """Loads ``data_config.dataset`` (a name of :data:`DATASETS`): its info and splits
     ``'train'``, ``'test'`` and, when ``data_config.val_split > 0``, ``'validation'`` (held
     out of train, fixed by ``seed``). The training split carries the augmentation that
-    ``data_config`` asks for (applied by :func:`train_batches`)."""
+    ``data_config`` asks for (applied by :func:`bioflax.batches.train_batches`)."""
     name = data_config.dataset
     if name not in DATASETS:
         raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
@@ -195,19 +191,17 @@ def _hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     if num_val == 0 or num_val == n:
         raise ValueError(f"data.val_split={fraction} of {n} training examples leaves an "
                          "empty training or validation split.")
-    perm = _rng(seed, _VAL_SPLIT_STREAM).permutation(n)
+    perm = random_stream(seed, _VAL_SPLIT_STREAM).permutation(n)
     val_idx, train_idx = np.sort(perm[:num_val]), np.sort(perm[num_val:])
     take = lambda idx: Split(split.inputs[idx], split.targets[idx])
     return take(train_idx), take(val_idx)
 
 
-def _rng(seed: int, *stream: int) -> np.random.Generator:
-    return np.random.default_rng((_as_entropy(seed), *stream))
-
-
-def _as_entropy(seed: int) -> int:
-    # SeedSequence wants non-negative integers; fold negative seeds into 64 bits.
-    return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+def random_stream(seed: int, *stream: int) -> np.random.Generator:
+    """The NumPy generator of one purpose (``stream``: tags and counters such as the epoch)
+    for ``seed``; negative integers are folded into 64 bits, as SeedSequence wants
+    non-negative ones."""
+    return np.random.default_rng([int(v) & 0xFFFF_FFFF_FFFF_FFFF for v in (seed, *stream)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,7 +371,7 @@ def _check_sizes(cfg) -> tuple[int, int, int, int]:
 def _make_teacher(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
     """Inputs uniform in [-1, 1]^input_dim; targets from a fixed random TeacherNetwork."""
     input_dim, output_dim, train_size, test_size = _check_sizes(cfg)
-    rng = _rng(seed, _TEACHER_STREAM)
+    rng = random_stream(seed, _TEACHER_STREAM)
     x_train = rng.uniform(-1.0, 1.0, (train_size, input_dim)).astype(np.float32)
     x_test = rng.uniform(-1.0, 1.0, (test_size, input_dim)).astype(np.float32)
 
@@ -400,7 +394,7 @@ def _make_sinreg(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
     if input_dim != 1 or output_dim != 1:
         raise ValueError("data.dataset='sinreg' needs data.input_dim == 1 and "
                          f"data.output_dim == 1, got {input_dim} and {output_dim}.")
-    rng = _rng(seed, _SINREG_STREAM)
+    rng = random_stream(seed, _SINREG_STREAM)
 
     def draw(n: int) -> Split:
         x = rng.uniform(-np.pi, np.pi, (n, 1)).astype(np.float32)
@@ -437,8 +431,9 @@ DATASET_TASKS = {name: spec.task for name, spec in DATASETS.items()}
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
     """The standard training augmentation of small images, run in tf.data by
-    :func:`train_batches`: a random crop back to the image size after padding every side by
-    ``padding`` black pixels, and a horizontal flip with probability 1/2 (``flip``).
+    :func:`bioflax.batches.train_batches`: a random crop back to the image size after
+    padding every side by ``padding`` black pixels, and a horizontal flip with probability
+    1/2 (``flip``).
 
     Each example's draw is a pure function of ``(seed, epoch, example index)``
     (:meth:`draws`), so a resumed run, another chunk size or another process count sees the
@@ -469,7 +464,7 @@ class Augmentation:
     def draws(self, seed: int, epoch: int, num_examples: int) -> np.ndarray:
         """int32 ``(num_examples, 3)``: each example's crop row and column offsets in
         ``[0, 2·padding]`` and its flip (0 or 1) in epoch ``epoch``."""
-        rng = _rng(seed, _AUGMENT_STREAM, _as_entropy(epoch))
+        rng = random_stream(seed, _AUGMENT_STREAM, epoch)
         offsets = rng.integers(0, 2 * self.padding + 1, size=(num_examples, 2))
         flips = rng.integers(0, 2 if self.flip else 1, size=(num_examples, 1))
         return np.concatenate([offsets, flips], axis=1).astype(np.int32)
@@ -477,7 +472,7 @@ class Augmentation:
     def apply(self, inputs, draws):
         """``inputs`` ``(..., *input_shape)`` (flattened or ``(H, W, C)`` images) augmented
         as ``draws`` ``(..., 3)`` say; a TensorFlow op of the same shape."""
-        tf = _tensorflow()
+        tf = tensorflow()
         height, width, channels = self.image_shape
         x = tf.reshape(inputs, [-1, height, width, channels])
         d = tf.reshape(draws, [-1, 3])
@@ -491,291 +486,3 @@ class Augmentation:
         if self.flip:
             x = tf.where(tf.reshape(d[:, 2] > 0, [-1, 1, 1, 1]), tf.reverse(x, [2]), x)
         return tf.reshape(x, tf.shape(inputs))
-
-
-# ----------------------------------------------------------------------------- batching
-
-
-def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-    """The order in which epoch ``epoch`` visits the ``num_examples`` training examples: a
-    permutation of ``range(num_examples)``, a pure function of ``(seed, epoch)``."""
-    return np.random.default_rng((_as_entropy(seed), _as_entropy(epoch))).permutation(
-        num_examples)
-
-
-def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-    """Full batches in one epoch (the remainder is dropped)."""
-    if global_batch_size <= 0:
-        raise ValueError(f"data.batch_size must be positive, got {global_batch_size}.")
-    return num_examples // global_batch_size
-
-
-def check_batch_size(global_batch_size: int, num_devices: int, *,
-                     field: str = "data.batch_size") -> None:
-    """Raises ValueError unless ``global_batch_size`` splits evenly over ``num_devices``."""
-    if global_batch_size <= 0 or global_batch_size % num_devices:
-        raise ValueError(
-            f"{field}={global_batch_size} must be a positive multiple of the number of "
-            f"devices ({num_devices}): each device gets an equal share of the global batch. "
-            f"Use e.g. --config.{field}="
-            f"{max(1, round(global_batch_size / num_devices)) * num_devices}.")
-
-
-def _local_columns(global_batch_size: int, process_index: int, process_count: int,
-                   field: str) -> slice:
-    if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                         f"{process_count}).")
-    check_batch_size(global_batch_size, process_count, field=field)
-    local = global_batch_size // process_count
-    return slice(process_index * local, (process_index + 1) * local)
-
-
-def _as_tensors(split: Split):
-    return _to_tensor(split.inputs), _to_tensor(split.targets)
-
-
-def _to_tensor(array: np.ndarray):
-    """``array`` as a CPU tensor. An array aligned as TF requires (as :func:`load` makes
-    them) is shared through DLPack, so that a new pipeline per epoch does not copy the data
-    set; the split must then not be modified while a pipeline over it runs. Any other array
-    is copied."""
-    tf = _tensorflow()
-    if (array.size and array.flags.c_contiguous
-            and array.ctypes.data % _TF_ALIGNMENT == 0):
-        try:
-            return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
-        except Exception:  # pylint: disable=broad-except
-            pass
-    return tf.convert_to_tensor(array)
-
-
-def _aligned(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of ``array`` whose data starts on a TF-aligned address."""
-    array = np.asarray(array)
-    buffer = np.empty(array.nbytes + _TF_ALIGNMENT, dtype=np.uint8)
-    offset = -buffer.ctypes.data % _TF_ALIGNMENT
-    out = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
-    out[...] = array
-    return out
-
-
-def train_batches(split: Split | StreamedSplit, global_batch_size: int, seed: int,
-                  epoch: int, *,
-                  start_step: int = 0, chunk: int = 1, process_index: int = 0,
-                  process_count: int = 1, num_steps: Optional[int] = None) -> Iterator[dict]:
-    """This process's training batches of one epoch, ``chunk`` steps at a time.
-
-    Global batch ``i`` is ``epoch_order(seed, epoch, N)[i*B:(i+1)*B]`` (the last partial
-    batch is dropped); the first ``start_step`` batches are skipped, and only ``num_steps``
-    batches are given when set (default: to the end of the epoch); this process keeps rows
-    ``[p*B/P, (p+1)*B/P)`` of each; the split's augmentation, if any, is applied to every
-    example as :meth:`Augmentation.draws` says for ``(seed, epoch)``. Yields ``{'input':
-    (k, B/P, *input_shape), 'target': (k, B/P, ...)}`` NumPy arrays, ``k == chunk`` except possibly for the epoch's last chunk.
-    """
-    n = len(split)
-    steps = steps_per_epoch(n, global_batch_size)
-    if steps == 0:
-        raise ValueError(f"data.batch_size={global_batch_size} exceeds the {n} training "
-                         "examples: an epoch would have no step.")
-    if not 0 <= start_step <= steps:
-        raise ValueError(f"start_step={start_step} must be in [0, {steps}] "
-                         f"(steps per epoch).")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}.")
-    stop = steps if num_steps is None else start_step + num_steps
-    if not start_step <= stop <= steps:
-        raise ValueError(f"num_steps={num_steps} must be in [0, {steps - start_step}] "
-                         f"(steps left in the epoch after start_step={start_step}).")
-    columns = _local_columns(global_batch_size, process_index, process_count,
-                             "data.batch_size")
-    if isinstance(split, StreamedSplit):
-        return _streamed_train_batches(split, columns.stop - columns.start, seed, epoch,
-                                       start_step, stop, chunk, process_index, process_count)
-
-    order = epoch_order(seed, epoch, n)[:steps * global_batch_size]
-    local_idx = order.reshape(steps, global_batch_size)[start_step:stop, columns]
-    tf = _tensorflow()
-    inputs, targets = _as_tensors(split)
-    augmentation = split.augmentation
-    if augmentation is not None:
-        draws = tf.constant(augmentation.draws(seed, epoch, n))
-
-    def gather(idx):
-        x = tf.gather(inputs, idx)
-        if augmentation is not None:
-            x = augmentation.apply(x, tf.gather(draws, idx))
-        return {"input": x, "target": tf.gather(targets, idx)}
-
-    ds = tf.data.Dataset.from_tensor_slices(local_idx.astype(np.int64))
-    ds = ds.batch(chunk, drop_remainder=False)
-    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    return _untuned(ds).as_numpy_iterator()
-
-
-def eval_batches(split: Split | StreamedSplit, global_batch_size: int, *,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """Every example exactly once, in order, in global batches of ``global_batch_size``.
-
-    The last batch is padded to full size with zero rows; ``'mask'`` (float32) is 1 for a
-    real example and 0 for padding. Yields this process's rows ``{'input', 'target',
-    'mask'}`` of each global batch (rows ``[p*B/P, (p+1)*B/P)``).
-    """
-    columns = _local_columns(global_batch_size, process_index, process_count,
-                             "data.eval_batch_size")
-    if isinstance(split, StreamedSplit):
-        return _streamed_eval_batches(split, columns.stop - columns.start, process_index,
-                                      process_count)
-    n = len(split)
-    num_batches = math.ceil(n / global_batch_size)
-    padded = np.arange(num_batches * global_batch_size, dtype=np.int64)
-    mask = (padded < n).astype(np.float32)
-    padded = np.where(padded < n, padded, 0)
-    local_idx = padded.reshape(num_batches, global_batch_size)[:, columns]
-    local_mask = mask.reshape(num_batches, global_batch_size)[:, columns]
-    tf = _tensorflow()
-    inputs, targets = _as_tensors(split)
-
-    def gather(idx, m):
-        real = m > 0
-
-        def pick(array):
-            values = tf.gather(array, idx)
-            keep = tf.reshape(real, [-1] + [1] * (len(array.shape) - 1))
-            return tf.where(keep, values, tf.zeros_like(values))
-
-        return {"input": pick(inputs), "target": pick(targets), "mask": m}
-
-    ds = tf.data.Dataset.from_tensor_slices((local_idx, local_mask))
-    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    return _untuned(ds).as_numpy_iterator()
-
-
-def _untuned(ds):
-    """``ds`` without tf.data's default graph rewrites and its autotuner.
-
-    The rewrites run over the pipeline's graph, which holds the whole in-memory split, each
-    time an iterator starts: on a 2-core CPU under load that took 2.5-3.5 s per epoch (0.3-0.6
-    s without), for no gain in a pipeline of one gather. The autotuner's background thread
-    took CPU from the training step it feeds: on a 2-core Xeon it capped the tf.data path of
-    ``benchmarks/throughput.py`` near 46,500 ex/s for every rule (README "Performance":
-    tf.data / in-memory medians 0.80-0.94 with it, 0.93-0.95 without)."""
-    options = _tensorflow().data.Options()
-    options.experimental_optimization.apply_default_optimizations = False
-    options.autotune.enabled = False
-    return ds.with_options(options)
-
-
-def _streamed_train_batches(split: StreamedSplit, local_batch: int, seed: int, epoch: int,
-                            start_step: int, stop: int, chunk: int, process_index: int,
-                            process_count: int) -> Iterator[dict]:
-    """:func:`train_batches` of a streamed split: this process's shard, its files and then
-    its examples (in a buffer of ``_SHUFFLE_BUFFER``) shuffled by ``(seed, epoch)``, cut into
-    local batches; a pure function of ``(seed, epoch)`` too, so a resumed run skips to the
-    same batches."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    tf = _tensorflow()
-    shard = tfds.split_for_jax_process(split.split, process_index=process_index,
-                                       process_count=process_count, drop_remainder=True)
-    shuffle_seed = int(_rng(seed, _SHUFFLE_STREAM, _as_entropy(epoch)).integers(2 ** 31))
-    ds = split._examples(shard, shuffle_files=True,  # pylint: disable=protected-access
-                         read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed))
-    ds = ds.shuffle(_SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=False)
-    augmentation = split.augmentation
-    if augmentation is not None:  # an example's draw: by its position in the epoch
-        shard_size = len(split) // process_count
-        draws = tf.constant(augmentation.draws(seed, epoch, len(split)))
-        ds = ds.enumerate(start=process_index * shard_size)
-    ds = ds.batch(local_batch, drop_remainder=True).skip(start_step).take(stop - start_step)
-
-    def preprocess(*batch):
-        position, (images, labels) = batch if augmentation is not None else (None, batch)
-        x, y = split._preprocess(images, labels)  # pylint: disable=protected-access
-        if augmentation is not None:
-            x = augmentation.apply(x, tf.gather(draws, position))
-        return {"input": x, "target": y}
-
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(chunk).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-
-
-def _streamed_eval_batches(split: StreamedSplit, local_batch: int, process_index: int,
-                           process_count: int) -> Iterator[dict]:
-    """:func:`eval_batches` of a streamed split: each process reads its own shard in order,
-    padded (mask 0) to as many batches as the largest shard needs."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    tf = _tensorflow()
-    shard = tfds.split_for_jax_process(split.split, process_index=process_index,
-                                       process_count=process_count)
-    splits = split.builder.info.splits
-    largest = math.ceil(splits[split.split].num_examples / process_count)
-    padding = math.ceil(largest / local_batch) * local_batch - splits[shard].num_examples
-    ds = split._examples(shard)  # pylint: disable=protected-access
-    blank = tf.zeros(ds.element_spec[0].shape, ds.element_spec[0].dtype)
-    ds = ds.map(lambda x, y: (x, y, 1.0)).concatenate(tf.data.Dataset.from_tensors(
-        (blank, tf.zeros([], ds.element_spec[1].dtype), 0.0)).repeat(padding))
-
-    def preprocess(images, labels, mask):
-        x, y = split._preprocess(images, labels)  # pylint: disable=protected-access
-        real = tf.reshape(mask > 0, [-1] + [1] * len(split.input_shape))
-        return {"input": tf.where(real, x, tf.zeros_like(x)), "target": y, "mask": mask}
-
-    ds = ds.batch(local_batch).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
-                                   deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-
-
-def prefetch(items: Iterable, transform: Callable = lambda item: item, *,
-             size: int = 2) -> Iterator:
-    """``transform(item)`` for each of ``items``, in order, computed on a background thread
-    up to ``size`` items ahead of the consumer.
-
-    Meant for ``transform`` = "make this chunk a global device array": the host's copies of
-    the next chunks then overlap the device's work on the current one (big_vision's
-    ``prefetch_iterator`` is the same idea). An exception in the thread is raised to the
-    consumer; closing the iterator early stops the thread.
-    """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}.")
-    ready: queue.Queue = queue.Queue(maxsize=size)
-    stopped = threading.Event()
-    done = object()
-
-    def produce():
-        try:
-            for item in items:
-                result = (transform(item), None)
-                while not stopped.is_set():
-                    try:
-                        ready.put(result, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stopped.is_set():
-                    return
-            ready.put((done, None))
-        except BaseException as e:  # pylint: disable=broad-except  # re-raised below
-            ready.put((done, e))
-
-    def consume():
-        thread = threading.Thread(target=produce, name="bioflax-prefetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                result, error = ready.get()
-                if result is done:
-                    if error is not None:
-                        raise error
-                    return
-                yield result
-        finally:
-            stopped.set()
-            while thread.is_alive():  # unblock a put waiting for room, then let it end
-                try:
-                    ready.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-
-    return consume()

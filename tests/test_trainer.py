@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from bioflax import callbacks, data, metrics, train
+from bioflax import batches, callbacks, data, metrics, train
 from bioflax.models import BioNeuralNetwork
 from bioflax.trainer import Callback, Task, TFData, Trainer, TrainingDivergedError
 from configs import teacher as teacher_config
@@ -226,7 +226,7 @@ def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
     opt_state = optimizer.init(params)
     losses = []
     for epoch in range(2):
-        order = data.epoch_order(4, epoch, len(inputs))
+        order = batches.epoch_order(4, epoch, len(inputs))
         for batch in np.split(order, 10):
             def loss_of(p, batch=batch):
                 logits = module.apply({"params": p, **variables}, inputs[batch])

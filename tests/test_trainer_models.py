@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from bioflax import callbacks, data, metrics
+from bioflax import batches, callbacks, data, metrics
 from bioflax.layers import FEEDBACK_COLLECTION, RandomDenseLinearFA
 from bioflax.trainer import Callback, Task, Trainer
 from e2e import REPO, environment
@@ -73,7 +73,7 @@ def test_the_cnn_trains_as_a_plain_loop_with_the_documented_rng_streams():
     opt_state = optimizer.init(params)
     root, losses = jax.random.fold_in(key, 0), []
     for epoch in range(2):
-        for step_in_epoch, batch in enumerate(np.split(data.epoch_order(seed, epoch, 96), 6)):
+        for step_in_epoch, batch in enumerate(np.split(batches.epoch_order(seed, epoch, 96), 6)):
             step_key = jax.random.fold_in(root, epoch * 6 + step_in_epoch)
 
             def loss_of(p, batch=batch, step_key=step_key):

@@ -1,4 +1,4 @@
-"""Training data for the chunk program, in the order :func:`bioflax.data.epoch_order`
+"""Training data for the chunk program, in the order :func:`bioflax.batches.epoch_order`
 gives, so a run resumed at step ``s`` sees exactly the batches an uninterrupted one would.
 
 A :class:`DataSource` yields, per chunk of steps, ``(data, xs, n)``: ``data`` passed to the
@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
+from bioflax import batches as batches_lib
 from bioflax import data as data_lib
 from bioflax.trainer.placement import Placement
 
@@ -60,7 +61,7 @@ class InMemory(DataSource):
         return self._on_device[key]
 
     def chunks(self, placement, batch_size, seeds, epoch, start, stop, chunk_steps):
-        orders = np.stack([data_lib.epoch_order(seed, epoch, len(self)) for seed in seeds],
+        orders = np.stack([batches_lib.epoch_order(seed, epoch, len(self)) for seed in seeds],
                           axis=1)  # (examples, seeds)
         for first in range(start, stop, chunk_steps):
             n = min(chunk_steps, stop - first)
@@ -77,18 +78,18 @@ class InMemory(DataSource):
 
 
 class TFData(DataSource):
-    """Batches from the tf.data pipeline (:func:`bioflax.data.train_batches`), each process
+    """Batches from the tf.data pipeline (:func:`bioflax.batches.train_batches`), each process
     reading its own part; one seed."""
 
     def chunks(self, placement, batch_size, seeds, epoch, start, stop, chunk_steps):
         (seed,) = seeds
-        batches = data_lib.train_batches(
+        batches = batches_lib.train_batches(
             self.split, batch_size, seed, epoch, start_step=start, num_steps=stop - start,
             chunk=chunk_steps, process_index=jax.process_index(),
             process_count=jax.process_count())
         # The next chunks become global arrays on a thread while the current one trains.
-        for chunk in data_lib.prefetch(batches,
-                                       lambda c: placement.to_global(c, placement.chunk)):
+        for chunk in batches_lib.prefetch(batches,
+                                          lambda c: placement.to_global(c, placement.chunk)):
             yield (), chunk, chunk["input"].shape[0]
 
     @staticmethod

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from clu import parameter_overview
 
+from bioflax import batches as batches_lib
 from bioflax import data as data_lib
 from bioflax.errors import TrainingDivergedError, TrainingInterrupted
 from bioflax.trainer import durations as durations_lib
@@ -151,7 +152,7 @@ class Trainer:
             raise ValueError(f"num_seeds={self.num_seeds}: training several seeds at once "
                              f"needs a data source that supports it (InMemory), not "
                              f"{type(source).__name__}.")
-        data_lib.check_batch_size(batch_size, self.mesh.size)
+        batches_lib.check_batch_size(batch_size, self.mesh.size)
         self.durations = durations_lib.resolve(
             len(source), batch_size, max_epochs=self.max_epochs, max_steps=self.max_steps,
             limit_train_batches=self.limit_train_batches)
@@ -254,11 +255,12 @@ class Trainer:
                  batch_size: int = 1000, prefix: str = "") -> dict[str, float]:
         """Metrics of ``state`` over every example of ``split``, named ``prefix + name``
         (and ``seed_i/`` + that with several seeds)."""
-        data_lib.check_batch_size(batch_size, self.mesh.size)
+        batches_lib.check_batch_size(batch_size, self.mesh.size)
         evaluate = self.programs(task).evaluate()
         total = None
-        batches = data_lib.eval_batches(split, batch_size, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+        batches = batches_lib.eval_batches(split, batch_size,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count())
         for index, batch in enumerate(batches):
             if self.limit_eval_batches and index >= self.limit_eval_batches:
                 break
@@ -276,8 +278,9 @@ class Trainer:
                                targets=np.zeros(len(inputs), np.int32))
         apply = self.programs(task).predict()
         outputs = []
-        for batch in data_lib.eval_batches(split, batch_size, process_index=jax.process_index(),
-                                           process_count=jax.process_count()):
+        for batch in batches_lib.eval_batches(split, batch_size,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count()):
             out = apply(state, self.placement.to_global(batch["input"], self.placement.inputs))
             outputs.append(np.asarray(out))
         # Whole global batches in order, padded at the end: the first len(inputs) rows are real
