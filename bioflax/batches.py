@@ -19,11 +19,12 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from bioflax.data import TF_ALIGNMENT, Split, StreamedSplit, random_stream, tensorflow
+from bioflax.data import Split, StreamedSplit, random_stream, tensorflow, tf_aligned
 
 _SHUFFLE_STREAM = 0x736875  # "shu": the random stream of a streamed split's shuffles
 # Examples a streamed training split shuffles among (after shuffling its files).
 _SHUFFLE_BUFFER = 10_000
+
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """The order in which epoch ``epoch`` visits the ``num_examples`` training examples: a
@@ -69,8 +70,7 @@ def _to_tensor(array: np.ndarray):
     set; the split must then not be modified while a pipeline over it runs. Any other array
     is copied."""
     tf = tensorflow()
-    if (array.size and array.flags.c_contiguous
-            and array.ctypes.data % TF_ALIGNMENT == 0):
+    if array.size and tf_aligned(array):
         try:
             return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
         except Exception:  # pylint: disable=broad-except

@@ -46,7 +46,7 @@ _TFDS_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
 _NETWORK_PROBE_TIMEOUT_S = 3.0
 _READ_BATCH = 10_000  # examples per batch when a split is read whole into memory
 # TensorFlow kernels need tensor data aligned to this many bytes (Allocator::kAllocatorAlignment).
-TF_ALIGNMENT = 64
+_TF_ALIGNMENT = 64
 
 # Tags that keep the random streams of different purposes apart for one seed.
 _VAL_SPLIT_STREAM = 0x76616C  # "val"
@@ -80,8 +80,7 @@ class Split:
         # Aligned, contiguous storage lets the tf.data pipelines share it without a copy.
         for field in ("inputs", "targets"):
             array = getattr(self, field)
-            if not (isinstance(array, np.ndarray) and array.flags.c_contiguous
-                    and array.ctypes.data % TF_ALIGNMENT == 0):
+            if not tf_aligned(array):
                 object.__setattr__(self, field, _aligned(array))
         if len(self.inputs) != len(self.targets):
             raise ValueError(f"inputs ({len(self.inputs)}) and targets ({len(self.targets)}) "
@@ -95,11 +94,18 @@ class Split:
         return Split(self.inputs[:n], self.targets[:n])
 
 
+def tf_aligned(array) -> bool:
+    """Whether ``array`` is a C-contiguous NumPy array whose data starts on a TF-aligned
+    address, so that TensorFlow can share it instead of copying it."""
+    return (isinstance(array, np.ndarray) and array.flags.c_contiguous
+            and array.ctypes.data % _TF_ALIGNMENT == 0)
+
+
 def _aligned(array: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of ``array`` whose data starts on a TF-aligned address."""
     array = np.asarray(array)
-    buffer = np.empty(array.nbytes + TF_ALIGNMENT, dtype=np.uint8)
-    offset = -buffer.ctypes.data % TF_ALIGNMENT
+    buffer = np.empty(array.nbytes + _TF_ALIGNMENT, dtype=np.uint8)
+    offset = -buffer.ctypes.data % _TF_ALIGNMENT
     out = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
     out[...] = array
     return out
