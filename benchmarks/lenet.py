@@ -32,7 +32,9 @@ Flax variants (``make_model(rule, impl)``):
 - ``flax nn.Conv bp``: ``bioflax.zoo.LeNet5``, plain ``flax.linen.Conv`` and ``nn.Dense``
   layers, backprop (XLA's convolutions);
 - ``bioflax RULE``: the same network converted by ``bioflax.convert(lenet, RULE)`` for every
-  rule (on CPU its convolutions run as :mod:`bioflax.conv`'s banded matmuls);
+  rule (on CPU its convolutions run as :mod:`bioflax.conv`'s banded matmuls), compiled with
+  ``bioflax.conv.CPU_COMPILER_OPTIONS`` as the LeNet configs train it;
+- ``bioflax bp, XLA defaults``: the same BP without those options;
 - ``hand-built bp`` and ``hand-built fa``: the network written by hand from
   :func:`bioflax.conv.conv` (FA: a ``custom_vjp`` sending down ``conv(·, B)``'s
   input-gradient, and ``RandomDenseLinearFA``), to show what the converter costs.
@@ -85,7 +87,8 @@ def flax_side():
     from flax import linen as nn  # pylint: disable=import-outside-toplevel
 
     import bioflax  # pylint: disable=import-outside-toplevel
-    from bioflax.conv import conv  # pylint: disable=import-outside-toplevel
+    from bioflax.conv import (  # pylint: disable=import-outside-toplevel
+        CPU_COMPILER_OPTIONS, conv)
     from bioflax.rules import get_rule_with  # pylint: disable=import-outside-toplevel
     from bioflax.zoo import (  # pylint: disable=import-outside-toplevel
         LeNet5, max_pool, xavier_uniform)
@@ -156,7 +159,8 @@ def flax_side():
         """One model's compiled chunk of ``steps`` SGD steps, warmed up; each call times
         one more chunk and returns its examples/s."""
 
-        def __init__(self, model: nn.Module, inputs, targets, steps: int):
+        def __init__(self, model: nn.Module, inputs, targets, steps: int,
+                     compiler_options=None):
             self.inputs, self.targets = jnp.asarray(inputs), jnp.asarray(targets)
             variables = model.init(jax.random.key(0), self.inputs[:1])
             self.params = variables["params"]
@@ -178,7 +182,7 @@ def flax_side():
                     return params, value
                 return jax.lax.scan(step, params, indices)
 
-            self.chunk = jax.jit(chunk, donate_argnums=0)
+            self.chunk = jax.jit(chunk, donate_argnums=0, compiler_options=compiler_options)
             self(0)  # round 0 warms up; timed rounds count from 1
 
         def __call__(self, round_: int) -> float:
@@ -189,7 +193,7 @@ def flax_side():
             jax.block_until_ready(losses)
             return self.steps * BATCH / (time.perf_counter() - start)
 
-    return make_model, ChunkTimer
+    return make_model, ChunkTimer, CPU_COMPILER_OPTIONS
 
 
 # ----------------------------------------------------------------------------- peers
@@ -323,19 +327,23 @@ def main():
         return
 
     import jax  # pylint: disable=import-outside-toplevel
-    make_model, ChunkTimer = flax_side()
+    make_model, ChunkTimer, options = flax_side()
     inputs, targets = mnist_shaped()
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind}; jax {jax.__version__}; "
           f"LeNet-5 (biotorch LeNetMNIST), batch {BATCH}, SGD, float32; {args.steps} steps "
           f"per figure, median of {args.repeats} interleaved rounds")
-    variants = {"flax nn.Conv bp": ("bp", "nn.Conv"), "hand-built bp": ("bp", "hand-built"),
-                "hand-built fa": ("fa", "hand-built"),
-                **{f"bioflax {rule}": (rule, "convert") for rule in args.rules.split(",")}}
+    variants = {"flax nn.Conv bp": ("bp", "nn.Conv", None),
+                "hand-built bp": ("bp", "hand-built", options),
+                "hand-built fa": ("fa", "hand-built", options),
+                "bioflax bp, XLA defaults": ("bp", "convert", None),
+                **{f"bioflax {rule}": (rule, "convert", options)
+                   for rule in args.rules.split(",")}}
     timers = {}
-    for name, (rule, impl) in variants.items():
+    for name, (rule, impl, compiler_options) in variants.items():
         start = time.perf_counter()
-        timers[name] = ChunkTimer(make_model(rule, impl), inputs, targets, args.steps)
+        timers[name] = ChunkTimer(make_model(rule, impl), inputs, targets, args.steps,
+                                  compiler_options)
         print(f"  {name}: compiled and warmed up in {time.perf_counter() - start:.0f} s",
               flush=True)
     why_not = peer_python_ok(args.peer_python)
@@ -357,13 +365,14 @@ def main():
     print(f"\nload average (1 min) after each round: {', '.join(f'{l:.1f}' for l in loads)}; "
           f"{os.cpu_count()} CPUs")
     print(noise_report(rates, before, cpu_times()))
-    print(f"{'implementation':<18} {'median ex/s':>12}   rounds")
+    print(f"{'implementation':<26} {'median ex/s':>12}   rounds")
     for name, values in rates.items():
-        print(f"{name:<18} {median[name]:>12,.0f}   {', '.join(f'{v:,.0f}' for v in values)}")
+        print(f"{name:<26} {median[name]:>12,.0f}   {', '.join(f'{v:,.0f}' for v in values)}")
     bp = median["bioflax bp"]
     print("\nratios (targets: bioflax bp / plain PyTorch >= 1.2; each rule >= 1.5x biotorch's "
           "same rule and >= 0.9x bioflax bp)")
     print(f"  bioflax bp / flax nn.Conv bp: {bp / median['flax nn.Conv bp']:.2f}")
+    print(f"  bioflax bp / XLA defaults:    {bp / median['bioflax bp, XLA defaults']:.2f}")
     for rule in ("bp", "fa"):
         if f"bioflax {rule}" in median:
             print(f"  converter / hand-built, {rule}: "

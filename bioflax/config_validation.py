@@ -1,4 +1,4 @@
-"""Checks a whole config before any data is loaded or any program compiled.
+"""Checks a whole config before any data is loaded or any model compiled.
 
 Each problem raises :class:`bioflax.errors.ConfigError` naming the field, the bad value
 and what is allowed.
@@ -50,6 +50,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _validate_optimizer(config)
     _validate_data(config)
     _validate_devices(config, num_devices)
+    _validate_compiler_options(config)
 
 
 def _validate_choices(config) -> None:
@@ -191,3 +192,17 @@ def _validate_devices(config, num_devices: int | None) -> None:
             raise ConfigError(field, _get(config, field),
                               f"the global batch is split evenly over {devices} devices, so it "
                               f"must be a multiple of {devices}")
+
+
+def _validate_compiler_options(config) -> None:
+    """XLA accepts ``compiler_options``: a trivial program compiles with them."""
+    options = config.compiler_options.to_dict()
+    if not options:
+        return
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(0.0).compile()
+    except jax.errors.JaxRuntimeError as error:
+        reason = str(error).splitlines()[0]
+        raise ConfigError("compiler_options", options,
+                          f"XLA rejected them ({reason}); use names and values of XLA's "
+                          "DebugOptions, or {} for XLA's defaults") from None

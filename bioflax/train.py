@@ -138,7 +138,8 @@ def _train_and_evaluate(config, workdir, info, splits):
         log_every_steps=every["log"], callbacks=callbacks, seed=config.seed,
         limit_train_batches=training.limit_train_batches or fast_dev_run or None,
         limit_eval_batches=fast_dev_run or None, mesh=make_mesh(training.num_devices or None),
-        num_seeds=training.num_seeds, epoch_summary=_hidden_angle)
+        num_seeds=training.num_seeds, epoch_summary=_hidden_angle,
+        compiler_options=config.compiler_options.to_dict())
     source = (InMemory if config.data.in_memory else TFData)(splits["train"])
     task = build_task(config, info, every["alignment"], source.sample_input())
     fit = trainer.fit(task, source, splits.get("validation"), batch_size=config.data.batch_size,

@@ -128,5 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The same in epochs; when set it wins over every_steps.
     alignment.every_epochs = ml_collections.config_dict.placeholder(float)
 
+    # XLA options for every compiled program (``jax.jit``'s compiler_options: names and
+    # values of XLA's DebugOptions), e.g. bioflax.conv.CPU_COMPILER_OPTIONS (the LeNet
+    # configs'); empty: XLA's defaults.
+    config.compiler_options = ml_collections.ConfigDict()
     config.plots = True  # PNG figures and TensorBoard images at the end of the run
     return config

@@ -5,6 +5,7 @@ trains it; learning rate 0.003 with cosine decay over 10 epochs (KP at 0.01 stay
 for 2 epochs on the validation split, at 0.003 it reached 95.8% in 3), weight decay 1e-4
 (which KP needs to align B with W), alignment of every conv and dense layer every 100 steps."""
 
+from bioflax.conv import CPU_COMPILER_OPTIONS
 from configs import default
 
 
@@ -20,4 +21,5 @@ def get_config(rule: str = "kp"):
     config.optimizer.schedule = "cosine"
     config.optimizer.weight_decay = 1e-4
     config.training.epochs = 10
+    config.compiler_options = CPU_COMPILER_OPTIONS  # faster on a CPU
     return config

@@ -78,6 +78,14 @@ def test_config_mistakes_name_field_value_and_allowed_values(field, value, expec
         config_validation.validate(config)
 
 
+def test_compiler_options_that_xla_rejects_are_refused_before_training():
+    config = default_config.get_config()
+    config.compiler_options = {"xla_no_such_option": True}
+    with pytest.raises(ConfigError, match=r"compiler_options = .*XLA rejected them .*"
+                                          r"No such compile option: 'xla_no_such_option'"):
+        config_validation.validate(config)
+
+
 def test_dfa_hidden_layers_narrower_than_the_output_are_refused():
     config = default_config.get_config()
     config.model.mode, config.model.hidden_layers, config.model.activations = (

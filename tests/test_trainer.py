@@ -2,6 +2,7 @@
 
 import types
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -49,6 +50,20 @@ def test_evaluate_averages_over_every_example_of_a_ragged_split():
     expected = np.mean((outputs - split.targets) ** 2)
     result = trainer.evaluate(task, state, split, batch_size=10)
     np.testing.assert_allclose(result["loss"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("program", ["fit", "evaluate", "predict"])
+def test_every_compiled_program_gets_the_trainers_compiler_options(program):
+    # XLA refuses an option it does not know when it compiles: each program passes them on.
+    trainer = Trainer(max_epochs=1, progress_bar=False,
+                      compiler_options={"xla_no_such_option": True})
+    task, split = linear_task(), linear_split(n=64)
+    state = trainer.init_state(task, split.inputs[:1])
+    run = {"fit": lambda: trainer.fit(task, split, batch_size=32),
+           "evaluate": lambda: trainer.evaluate(task, state, split, batch_size=32),
+           "predict": lambda: trainer.predict(task, state, split.inputs, batch_size=32)}
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option"):
+        run[program]()
 
 
 def test_in_memory_and_tf_data_paths_train_identically():

@@ -58,6 +58,8 @@ class Trainer:
         each has its own initialisation, data order and random streams, as separate runs
         would; metrics are logged per seed (``seed_i/...``) and averaged.
       writer: a clu ``MetricWriter`` (default: TensorBoard files in ``workdir`` and logs).
+      compiler_options: XLA options for every compiled program, as ``jax.jit`` takes them
+        (e.g. ``bioflax.conv.CPU_COMPILER_OPTIONS``; None: XLA's defaults).
     """
 
     def __init__(self, *, workdir: Optional[str] = None, max_epochs: int = 1,
@@ -67,7 +69,8 @@ class Trainer:
                  limit_eval_batches: Optional[int] = None,
                  mesh: Optional[jax.sharding.Mesh] = None,
                  progress_bar: Optional[bool] = None, epoch_summary=None,
-                 report_progress: bool = True, num_seeds: int = 1, writer=None):
+                 report_progress: bool = True, num_seeds: int = 1, writer=None,
+                 compiler_options: Optional[dict] = None):
         if log_every_steps <= 0:
             raise ValueError(f"log_every_steps must be positive, got {log_every_steps}.")
         if num_seeds < 1:
@@ -80,6 +83,7 @@ class Trainer:
         self.limit_eval_batches = limit_eval_batches
         self.placement = Placement(mesh or make_mesh(), num_seeds)
         self.num_seeds = num_seeds
+        self.compiler_options = compiler_options
         if writer is None:
             # clu's writers import TensorFlow (for TensorBoard files): only when needed.
             from clu import metric_writers  # pylint: disable=import-outside-toplevel
@@ -106,7 +110,8 @@ class Trainer:
     def programs(self, task: Task) -> Programs:
         """The compiled programs of ``task`` (kept with it, so its id is not reused)."""
         if id(task) not in self._programs:
-            self._programs[id(task)] = (task, Programs(task, self.placement))
+            self._programs[id(task)] = (task, Programs(task, self.placement,
+                                                            self.compiler_options))
         return self._programs[id(task)][1]
 
     def init_state(self, task: Task, sample_input: np.ndarray,

@@ -45,11 +45,14 @@ def _all_finite(tree) -> jax.Array:
 
 
 class Programs:
-    """The jitted functions of ``task`` on ``placement``, each compiled once."""
+    """The jitted functions of ``task`` on ``placement``, each compiled once, with XLA's
+    ``compiler_options`` (``jax.jit``'s; None: XLA's defaults)."""
 
-    def __init__(self, task: Task, placement: Placement):
+    def __init__(self, task: Task, placement: Placement,
+                 compiler_options: Optional[dict] = None):
         self.task = task
         self.placement = placement
+        self._jit = functools.partial(jax.jit, compiler_options=compiler_options or None)
         self._compiled: dict = {}
 
     def _cached(self, kind, build):
@@ -145,8 +148,8 @@ class Programs:
             def program(steps_plan, state, data, xs):
                 return self._train_chunk(
                     lambda x: source_type.batch(data, x, self.placement), steps_plan, state, xs)
-            return jax.jit(program, static_argnums=(0,), donate_argnums=(1,),
-                           out_shardings=self.placement.replicated)
+            return self._jit(program, static_argnums=(0,), donate_argnums=(1,),
+                             out_shardings=self.placement.replicated)
         return self._cached(("train", source_type), build)
 
     def evaluate(self):
@@ -159,12 +162,12 @@ class Programs:
             return task.metrics.single_from_model_output(
                 loss=task.loss(outputs, batch["target"]), logits=outputs,
                 labels=batch["target"], mask=batch["mask"])
-        return self._cached("eval", lambda: jax.jit(
+        return self._cached("eval", lambda: self._jit(
             evaluate, out_shardings=self.placement.replicated))
 
     def predict(self):
         """``program(state, inputs)``: the module's outputs in evaluation mode."""
-        return self._cached("predict", lambda: jax.jit(
+        return self._cached("predict", lambda: self._jit(
             self._per_seed(self.task.eval_forward), out_shardings=self.placement.replicated))
 
 
