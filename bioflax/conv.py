@@ -38,7 +38,7 @@ IntOrSequence = Union[int, Sequence[int]]
 # XLA options under which these convolutions train fastest on a CPU (``jax.jit``'s
 # ``compiler_options``; ``config.compiler_options`` of the LeNet configs): YNNPACK for
 # reductions only, so that XLA's own (Eigen) matmuls run the skinny products, e.g. LeNet-5's
-# (21504, 45) @ (45, 30), 0.7x YNNPACK's time. LeNet-5 on MNIST trains 1.06-1.10x faster
+# (21504, 45) @ (45, 30), 0.7x YNNPACK's time. LeNet-5 on MNIST trains 1.06-1.14x faster
 # by every rule, the CIFAR LeNet 1.08-1.13x; the MLP runs 0.95-0.98x (README "Performance").
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
