@@ -87,8 +87,7 @@ def flax_side():
     from flax import linen as nn  # pylint: disable=import-outside-toplevel
 
     import bioflax  # pylint: disable=import-outside-toplevel
-    from bioflax.conv import (  # pylint: disable=import-outside-toplevel
-        CPU_COMPILER_OPTIONS, conv)
+    from bioflax.conv import conv  # pylint: disable=import-outside-toplevel
     from bioflax.rules import get_rule_with  # pylint: disable=import-outside-toplevel
     from bioflax.zoo import (  # pylint: disable=import-outside-toplevel
         LeNet5, max_pool, xavier_uniform)
@@ -193,7 +192,7 @@ def flax_side():
             jax.block_until_ready(losses)
             return self.steps * BATCH / (time.perf_counter() - start)
 
-    return make_model, ChunkTimer, CPU_COMPILER_OPTIONS
+    return make_model, ChunkTimer
 
 
 # ----------------------------------------------------------------------------- peers
@@ -327,7 +326,9 @@ def main():
         return
 
     import jax  # pylint: disable=import-outside-toplevel
-    make_model, ChunkTimer, options = flax_side()
+    from bioflax.conv import (  # pylint: disable=import-outside-toplevel
+        CPU_COMPILER_OPTIONS as options)
+    make_model, ChunkTimer = flax_side()
     inputs, targets = mnist_shaped()
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind}; jax {jax.__version__}; "
