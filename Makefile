@@ -45,16 +45,16 @@ benchmark: setup
 # The paper grid (docs/results.md): every config x seed in its own workdir, resumable; then
 # one report per setting in $(PAPER_ROOT)/report/SETTING.
 paper: setup
-	$(PY) -m bioflax.sweep $(AKROUT) $(NOKLAND_7x240) $(NOKLAND_2x800) $(LILLICRAP) \
+	$(PY) -m bioflax.experiment.sweep $(AKROUT) $(NOKLAND_7x240) $(NOKLAND_2x800) $(LILLICRAP) \
 		--seeds=$(PAPER_SEEDS) --root=$(PAPER_ROOT)
-	$(PY) -m bioflax.report $(PAPER_ROOT)/akrout2019_* --out $(PAPER_ROOT)/report/akrout2019
-	$(PY) -m bioflax.report $(PAPER_ROOT)/nokland2016_7x240_* \
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/akrout2019_* --out $(PAPER_ROOT)/report/akrout2019
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/nokland2016_7x240_* \
 		--out $(PAPER_ROOT)/report/nokland2016_7x240
-	$(PY) -m bioflax.report $(PAPER_ROOT)/nokland2016_2x800_* \
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/nokland2016_2x800_* \
 		--out $(PAPER_ROOT)/report/nokland2016_2x800
-	$(PY) -m bioflax.report $(PAPER_ROOT)/lillicrap2016_* --out $(PAPER_ROOT)/report/lillicrap2016
-	$(PY) -m bioflax.sweep $(SANFIZ) --seeds=$(PAPER_SEEDS) --root=$(PAPER_ROOT)
-	$(PY) -m bioflax.report $(PAPER_ROOT)/sanfiz2021_mnist_lenet5_* \
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/lillicrap2016_* --out $(PAPER_ROOT)/report/lillicrap2016
+	$(PY) -m bioflax.experiment.sweep $(SANFIZ) --seeds=$(PAPER_SEEDS) --root=$(PAPER_ROOT)
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/sanfiz2021_mnist_lenet5_* \
 		--out $(PAPER_ROOT)/report/sanfiz2021_mnist_lenet5
 
 # How configs/paper/sanfiz2021.py's MNIST learning rates were chosen (docs/results.md): every
@@ -62,9 +62,9 @@ paper: setup
 # the validation split only.
 sanfiz2021-lr: setup
 	for lr in $(SANFIZ_LRS); do \
-		$(PY) -m bioflax.sweep $(SANFIZ) --seeds=0 --root=$(PAPER_ROOT)/sanfiz2021_lr/lr_$$lr \
+		$(PY) -m bioflax.experiment.sweep $(SANFIZ) --seeds=0 --root=$(PAPER_ROOT)/sanfiz2021_lr/lr_$$lr \
 			--override optimizer.learning_rate=$$lr --override training.epochs=10 || exit 1; \
-		$(PY) -m bioflax.report $(PAPER_ROOT)/sanfiz2021_lr/lr_$$lr/* \
+		$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/sanfiz2021_lr/lr_$$lr/* \
 			--out $(PAPER_ROOT)/report/sanfiz2021_lr/lr_$$lr || exit 1; \
 	done
 
@@ -73,19 +73,19 @@ sanfiz2021-lr: setup
 # (10 epochs, seed 0), then 3 seeds at the chosen 3e-5 and one at 1e-4; BP at KP's
 # learning rate 0.01.
 sanfiz2021-ablations: setup
-	$(PY) -m bioflax.sweep $(SANFIZ_DFA) --seeds=0 --root=$(PAPER_ROOT)/ablation_dfa_lr1e-3 \
+	$(PY) -m bioflax.experiment.sweep $(SANFIZ_DFA) --seeds=0 --root=$(PAPER_ROOT)/ablation_dfa_lr1e-3 \
 		--override optimizer.learning_rate=0.001
 	for lr in 0.01 0.003 0.001 0.0003 0.0001 0.00003 0.00001; do \
-		$(PY) -m bioflax.sweep $(SANFIZ_DFA) --seeds=0 $(DFA_SHARED) \
+		$(PY) -m bioflax.experiment.sweep $(SANFIZ_DFA) --seeds=0 $(DFA_SHARED) \
 			--root=$(PAPER_ROOT)/ablation_dfa_shared_lr/lr_$$lr \
 			--override optimizer.learning_rate=$$lr --override training.epochs=10 || exit 1; \
 	done
-	$(PY) -m bioflax.sweep $(SANFIZ_DFA) --seeds=$(PAPER_SEEDS) $(DFA_SHARED) \
+	$(PY) -m bioflax.experiment.sweep $(SANFIZ_DFA) --seeds=$(PAPER_SEEDS) $(DFA_SHARED) \
 		--root=$(PAPER_ROOT)/ablation_dfa_shared --override optimizer.learning_rate=0.00003
-	$(PY) -m bioflax.sweep $(SANFIZ_DFA) --seeds=0 $(DFA_SHARED) \
+	$(PY) -m bioflax.experiment.sweep $(SANFIZ_DFA) --seeds=0 $(DFA_SHARED) \
 		--root=$(PAPER_ROOT)/ablation_dfa_shared_lr1e-4 --override optimizer.learning_rate=0.0001
-	$(PY) -m bioflax.sweep configs/paper/sanfiz2021.py:mnist_lenet5_bp --seeds=$(PAPER_SEEDS) \
+	$(PY) -m bioflax.experiment.sweep configs/paper/sanfiz2021.py:mnist_lenet5_bp --seeds=$(PAPER_SEEDS) \
 		--root=$(PAPER_ROOT)/ablation_bp_lr1e-2 --override optimizer.learning_rate=0.01
-	$(PY) -m bioflax.report $(PAPER_ROOT)/sanfiz2021_mnist_lenet5_dfa \
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/sanfiz2021_mnist_lenet5_dfa \
 		$(PAPER_ROOT)/ablation_dfa_shared/sanfiz2021_mnist_lenet5_dfa \
 		--out $(PAPER_ROOT)/report/sanfiz2021_dfa_ablation

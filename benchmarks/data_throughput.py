@@ -1,4 +1,4 @@
-"""MNIST training examples per second delivered by bioflax.batches' two batch paths.
+"""MNIST training examples per second delivered by the experiment's two batch paths.
 
 (a) ``batches.train_batches`` (tf.data: index order -> batch -> tf.gather -> prefetch), one
     full epoch at the given batch size, chunk 1 and chunk 100;

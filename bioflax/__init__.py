@@ -11,8 +11,8 @@ from bioflax.layers import (
     RuleDense,
     exact_backprop,
 )
-from bioflax.models import BioNeuralNetwork, TeacherNetwork
-from bioflax.zoo import MODELS as ZOO
+from bioflax.models import BioNeuralNetwork
+from bioflax.zoo import ZOO
 
 __all__ = [
     "BioNeuralNetwork",
@@ -23,7 +23,6 @@ __all__ = [
     "RandomDenseLinearInterpolateFABP",
     "RandomDenseLinearKP",
     "RuleDense",
-    "TeacherNetwork",
     "ZOO",
     "convert",
     "convert_summary",

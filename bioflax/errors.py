@@ -1,7 +1,8 @@
 """The errors a user can cause and fix: each message names the problem and the fix.
 
-``main.py`` prints any :class:`BioflaxError` as one line and exits non-zero, without a
-traceback; everything else is a bug and keeps its traceback.
+The command line (:mod:`bioflax.experiment.main`) prints any :class:`BioflaxError` as one
+line, with the flag that fixes it, and exits non-zero, without a traceback; everything else
+is a bug and keeps its traceback.
 """
 
 
@@ -41,7 +42,13 @@ class DataNotFoundError(BioflaxError, RuntimeError):
 
 
 class TrainingDivergedError(BioflaxError, RuntimeError):
-    """The loss or the parameters stopped being finite."""
+    """The loss or the parameters stopped being finite at ``step`` (``value``: the loss)."""
+
+    def __init__(self, step: int, value):
+        super().__init__(f"Training diverged at step {step}: the loss is {value}. Nothing "
+                         "from this step on was saved; the latest checkpoint is from before "
+                         "it. Lower the learning rate or the initial weight scale.")
+        self.step, self.value = step, value
 
 
 class CheckpointError(BioflaxError, RuntimeError):
@@ -56,8 +63,7 @@ class TrainingInterrupted(BioflaxError):
     """SIGINT or SIGTERM stopped training after a checkpoint was written."""
 
     def __init__(self, signal_name: str, step: int):
-        super().__init__(f"{signal_name} stopped training at step {step}; the state of that "
-                         "step is checkpointed. Run the same command again to resume.")
+        super().__init__(f"{signal_name} stopped training at step {step}.")
         self.signal_name, self.step = signal_name, step
 
 

@@ -1,17 +1,16 @@
-"""Networks built from the feedback layers: the MLP of every experiment and the teacher.
+"""The MLP of every experiment, built from the feedback layers, and the activations by name.
 
 Layer ``i`` of a :class:`BioNeuralNetwork` is named ``layer_i`` whatever the rule, so the
 parameters of an FA network and of its backprop twin have the same tree; the backprop
 reference of any network is the same ``apply`` inside :func:`bioflax.layers.exact_backprop`.
 """
 
-import functools
 from typing import Callable, Optional, Sequence
 
 import jax
 from flax import linen as nn
 
-from bioflax import converter, initializers, layers, rules, zoo
+from bioflax import layers, rules
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -91,68 +90,3 @@ class BioNeuralNetwork(nn.Module):
             return layers.RandomDenseLinearDFAOutput(
                 self.features, kernel_init=self._kernel_init(index), name=f"layer_{index}")(x)
         return self._dense(self.features, index)(x)
-
-
-class TeacherNetwork(nn.Module):
-    """The fixed random network that labels the teacher-student task.
-
-    ``y = φ(W_L … φ(W_1 x + b_1) … + b_L)``: ``activation`` follows every layer, the
-    output layer included, so ``identity`` gives a linear teacher ``y = T x + c``.
-    """
-
-    hidden_layers: Sequence[int]
-    features: int
-    activation: str = "identity"
-
-    @nn.compact
-    def __call__(self, x):
-        activation = get_activation(self.activation)
-        x = x.reshape((x.shape[0], -1))
-        for width in (*self.hidden_layers, self.features):
-            x = activation(nn.Dense(width)(x))
-        return x
-
-
-def _rule(model_config) -> rules.Rule:
-    return rules.get_rule_with(
-        model_config.mode, interpolation_factor=model_config.interpolation_factor,
-        conv_feedback=model_config.dfa_conv_feedback,
-        feedback_init=initializers.get(model_config.feedback_init,
-                                       model_config.feedback_init_scale))
-
-
-def _mlp(model_config, num_outputs: int) -> nn.Module:
-    """:class:`BioNeuralNetwork` from ``hidden_layers``, ``activations`` and the inits."""
-    input_init = model_config.input_layer_kernel_init
-    return BioNeuralNetwork(
-        hidden_layers=tuple(model_config.hidden_layers),
-        activations=tuple(model_config.activations), features=num_outputs,
-        mode=model_config.mode, interpolation_factor=model_config.interpolation_factor,
-        kernel_init=initializers.get(model_config.kernel_init, model_config.kernel_init_scale),
-        feedback_init=initializers.get(model_config.feedback_init,
-                                       model_config.feedback_init_scale),
-        input_layer_kernel_init=(None if input_init is None else initializers.get(
-            input_init, model_config.kernel_init_scale)))
-
-
-def _converted_zoo_model(name: str, model_config, num_outputs: int) -> nn.Module:
-    """The zoo's ``name`` with every Dense and Conv trained by ``mode``
-    (``bioflax.convert``), ``keep_backprop`` layers excepted."""
-    model = zoo.get_model(name, num_classes=num_outputs, kernel_init=initializers.get(
-        model_config.kernel_init, model_config.kernel_init_scale))
-    return converter.convert(model, _rule(model_config),
-                             keep_backprop=tuple(model_config.keep_backprop))
-
-
-# The models a config names (``model.name``): builders of ``(model config, outputs)``.
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": _mlp,
-    **{name: functools.partial(_converted_zoo_model, name) for name in zoo.MODELS},
-}
-
-
-def build(model_config, num_outputs: int) -> nn.Module:
-    """The model ``model_config.name`` of :data:`MODELS`."""
-    if model_config.name not in MODELS:
-        raise ValueError(f"Unknown model {model_config.name!r}; choose one of {list(MODELS)}.")
-    return MODELS[model_config.name](model_config, num_outputs)

@@ -1,4 +1,4 @@
-"""Plain Flax models of the convolutional benchmarks, chosen by name from :data:`MODELS`.
+"""Plain Flax models of the convolutional benchmarks, chosen by name from :data:`ZOO`.
 
 They use only ``nn.Conv``, ``nn.Dense``, ``nn.BatchNorm`` and pooling, as any Flax user
 would write them, so ``bioflax.convert`` can give every Conv and Dense a learning rule. Each
@@ -188,7 +188,7 @@ class CifarResNet(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="fc")(x)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+ZOO: dict[str, Callable[..., nn.Module]] = {
     "lenet5": LeNet5,
     "lenet_cifar": LeNetCIFAR,
     **{f"resnet{depth}": functools.partial(CifarResNet, depth=depth)
@@ -200,7 +200,7 @@ def get_model(name: str, **kwargs) -> nn.Module:
     """The model registered as ``name``; ``kwargs`` (``num_classes``, ``kernel_init``) are
     its fields."""
     try:
-        builder = MODELS[name]
+        builder = ZOO[name]
     except KeyError:
-        raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.") from None
+        raise ValueError(f"Unknown model {name!r}; choose one of {sorted(ZOO)}.") from None
     return builder(**kwargs)

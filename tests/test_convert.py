@@ -16,7 +16,8 @@ import pytest
 from flax import linen as nn
 
 import bioflax
-from bioflax import convert, metrics, rules
+from bioflax import alignment as alignment_lib
+from bioflax import convert, rules
 from float64 import ATOL, RTOL, float64_only  # noqa: F401
 
 SIGN_RULES = ("usf", "frsf")
@@ -663,7 +664,7 @@ def test_alignment_reports_every_conv_and_dense_layer_of_a_converted_model(rule)
         out = model.apply({**variables, "params": params}, jnp.asarray(x))
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), labels[:, None], 1))
 
-    values = metrics.Alignment(1)(loss_of_params, variables["params"],
+    values = alignment_lib.Alignment(1)(loss_of_params, variables["params"],
                                           {"feedback": variables["feedback"]}, grads)
     params = jax.tree.map(np.asarray, variables["params"])
     error = softmax_xent_and_error(y, np.asarray(labels))

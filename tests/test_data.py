@@ -16,8 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bioflax import batches, data
-from bioflax import models
+from bioflax.experiment import datasets as data
+from bioflax.experiment import input_pipeline as batches
+from bioflax.trainer import arrays
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:
@@ -41,15 +42,15 @@ def make_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def row_keys(split: data.Split) -> list[bytes]:
+def row_keys(split: batches.Split) -> list[bytes]:
     """One hashable key per example (its input and target bytes)."""
     return [x.tobytes() + y.tobytes() for x, y in zip(split.inputs, split.targets)]
 
 
-def gather_path(split: data.Split, batch_size: int, seed: int, epoch: int):
+def gather_path(split: batches.Split, batch_size: int, seed: int, epoch: int):
     """The trainer's in-memory fast path: all global batches of an epoch, stacked."""
-    order = batches.epoch_order(seed, epoch, len(split))
-    steps = batches.steps_per_epoch(len(split), batch_size)
+    order = arrays.epoch_order(seed, epoch, len(split))
+    steps = arrays.steps_per_epoch(len(split), batch_size)
     idx = np.stack([order[i * batch_size:(i + 1) * batch_size] for i in range(steps)])
     return split.inputs[idx], split.targets[idx]
 
@@ -125,7 +126,7 @@ def test_mnist_statistics_are_those_of_its_training_pixels(mnist):
 # ----------------------------------------------------------------------------- TFDS images
 
 # Per-channel mean and std of the training pixels in [0, 1], as published for each data set
-# (typed here independently of bioflax/data.py).
+# (typed here independently of bioflax/experiment/datasets.py).
 PUBLISHED_STATISTICS = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -213,14 +214,14 @@ def test_random_crop_and_flip_are_standard_and_a_function_of_seed_epoch_example(
     images = np.asarray(train.inputs)
     ramp = np.arange(32, dtype=np.float32)  # make every crop and flip distinguishable
     images = images + ramp[:, None, None] * 0.01 + ramp[None, :, None] * 0.001
-    train = data.Split(images, train.targets, train.augmentation)
+    train = batches.Split(images, train.targets, train.augmentation)
     mean, std = np.asarray(PUBLISHED_STATISTICS["cifar10"][0]), np.asarray(
         PUBLISHED_STATISTICS["cifar10"][1])
     black = (0.0 - mean) / std
 
-    inputs, targets = stack_chunks(batches.train_batches(train, 16, seed=3, epoch=1, chunk=2))
+    inputs, targets = stack_chunks(train.train_batches(16, seed=3, epoch=1, chunk=2))
     inputs, targets = inputs.reshape(-1, 32, 32, 3), targets.ravel()
-    order = batches.epoch_order(3, 1, 64)
+    order = arrays.epoch_order(3, 1, 64)
     np.testing.assert_array_equal(targets, train.targets[order])
     offsets, flips = set(), 0
     for x, index in zip(inputs, order):
@@ -232,19 +233,19 @@ def test_random_crop_and_flip_are_standard_and_a_function_of_seed_epoch_example(
     assert len(offsets) > 30 and 16 < flips < 48  # 64 draws of 81 offsets and a coin
 
     # The same images on a resume, another chunk size, or two processes; others next epoch.
-    resumed, _ = stack_chunks(batches.train_batches(train, 16, 3, 1, start_step=2, chunk=3))
+    resumed, _ = stack_chunks(train.train_batches(16, 3, 1, start_step=2, chunk=3))
     np.testing.assert_array_equal(resumed.reshape(-1, 32, 32, 3), inputs[32:])
-    halves = [stack_chunks(batches.train_batches(train, 16, 3, 1, process_index=p,
+    halves = [stack_chunks(train.train_batches(16, 3, 1, process_index=p,
                                               process_count=2))[0] for p in range(2)]
     np.testing.assert_array_equal(np.concatenate(halves, axis=1).reshape(-1, 32, 32, 3),
                                   inputs)
-    again, _ = stack_chunks(batches.train_batches(train, 16, 3, 1))
+    again, _ = stack_chunks(train.train_batches(16, 3, 1))
     np.testing.assert_array_equal(again.reshape(-1, 32, 32, 3), inputs)
-    other, _ = stack_chunks(batches.train_batches(train, 16, 3, 2))
+    other, _ = stack_chunks(train.train_batches(16, 3, 2))
     assert not np.array_equal(np.sort(other.reshape(64, -1), axis=0),
                               np.sort(inputs.reshape(64, -1), axis=0))
     # Evaluation reads the images as they are.
-    evaluated = np.concatenate([b["input"] for b in batches.eval_batches(test, 32)])
+    evaluated = np.concatenate([b["input"] for b in test.eval_batches(32)])
     np.testing.assert_array_equal(evaluated, test.inputs)
 
 
@@ -253,10 +254,10 @@ def test_augmentation_of_flattened_images_flips_rows_of_pixels(monkeypatch):
     train = splits["train"]
     assert train.inputs.shape == (40, 784)
     images = train.inputs + np.tile(np.arange(28, dtype=np.float32), 28) * 0.01
-    train = data.Split(images, train.targets, train.augmentation)
-    inputs, _ = stack_chunks(batches.train_batches(train, 8, seed=0, epoch=0))
+    train = batches.Split(images, train.targets, train.augmentation)
+    inputs, _ = stack_chunks(train.train_batches(8, seed=0, epoch=0))
     flipped = 0
-    for x, index in zip(inputs.reshape(-1, 784), batches.epoch_order(0, 0, 40)):
+    for x, index in zip(inputs.reshape(-1, 784), arrays.epoch_order(0, 0, 40)):
         image = images[index].reshape(28, 28)
         same = np.array_equal(x.reshape(28, 28), image)
         mirrored = np.array_equal(x.reshape(28, 28), image[:, ::-1])
@@ -276,28 +277,28 @@ def test_augmentation_needs_images():
 
 def test_epoch_order_deterministic_and_distinct():
     n = 1000
-    order = batches.epoch_order(3, 2, n)
+    order = arrays.epoch_order(3, 2, n)
     np.testing.assert_array_equal(np.sort(order), np.arange(n))
-    np.testing.assert_array_equal(order, batches.epoch_order(3, 2, n))
-    assert not np.array_equal(order, batches.epoch_order(4, 2, n))
-    assert not np.array_equal(order, batches.epoch_order(3, 3, n))
-    assert batches.steps_per_epoch(60_000, 128) == 468
-    assert batches.steps_per_epoch(100, 100) == 1
+    np.testing.assert_array_equal(order, arrays.epoch_order(3, 2, n))
+    assert not np.array_equal(order, arrays.epoch_order(4, 2, n))
+    assert not np.array_equal(order, arrays.epoch_order(3, 3, n))
+    assert arrays.steps_per_epoch(60_000, 128) == 468
+    assert arrays.steps_per_epoch(100, 100) == 1
 
 
 def test_train_batches_same_seed_same_order(mnist):
     train = mnist[1]["train"]
-    first = lambda seed: next(batches.train_batches(train, 256, seed, 0))["target"]
+    first = lambda seed: next(train.train_batches(256, seed, 0))["target"]
     np.testing.assert_array_equal(first(0), first(0))
     assert not np.array_equal(first(0), first(1))
-    assert not np.array_equal(first(0), next(batches.train_batches(train, 256, 0, 1))["target"])
+    assert not np.array_equal(first(0), next(train.train_batches(256, 0, 1))["target"])
 
 
 @pytest.mark.parametrize("chunk", [1, 100])
 def test_train_batches_equal_in_memory_gather(mnist, chunk):
     train = mnist[1]["train"]
-    chunks = list(batches.train_batches(train, 128, seed=7, epoch=2, chunk=chunk))
-    steps = batches.steps_per_epoch(len(train), 128)
+    chunks = list(train.train_batches(128, seed=7, epoch=2, chunk=chunk))
+    steps = arrays.steps_per_epoch(len(train), 128)
     sizes = [b["input"].shape[0] for b in chunks]
     assert sizes == [chunk] * (steps // chunk) + ([steps % chunk] if steps % chunk else [])
     for b in chunks:
@@ -311,10 +312,10 @@ def test_train_batches_equal_in_memory_gather(mnist, chunk):
 
 def test_train_batches_process_slices(mnist):
     train = mnist[1]["train"]
-    kwargs = dict(global_batch_size=256, seed=5, epoch=1, chunk=10)
-    whole = list(itertools.islice(batches.train_batches(train, **kwargs), 3))
+    kwargs = dict(batch_size=256, seed=5, epoch=1, chunk=10)
+    whole = list(itertools.islice(train.train_batches(**kwargs), 3))
     parts = [list(itertools.islice(
-        batches.train_batches(train, process_index=p, process_count=2, **kwargs), 3))
+        train.train_batches(process_index=p, process_count=2, **kwargs), 3))
         for p in range(2)]
     for g, p0, p1 in zip(whole, *parts):
         assert p0["input"].shape == (10, 128, 784)
@@ -322,34 +323,34 @@ def test_train_batches_process_slices(mnist):
         np.testing.assert_array_equal(np.concatenate([p0["target"], p1["target"]], 1),
                                       g["target"])
     # Disjoint: the two processes never see the same example in an epoch.
-    order = batches.epoch_order(5, 1, len(train))
-    steps = batches.steps_per_epoch(len(train), 256)
+    order = arrays.epoch_order(5, 1, len(train))
+    steps = arrays.steps_per_epoch(len(train), 256)
     idx = order[:steps * 256].reshape(steps, 256)
     assert not set(idx[:, :128].ravel()) & set(idx[:, 128:].ravel())
-    keys = [set(row_keys(data.Split(p[0]["input"][0], p[0]["target"][0]))) for p in parts]
+    keys = [set(row_keys(batches.Split(p[0]["input"][0], p[0]["target"][0]))) for p in parts]
     assert not keys[0] & keys[1]
 
 
 def test_train_batches_start_step_skips(mnist):
     train = mnist[1]["train"]
-    full_inputs, full_targets = stack_chunks(batches.train_batches(train, 500, 1, 4))
+    full_inputs, full_targets = stack_chunks(train.train_batches(500, 1, 4))
     for chunk in (1, 7):
         inputs, targets = stack_chunks(
-            batches.train_batches(train, 500, 1, 4, start_step=5, chunk=chunk))
+            train.train_batches(500, 1, 4, start_step=5, chunk=chunk))
         np.testing.assert_array_equal(inputs, full_inputs[5:])
         np.testing.assert_array_equal(targets, full_targets[5:])
-    steps = batches.steps_per_epoch(len(train), 500)
-    assert list(batches.train_batches(train, 500, 1, 4, start_step=steps)) == []
+    steps = arrays.steps_per_epoch(len(train), 500)
+    assert list(train.train_batches(500, 1, 4, start_step=steps)) == []
 
 
 def test_train_batches_rejects_bad_arguments(mnist):
     train = mnist[1]["train"]
-    with pytest.raises(ValueError, match="data.batch_size"):
-        batches.train_batches(train, 129, 0, 0, process_count=2)
+    with pytest.raises(ValueError, match="^batch_size=129"):
+        train.train_batches(129, 0, 0, process_count=2)
     with pytest.raises(ValueError, match="exceeds"):
-        batches.train_batches(train, 100_000, 0, 0)
+        train.train_batches(100_000, 0, 0)
     with pytest.raises(ValueError, match="start_step"):
-        batches.train_batches(train, 128, 0, 0, start_step=10_000)
+        train.train_batches(128, 0, 0, start_step=10_000)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -358,7 +359,7 @@ def test_train_batches_rejects_bad_arguments(mnist):
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_batches_every_example_once(mnist, process_count):
     test = mnist[1]["test"]
-    per_process = [list(batches.eval_batches(test, 384, process_index=p,
+    per_process = [list(test.eval_batches(384, process_index=p,
                                              process_count=process_count))
                    for p in range(process_count)]
     assert len(per_process[0]) == -(-10_000 // 384)
@@ -389,7 +390,7 @@ def test_teacher_targets(hidden, activation):
     assert info == data.DatasetInfo("regression", (8,), 3)
     assert len(splits["train"]) == 800 and len(splits["validation"]) == 200
     assert len(splits["test"]) == 300
-    teacher = models.TeacherNetwork(hidden, 3, activation)
+    teacher = data.TeacherNetwork(hidden, 3, activation)
     params = teacher.init(jax.random.key(3), jnp.zeros((1, 8)))
     for split in splits.values():
         assert split.inputs.dtype == np.float32 and split.targets.dtype == np.float32
@@ -426,7 +427,7 @@ def test_sinreg():
 
 def test_synthetic_train_batches_equal_gather():
     _, splits = data.load(make_config(dataset="teacher"), seed=0)
-    inputs, targets = stack_chunks(batches.train_batches(splits["train"], 64, 2, 0, chunk=4))
+    inputs, targets = stack_chunks(splits["train"].train_batches(64, 2, 0, chunk=4))
     want_inputs, want_targets = gather_path(splits["train"], 64, 2, 0)
     assert targets.shape == (15, 64, 3)
     np.testing.assert_array_equal(inputs, want_inputs)
@@ -486,12 +487,12 @@ def test_bad_val_split(val_split):
 
 
 def test_check_batch_size():
-    batches.check_batch_size(128, 8)
-    batches.check_batch_size(128, 1)
-    with pytest.raises(ValueError, match=r"data\.batch_size=100.*8"):
-        batches.check_batch_size(100, 8)
-    with pytest.raises(ValueError, match=r"data\.eval_batch_size"):
-        batches.check_batch_size(100, 8, field="data.eval_batch_size")
+    arrays.check_batch_size(128, 8)
+    arrays.check_batch_size(128, 1)
+    with pytest.raises(ValueError, match=r"^batch_size=100.*8.*batch_size=96"):
+        arrays.check_batch_size(100, 8)
+    with pytest.raises(ValueError, match=r"^eval_batch_size=100"):
+        arrays.check_batch_size(100, 8, name="eval_batch_size")
 
 
 # ----------------------------------------------------------------------------- prefetch
@@ -505,7 +506,7 @@ def test_prefetch_keeps_order_and_runs_at_most_size_ahead():
             produced.append(i)
             yield i
 
-    fetched = batches.prefetch(items(), lambda i: i * i, size=2)
+    fetched = arrays.prefetch(items(), lambda i: i * i, size=2)
     assert next(fetched) == 0
     time.sleep(0.5)  # the thread fills the queue (2 items) and holds a third, ready to put
     assert len(produced) <= 4
@@ -517,12 +518,12 @@ def test_prefetch_raises_the_threads_error_and_stops_when_closed():
         yield 1
         raise OSError("disk gone")
 
-    fetched = batches.prefetch(failing())
+    fetched = arrays.prefetch(failing())
     assert next(fetched) == 1
     with pytest.raises(OSError, match="disk gone"):
         next(fetched)
     before = {t for t in threading.enumerate() if t.name == "bioflax-prefetch"}
-    endless = batches.prefetch(itertools.count(), size=1)
+    endless = arrays.prefetch(itertools.count(), size=1)
     assert next(endless) == 0
     endless.close()
     assert {t for t in threading.enumerate() if t.name == "bioflax-prefetch"} == before
@@ -530,12 +531,12 @@ def test_prefetch_raises_the_threads_error_and_stops_when_closed():
 
 def test_train_batches_num_steps_stops_early(mnist):
     train = mnist[1]["train"]
-    full, _ = stack_chunks(batches.train_batches(train, 500, 1, 4))
-    part, _ = stack_chunks(batches.train_batches(train, 500, 1, 4, start_step=3, num_steps=8,
+    full, _ = stack_chunks(train.train_batches(500, 1, 4))
+    part, _ = stack_chunks(train.train_batches(500, 1, 4, start_step=3, num_steps=8,
                                               chunk=3))
     np.testing.assert_array_equal(part, full[3:11])
     with pytest.raises(ValueError, match="num_steps"):
-        batches.train_batches(train, 500, 1, 4, start_step=110, num_steps=20)
+        train.train_batches(500, 1, 4, start_step=110, num_steps=20)
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -550,27 +551,27 @@ def test_streamed_mnist_reads_every_training_example_once_per_epoch(mnist, strea
     info, splits = streamed
     assert info == mnist[0] and set(splits) == {"train", "test"}
     train = splits["train"]
-    assert isinstance(train, data.StreamedSplit) and len(train) == 60_000
-    inputs, targets = stack_chunks(batches.train_batches(train, 500, seed=2, epoch=0, chunk=40))
+    assert isinstance(train, batches.StreamedSplit) and len(train) == 60_000
+    inputs, targets = stack_chunks(train.train_batches(500, seed=2, epoch=0, chunk=40))
     assert inputs.shape == (120, 500, 784) and targets.shape == (120, 500)
     # The same values as the in-memory path: the same normalisation, every example once.
-    read = data.Split(inputs.reshape(-1, 784), targets.ravel())
+    read = batches.Split(inputs.reshape(-1, 784), targets.ravel())
     assert collections.Counter(row_keys(read)) == collections.Counter(row_keys(mnist[1]["train"]))
     assert not np.array_equal(targets.ravel(), mnist[1]["train"].targets)  # shuffled
 
     # A pure function of (seed, epoch): the same batches again, from any start step.
-    again, _ = stack_chunks(batches.train_batches(train, 500, seed=2, epoch=0, start_step=7,
+    again, _ = stack_chunks(train.train_batches(500, seed=2, epoch=0, start_step=7,
                                                num_steps=5, chunk=2))
     np.testing.assert_array_equal(again, inputs[7:12])
-    other, _ = stack_chunks(batches.train_batches(train, 500, seed=2, epoch=1, num_steps=2))
+    other, _ = stack_chunks(train.train_batches(500, seed=2, epoch=1, num_steps=2))
     assert not np.array_equal(other, inputs[:2])
 
 
 def test_streamed_mnist_processes_read_disjoint_shards(mnist, streamed):
     train = streamed[1]["train"]
-    parts = [stack_chunks(batches.train_batches(train, 500, 0, 0, chunk=60, process_index=p,
+    parts = [stack_chunks(train.train_batches(500, 0, 0, chunk=60, process_index=p,
                                              process_count=2)) for p in range(2)]
-    keys = [set(row_keys(data.Split(x.reshape(-1, 784), y.ravel()))) for x, y in parts]
+    keys = [set(row_keys(batches.Split(x.reshape(-1, 784), y.ravel()))) for x, y in parts]
     assert parts[0][0].shape == (120, 250, 784)
     assert not keys[0] & keys[1]
     assert keys[0] | keys[1] == set(row_keys(mnist[1]["train"]))
@@ -582,7 +583,7 @@ def test_streamed_evaluation_reads_every_example_once_in_order(mnist, streamed, 
     assert len(test) == 10_000  # one process here
     real = []
     for p in range(process_count):
-        local = list(batches.eval_batches(test, 3 * 128, process_index=p,
+        local = list(test.eval_batches(3 * 128, process_index=p,
                                           process_count=process_count))
         assert len(local) == math.ceil(math.ceil(10_000 / process_count) / (384 // process_count))
         for b in local:

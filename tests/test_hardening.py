@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from bioflax import config_validation
+from bioflax.experiment import validate as config_validation
 from bioflax.errors import ConfigError
-from bioflax.events import read_scalars
-from configs import default as default_config
+from bioflax.experiment.tensorboard_reader import read_scalars
+from bioflax.experiment.configs import default as default_config
 from e2e import (checkpoint_steps, environment, flat_arrays, load_checkpoint, main_command,
                  run_main, REPO)
 

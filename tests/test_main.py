@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from bioflax.events import read_scalars
+from bioflax.experiment.tensorboard_reader import read_scalars
 from e2e import (checkpoint_steps, environment, flat_arrays, load_checkpoint, main_command,
                  run_main, REPO)
 

@@ -1,9 +1,9 @@
 """The alignment metrics, checked against NumPy and against the laws they should show.
 
-* On a small network every value of :class:`metrics.Alignment` agrees with cosines and
+* On a small network every value of :class:`alignment_lib.Alignment` agrees with cosines and
   angles computed here in NumPy from gradients derived by hand (forward and backward pass
   of an MLP under each rule, in float64).
-* :func:`metrics.cosine` / :func:`metrics.angle_degrees` give the closed-form values, and a
+* :func:`alignment_lib.cosine` / :func:`alignment_lib.angle_degrees` give the closed-form values, and a
   backprop network measured against itself gives angle 0 and cosine 1.
 * FA on a linear teacher (Lillicrap et al. 2016): the hidden layer's gradient angle to
   backprop starts near 90° and falls well below it while the network learns.
@@ -17,8 +17,12 @@ import numpy as np
 import optax
 import pytest
 
-from bioflax import data, layers, metrics, models
+from bioflax import alignment as alignment_lib
+from bioflax import layers, models
+from bioflax import losses as losses_lib
+from bioflax.experiment import input_pipeline as batches
 from bioflax.trainer import Callback, Task, Trainer
+from bioflax.trainer import metrics as trainer_metrics
 
 # --- a NumPy reference MLP ---------------------------------------------------------------
 
@@ -116,10 +120,10 @@ def _weights_and_feedback(mode, params, model_state):
 def _run_alignment(model, params, model_state, x, t, grads, output_layer=None):
     def loss_of_params(p):
         outputs = model.apply({"params": p, **model_state}, jnp.asarray(x))
-        return metrics.mean_squared_error(outputs, jnp.asarray(t)).mean()
+        return losses_lib.mean_squared_error(outputs, jnp.asarray(t)).mean()
 
     # As the trainer does: inside a compiled function.
-    alignment = metrics.Alignment(every=1, output_layer=output_layer)
+    alignment = alignment_lib.Alignment(every=1, output_layer=output_layer)
     values = jax.jit(lambda p, s, g: alignment(loss_of_params, p, s, g))(
         params, model_state, grads)
     return {k: float(v) for k, v in values.items()}, loss_of_params
@@ -137,7 +141,7 @@ def test_alignment_matches_a_numpy_computation(mode, rule, lam):
     # Sanity of the NumPy reference: the rule's gradients are what jax.grad of the model gives.
     def loss_of_params(p):
         outputs = model.apply({"params": p, **model_state}, jnp.asarray(x))
-        return metrics.mean_squared_error(outputs, jnp.asarray(t)).mean()
+        return losses_lib.mean_squared_error(outputs, jnp.asarray(t)).mean()
 
     jax_grads = jax.grad(loss_of_params)(params)
     for name, (dw, db) in zip(names, rule_grads):
@@ -156,7 +160,7 @@ def test_alignment_matches_a_numpy_computation(mode, rule, lam):
         if mode == "kp":
             grads[name][layers.FEEDBACK_KERNEL] = jnp.asarray(
                 100 * rng.normal(size=dw.shape), jnp.float32)
-    assert metrics.layers_in_call_order(model, jnp.asarray(x)) == names
+    assert alignment_lib.layers_in_call_order(model, jnp.asarray(x)) == names
     values, _ = _run_alignment(model, params, model_state, x, t, grads, output_layer=names[-1])
 
     expected = {}
@@ -223,30 +227,30 @@ def test_cosine_and_angle_closed_form_values():
     for shape in [(7,), (5, 3), (2, 3, 4)]:
         a = rng.normal(size=shape).astype(np.float32)
         b = rng.normal(size=shape).astype(np.float32)
-        assert float(metrics.angle_degrees(a, a)) == pytest.approx(0.0, abs=1e-4)
-        assert float(metrics.cosine(a, a)) == pytest.approx(1.0, abs=1e-6)
-        assert float(metrics.angle_degrees(a, 3.5 * a)) == pytest.approx(0.0, abs=1e-3)
-        assert float(metrics.cosine(a, 3.5 * a)) == pytest.approx(1.0, abs=1e-6)
-        assert float(metrics.angle_degrees(a, -a)) == pytest.approx(180.0, abs=1e-4)
-        assert float(metrics.cosine(a, -a)) == pytest.approx(-1.0, abs=1e-6)
+        assert float(alignment_lib.angle_degrees(a, a)) == pytest.approx(0.0, abs=1e-4)
+        assert float(alignment_lib.cosine(a, a)) == pytest.approx(1.0, abs=1e-6)
+        assert float(alignment_lib.angle_degrees(a, 3.5 * a)) == pytest.approx(0.0, abs=1e-3)
+        assert float(alignment_lib.cosine(a, 3.5 * a)) == pytest.approx(1.0, abs=1e-6)
+        assert float(alignment_lib.angle_degrees(a, -a)) == pytest.approx(180.0, abs=1e-4)
+        assert float(alignment_lib.cosine(a, -a)) == pytest.approx(-1.0, abs=1e-6)
         # Orthogonal: b minus its projection on a (Gram-Schmidt in float64).
         a64, b64 = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
         ortho = (b64 - (a64 @ b64) / (a64 @ a64) * a64).reshape(shape).astype(np.float32)
-        assert float(metrics.angle_degrees(a, ortho)) == pytest.approx(90.0, abs=1e-3)
-        assert float(metrics.cosine(a, ortho)) == pytest.approx(0.0, abs=1e-6)
+        assert float(alignment_lib.angle_degrees(a, ortho)) == pytest.approx(90.0, abs=1e-3)
+        assert float(alignment_lib.cosine(a, ortho)) == pytest.approx(0.0, abs=1e-6)
         # A generic pair agrees with arccos of the NumPy cosine.
         cos = numpy_cosine(a64, b64)
-        assert float(metrics.cosine(a, b)) == pytest.approx(cos, abs=1e-6)
-        assert float(metrics.angle_degrees(a, b)) == pytest.approx(
+        assert float(alignment_lib.cosine(a, b)) == pytest.approx(cos, abs=1e-6)
+        assert float(alignment_lib.angle_degrees(a, b)) == pytest.approx(
             np.degrees(np.arccos(cos)), abs=1e-3)
     # 45° and 60° in the plane.
-    assert float(metrics.angle_degrees(np.array([1.0, 0.0]), np.array([1.0, 1.0]))) == \
+    assert float(alignment_lib.angle_degrees(np.array([1.0, 0.0]), np.array([1.0, 1.0]))) == \
         pytest.approx(45.0, abs=1e-4)
-    assert float(metrics.angle_degrees(np.array([1.0, 0.0]),
+    assert float(alignment_lib.angle_degrees(np.array([1.0, 0.0]),
                                        np.array([0.5, np.sqrt(3) / 2]))) == \
         pytest.approx(60.0, abs=1e-4)
     # A zero vector has cosine 0 (documented), not NaN.
-    assert float(metrics.cosine(np.zeros(3, np.float32), np.ones(3, np.float32))) == 0.0
+    assert float(alignment_lib.cosine(np.zeros(3, np.float32), np.ones(3, np.float32))) == 0.0
 
 
 def test_cosine_and_angle_of_pytrees_are_those_of_the_concatenated_vectors():
@@ -256,25 +260,25 @@ def test_cosine_and_angle_of_pytrees_are_those_of_the_concatenated_vectors():
     a32, b32 = ([x.astype(np.float32) for x in t] for t in (a, b))
     flat_a, flat_b = (np.concatenate([x.ravel() for x in t]) for t in (a, b))
     cos = numpy_cosine(flat_a, flat_b)
-    assert float(metrics.cosine(a32, b32)) == pytest.approx(cos, abs=1e-6)
-    assert float(metrics.angle_degrees(a32, b32)) == pytest.approx(
+    assert float(alignment_lib.cosine(a32, b32)) == pytest.approx(cos, abs=1e-6)
+    assert float(alignment_lib.angle_degrees(a32, b32)) == pytest.approx(
         np.degrees(np.arccos(cos)), abs=1e-3)
     # A pair 0.01° apart: the angle stays exact where arccos of a float32 cosine would not.
     theta = np.radians(0.01)
     u, v = np.array([1.0, 0.0, 0.0], np.float32), np.array([0.0, 1.0, 0.0], np.float32)
     tilted = (np.cos(theta) * u + np.sin(theta) * v).astype(np.float32)
-    assert float(metrics.angle_degrees([u[:1], u[1:]], [tilted[:1], tilted[1:]])) == \
+    assert float(alignment_lib.angle_degrees([u[:1], u[1:]], [tilted[:1], tilted[1:]])) == \
         pytest.approx(0.01, rel=1e-3)
 
 
 def test_dense_layers_finds_every_kernel_by_path():
     model, params, model_state, x, t = small_problem("kp")
-    found = metrics.dense_layers(params)
+    found = alignment_lib.dense_layers(params)
     assert set(found) == {"layer_0", "layer_1", "layer_2"}
     assert set(found["layer_0"]) == {"kernel", "bias", layers.FEEDBACK_KERNEL}
     np.testing.assert_array_equal(found["layer_1"]["kernel"], params["layer_1"]["kernel"])
     nested = {"block": {"dense": {"kernel": np.ones((2, 2))}, "norm": {"scale": np.ones(2)}}}
-    assert set(metrics.dense_layers(nested)) == {"block/dense"}
+    assert set(alignment_lib.dense_layers(nested)) == {"block/dense"}
 
 
 class Recorder(Callback):
@@ -302,7 +306,7 @@ def linear_teacher(n, seed, inputs=30, outputs=10):
     rng = np.random.default_rng(seed)
     teacher = (rng.normal(size=(inputs, outputs)) / np.sqrt(inputs)).astype(np.float32)
     x = rng.uniform(-1, 1, (n, inputs)).astype(np.float32)
-    return data.Split(x, (x @ teacher).astype(np.float32))
+    return batches.Split(x, (x @ teacher).astype(np.float32))
 
 
 @pytest.mark.parametrize("mode, factor", [("bp", 0.5), ("interpolate_fa_bp", 0.0)])
@@ -312,8 +316,8 @@ def test_backprop_trained_with_alignment_has_angle_zero(mode, factor):
     task = Task(module=models.BioNeuralNetwork(hidden_layers=(8,), activations=("tanh",),
                                                features=3, mode=mode,
                                                interpolation_factor=factor),
-                loss=metrics.mean_squared_error, optimizer=optax.sgd(0.1),
-                metrics=metrics.RegressionMetrics, step_metrics=[metrics.Alignment(every=3)])
+                loss=losses_lib.mean_squared_error, optimizer=optax.sgd(0.1),
+                metrics=trainer_metrics.RegressionMetrics, step_metrics=[alignment_lib.Alignment(every=3)])
     Trainer(max_epochs=2, log_every_steps=4, callbacks=[recorder], progress_bar=False).fit(
         task, linear_teacher(128, 0, inputs=5, outputs=3), batch_size=16)
     assert len(recorder.logs) == 4
@@ -334,8 +338,8 @@ def test_feedback_alignment_angle_falls_below_90_on_a_linear_teacher():
     recorder = Recorder()
     task = Task(module=models.BioNeuralNetwork(hidden_layers=(20,), activations=("identity",),
                                                features=10, mode="fa"),
-                loss=metrics.mean_squared_error, optimizer=optax.sgd(0.3),
-                metrics=metrics.RegressionMetrics, step_metrics=[metrics.Alignment(every=4)])
+                loss=losses_lib.mean_squared_error, optimizer=optax.sgd(0.3),
+                metrics=trainer_metrics.RegressionMetrics, step_metrics=[alignment_lib.Alignment(every=4)])
     # 32 steps per epoch, one log interval per epoch, 8 alignment samples per interval.
     Trainer(max_epochs=20, log_every_steps=32, callbacks=[recorder], progress_bar=False,
             seed=0).fit(task, linear_teacher(1024, 0), batch_size=32)
@@ -367,10 +371,10 @@ def test_kolen_pollack_with_weight_decay_aligns_w_and_b_geometrically():
     recorder = Recorder()
     task = Task(module=models.BioNeuralNetwork(hidden_layers=(20,), activations=("tanh",),
                                                features=10, mode="kp"),
-                loss=metrics.mean_squared_error,
+                loss=losses_lib.mean_squared_error,
                 optimizer=optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr)),
-                metrics=metrics.RegressionMetrics,
-                step_metrics=[metrics.Alignment(every=every)])
+                metrics=trainer_metrics.RegressionMetrics,
+                step_metrics=[alignment_lib.Alignment(every=every)])
     trainer = Trainer(max_epochs=20, log_every_steps=every, callbacks=[recorder],
                       progress_bar=False, seed=0)
     state = trainer.fit(task, linear_teacher(512, 0), batch_size=32).state
@@ -422,15 +426,15 @@ def test_sigmoid_losses_and_their_gradients_match_the_hand_derived_forms():
     sigma = 1 / (1 + np.exp(-np.asarray(logits)))
     # Σ_j −[y log σ + (1 − y) log(1 − σ)]; at z = 0 every class costs log 2.
     bce = -(onehot * np.log(sigma) + (1 - onehot) * np.log(1 - sigma)).sum(axis=1)
-    np.testing.assert_allclose(metrics.sigmoid_cross_entropy(logits, labels), bce, rtol=1e-6)
+    np.testing.assert_allclose(losses_lib.sigmoid_cross_entropy(logits, labels), bce, rtol=1e-6)
     np.testing.assert_allclose(bce[1], 3 * np.log(2), rtol=1e-6)
     np.testing.assert_allclose(
-        jax.grad(lambda z: metrics.sigmoid_cross_entropy(z, labels).sum())(logits),
+        jax.grad(lambda z: losses_lib.sigmoid_cross_entropy(z, labels).sum())(logits),
         sigma - onehot, rtol=1e-6)
-    np.testing.assert_allclose(metrics.sigmoid_squared_error(logits, labels),
+    np.testing.assert_allclose(losses_lib.sigmoid_squared_error(logits, labels),
                                0.5 * ((sigma - onehot) ** 2).sum(axis=1), rtol=1e-6)
     np.testing.assert_allclose(
-        jax.grad(lambda z: metrics.sigmoid_squared_error(z, labels).sum())(logits),
+        jax.grad(lambda z: losses_lib.sigmoid_squared_error(z, labels).sum())(logits),
         (sigma - onehot) * sigma * (1 - sigma), rtol=1e-5)
 
 
@@ -444,25 +448,25 @@ def test_relative_grad_norm_is_defined_when_gradients_vanish():
     params = variables.pop("params")
 
     def loss(p):
-        return metrics.softmax_cross_entropy(module.apply({"params": p, **variables}, x), y).mean()
+        return losses_lib.softmax_cross_entropy(module.apply({"params": p, **variables}, x), y).mean()
 
     zero = jax.tree.map(jnp.zeros_like, params)
-    values = metrics.Alignment(1)(loss, params, variables, zero)
+    values = alignment_lib.Alignment(1)(loss, params, variables, zero)
     assert values["alignment/relative_grad_norm"] == jnp.inf  # BP's output bias moves
-    assert metrics._norm_ratio(jnp.zeros(3), jnp.zeros(3)) == 1.0  # pylint: disable=protected-access
-    assert metrics._norm_ratio(jnp.ones(4), 2 * jnp.ones(4)) == 0.5  # pylint: disable=protected-access
+    assert alignment_lib._norm_ratio(jnp.zeros(3), jnp.zeros(3)) == 1.0  # pylint: disable=protected-access
+    assert alignment_lib._norm_ratio(jnp.ones(4), 2 * jnp.ones(4)) == 0.5  # pylint: disable=protected-access
 
 
 def test_loss_for_picks_the_named_loss_or_the_tasks_default():
     logits, labels = jnp.array([[2.0, 0.0, -1.0]]), jnp.array([1])
     log_softmax = np.log(np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum())
-    default = metrics.loss_for("classification")
+    default = losses_lib.loss_for("classification")
     np.testing.assert_allclose(default(logits, labels), [-log_softmax[1]], rtol=1e-6)
-    squared = metrics.loss_for("classification", "sigmoid_squared_error")
+    squared = losses_lib.loss_for("classification", "sigmoid_squared_error")
     sigma = 1 / (1 + np.exp(-np.array([2.0, 0.0, -1.0])))
     np.testing.assert_allclose(squared(logits, labels),
                                [0.5 * np.sum((sigma - [0, 1, 0]) ** 2)], rtol=1e-6)
-    mse = metrics.loss_for("regression")
+    mse = losses_lib.loss_for("regression")
     np.testing.assert_allclose(mse(jnp.array([[1.0, 3.0]]), jnp.array([[0.0, 0.0]])), [5.0])
     with pytest.raises(KeyError):
-        metrics.loss_for("regression", "softmax_cross_entropy")
+        losses_lib.loss_for("regression", "softmax_cross_entropy")

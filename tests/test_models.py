@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bioflax import BioNeuralNetwork, TeacherNetwork
-from bioflax.models import ACTIVATIONS, MODES
+from bioflax import BioNeuralNetwork
+from bioflax.experiment.datasets import TeacherNetwork
+from bioflax.models import ACTIVATIONS
+from bioflax.rules import RULES as MODES
 from float64 import ATOL, RTOL, abstract_init, float64_only, randomize  # noqa: F401
 
 

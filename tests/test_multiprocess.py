@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from bioflax import distributed
-from bioflax import launch
+from bioflax.experiment import launch
 from bioflax.errors import DistributedError
-from bioflax.events import read_scalars
+from bioflax.experiment.tensorboard_reader import read_scalars
 from e2e import (checkpoint_steps, environment, flat_arrays, load_checkpoint, main_command,
                  run_main, REPO)
 

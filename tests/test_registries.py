@@ -6,10 +6,13 @@ import numpy as np
 import optax
 import pytest
 
-from bioflax import config_validation, data, initializers, losses, models, optimizers, rules
+from bioflax import losses, rules
+from bioflax.experiment import datasets as data
+from bioflax.experiment import initializers, models, optimizers
+from bioflax.experiment import validate as config_validation
 from bioflax.errors import ConfigError
-from configs import default as default_config
-from configs import teacher as teacher_config
+from bioflax.experiment.configs import default as default_config
+from bioflax.experiment.configs import teacher as teacher_config
 
 
 def test_fan_in_uniform_and_zeros_initializers():

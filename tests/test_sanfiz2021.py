@@ -5,8 +5,11 @@ network)."""
 import numpy as np
 import pytest
 
-from bioflax import config_validation, data, optimizers, train
-from configs.paper import sanfiz2021
+from bioflax.experiment import datasets as data
+from bioflax.experiment import optimizers
+from bioflax.experiment import run as train
+from bioflax.experiment import validate as config_validation
+from bioflax.experiment.configs.paper import sanfiz2021
 
 
 def test_every_setting_validates_and_names_its_model_and_rule():

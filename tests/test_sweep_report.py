@@ -1,4 +1,5 @@
-"""The grid runner (bioflax.sweep) and the comparison of finished runs (bioflax.report)."""
+"""The grid runner (bioflax.experiment.sweep) and the comparison of finished runs
+(bioflax.experiment.report)."""
 
 import importlib
 import json
@@ -10,14 +11,15 @@ import numpy as np
 import pytest
 from clu import metric_writers
 
-from bioflax import config_validation, report, sweep
-from bioflax.events import read_scalars
+from bioflax.experiment import report, sweep
+from bioflax.experiment import validate as config_validation
+from bioflax.experiment.tensorboard_reader import read_scalars
 from e2e import REPO, environment
 
 
 def _sweep(root, *args):
     return subprocess.run(
-        [sys.executable, "-m", "bioflax.sweep", "configs/teacher.py", "configs/sinreg.py",
+        [sys.executable, "-m", "bioflax.experiment.sweep", "configs/teacher.py", "configs/sinreg.py",
          "--seeds=0,1", f"--root={root}", "--override=training.epochs=1",
          "--override=plots=False", *args],
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
@@ -52,7 +54,7 @@ def test_sweep_runs_every_config_and_seed_once_and_skips_finished_runs(tmp_path)
 
 
 def test_sweep_names_a_missing_config_file(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bioflax.sweep", "configs/nope.py",
+    result = subprocess.run([sys.executable, "-m", "bioflax.experiment.sweep", "configs/nope.py",
                              f"--root={tmp_path}"], cwd=REPO, env=environment(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
@@ -177,7 +179,7 @@ def test_every_paper_config_is_valid(module, setting):
 
 
 def test_paper_configs_name_their_settings_when_given_an_unknown_one():
-    from configs.paper import (  # pylint: disable=import-outside-toplevel
+    from bioflax.experiment.configs.paper import (  # pylint: disable=import-outside-toplevel
         akrout2019, lillicrap2016, nokland2016)
     with pytest.raises(ValueError, match="choose one of"):
         akrout2019.get_config("dfa")

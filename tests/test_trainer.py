@@ -8,21 +8,27 @@ import optax
 import pytest
 from flax import linen as nn
 
-from bioflax import batches, callbacks, data, metrics, train
+from bioflax import alignment as alignment_lib
+from bioflax import losses as losses_lib
+from bioflax.experiment import datasets as data
+from bioflax.experiment import input_pipeline as batches
+from bioflax.experiment import run as train
+from bioflax.experiment.input_pipeline import TFData
 from bioflax.models import BioNeuralNetwork
-from bioflax.trainer import Callback, Task, TFData, Trainer, TrainingDivergedError
-from configs import teacher as teacher_config
+from bioflax.trainer import Callback, Task, Trainer, TrainingDivergedError, arrays, callbacks
+from bioflax.trainer import metrics as trainer_metrics
+from bioflax.experiment.configs import teacher as teacher_config
 
 
 def linear_task(learning_rate=0.1):
-    return Task(module=nn.Dense(1), loss=metrics.mean_squared_error,
-                optimizer=optax.sgd(learning_rate), metrics=metrics.RegressionMetrics)
+    return Task(module=nn.Dense(1), loss=losses_lib.mean_squared_error,
+                optimizer=optax.sgd(learning_rate), metrics=trainer_metrics.RegressionMetrics)
 
 
 def linear_split(n=256, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1, 1, (n, 3)).astype(np.float32)
-    return data.Split(x, (x @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.3))
+    return batches.Split(x, (x @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.3))
 
 
 def test_fit_learns_a_linear_map_and_predict_returns_every_row():
@@ -125,15 +131,15 @@ def test_early_stopping_stops_when_the_monitored_metric_stalls():
 
 def test_a_diverging_loss_stops_training_at_its_step():
     trainer = Trainer(max_epochs=5, log_every_steps=10, progress_bar=False)
-    with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+.*learning_rate"):
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+.*learning rate"):
         trainer.fit(linear_task(learning_rate=1e6), linear_split(), batch_size=16)
 
 
 def test_alignment_of_backprop_is_exact():
     """BP's own gradient is the reference: angle 0 and cosine 1 for every layer."""
     task = Task(module=nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(1)]),
-                loss=metrics.mean_squared_error, optimizer=optax.sgd(0.05),
-                metrics=metrics.RegressionMetrics, step_metrics=[metrics.Alignment(every=2)])
+                loss=losses_lib.mean_squared_error, optimizer=optax.sgd(0.05),
+                metrics=trainer_metrics.RegressionMetrics, step_metrics=[alignment_lib.Alignment(every=2)])
     trainer = Trainer(max_epochs=1, log_every_steps=8, progress_bar=False)
     history = trainer.fit(task, linear_split(), batch_size=32).history
     angles = {k: v for k, v in history[-1].items() if k.startswith("alignment/grad_angle")}
@@ -158,8 +164,8 @@ def test_seeds_trained_at_once_match_separate_runs():
     """Three seeds vmapped in one program = three runs with seeds 5, 6, 7."""
     def task():
         return Task(module=BioNeuralNetwork((8,), ("tanh",), 1, "kp"),
-                    loss=metrics.mean_squared_error, optimizer=optax.sgd(0.05),
-                    metrics=metrics.RegressionMetrics, step_metrics=[metrics.Alignment(4)])
+                    loss=losses_lib.mean_squared_error, optimizer=optax.sgd(0.05),
+                    metrics=trainer_metrics.RegressionMetrics, step_metrics=[alignment_lib.Alignment(4)])
 
     split, val = linear_split(n=160), linear_split(n=50, seed=1)
     together = Trainer(max_epochs=2, log_every_steps=4, seed=5, num_seeds=3,
@@ -224,8 +230,8 @@ def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
     module = BioNeuralNetwork(hidden_layers=(16, 16), activations=("tanh", "tanh"),
                               features=3, mode=mode)
     optimizer = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, momentum=0.9))
-    task = Task(module=module, loss=metrics.softmax_cross_entropy, optimizer=optimizer,
-                metrics=metrics.ClassificationMetrics, step_metrics=[metrics.Alignment(3)])
+    task = Task(module=module, loss=losses_lib.softmax_cross_entropy, optimizer=optimizer,
+                metrics=trainer_metrics.ClassificationMetrics, step_metrics=[alignment_lib.Alignment(3)])
     chunk_losses = []
 
     class Record(Callback):
@@ -234,18 +240,18 @@ def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
 
     trainer = Trainer(max_epochs=2, log_every_steps=5, seed=4, callbacks=[Record()],
                       progress_bar=False)
-    result = trainer.fit(task, data.Split(inputs, targets), batch_size=20)
+    result = trainer.fit(task, batches.Split(inputs, targets), batch_size=20)
 
     variables = module.init(jax.random.key(4), inputs[:1])
     params = variables.pop("params")
     opt_state = optimizer.init(params)
     losses = []
     for epoch in range(2):
-        order = batches.epoch_order(4, epoch, len(inputs))
+        order = arrays.epoch_order(4, epoch, len(inputs))
         for batch in np.split(order, 10):
             def loss_of(p, batch=batch):
                 logits = module.apply({"params": p, **variables}, inputs[batch])
-                return metrics.softmax_cross_entropy(logits, targets[batch]).mean()
+                return losses_lib.softmax_cross_entropy(logits, targets[batch]).mean()
             loss, grads = jax.value_and_grad(loss_of)(params)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
@@ -264,8 +270,8 @@ def test_an_optimizer_factory_gets_the_runs_total_step_count():
         seen.append(total_steps)
         return optax.sgd(optax.linear_schedule(0.1, 0.0, total_steps))
 
-    task = Task(module=nn.Dense(1), loss=metrics.mean_squared_error, optimizer=optimizer,
-                metrics=metrics.RegressionMetrics)
+    task = Task(module=nn.Dense(1), loss=losses_lib.mean_squared_error, optimizer=optimizer,
+                metrics=trainer_metrics.RegressionMetrics)
     Trainer(max_epochs=3, log_every_steps=4, progress_bar=False, report_progress=False).fit(
         task, linear_split(n=200), batch_size=16)
     assert seen == [3 * (200 // 16)]
@@ -303,7 +309,7 @@ def test_paper_configs_resolve_to_the_step_counts_they_hard_coded(paper, setting
 
 
 def test_intervals_in_epochs_follow_the_batch_size_and_the_validation_split():
-    from configs.paper import nokland2016  # pylint: disable=import-outside-toplevel
+    from bioflax.experiment.configs.paper import nokland2016  # pylint: disable=import-outside-toplevel
     config = nokland2016.get_config("2x800_dfa")
     config.data.batch_size = 128
     every = train.intervals(config, train.durations(config, 60_000))

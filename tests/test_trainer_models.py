@@ -12,7 +12,11 @@ import optax
 import pytest
 from flax import linen as nn
 
-from bioflax import batches, callbacks, data, metrics
+from bioflax import alignment as alignment_lib
+from bioflax import losses as losses_lib
+from bioflax.experiment import input_pipeline as batches
+from bioflax.trainer import arrays, callbacks
+from bioflax.trainer import metrics as trainer_metrics
 from bioflax.layers import FEEDBACK_COLLECTION, RandomDenseLinearFA
 from bioflax.trainer import Callback, Task, Trainer
 from e2e import REPO, environment
@@ -34,13 +38,13 @@ class SmallCNN(nn.Module):
 def images(n=96, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(1.0, 2.0, (n, 6, 6, 1)).astype(np.float32)
-    return data.Split(x, (x[:, :3, :, 0].sum(axis=(1, 2)) > 9).astype(np.int32) +
+    return batches.Split(x, (x[:, :3, :, 0].sum(axis=(1, 2)) > 9).astype(np.int32) +
                       (x[:, 3:, :, 0].sum(axis=(1, 2)) > 9).astype(np.int32))
 
 
 def cnn_task(**kwargs):
-    return Task(module=SmallCNN(), loss=metrics.softmax_cross_entropy,
-                optimizer=optax.sgd(0.05, momentum=0.9), metrics=metrics.ClassificationMetrics,
+    return Task(module=SmallCNN(), loss=losses_lib.softmax_cross_entropy,
+                optimizer=optax.sgd(0.05, momentum=0.9), metrics=trainer_metrics.ClassificationMetrics,
                 **kwargs)
 
 
@@ -73,14 +77,14 @@ def test_the_cnn_trains_as_a_plain_loop_with_the_documented_rng_streams():
     opt_state = optimizer.init(params)
     root, losses = jax.random.fold_in(key, 0), []
     for epoch in range(2):
-        for step_in_epoch, batch in enumerate(np.split(batches.epoch_order(seed, epoch, 96), 6)):
+        for step_in_epoch, batch in enumerate(np.split(arrays.epoch_order(seed, epoch, 96), 6)):
             step_key = jax.random.fold_in(root, epoch * 6 + step_in_epoch)
 
             def loss_of(p, batch=batch, step_key=step_key):
                 logits, updated = module.apply(
                     {"params": p, "batch_stats": batch_stats}, split.inputs[batch], train=True,
                     rngs={"dropout": jax.random.fold_in(step_key, 0)}, mutable=["batch_stats"])
-                loss = metrics.softmax_cross_entropy(logits, split.targets[batch]).mean()
+                loss = losses_lib.softmax_cross_entropy(logits, split.targets[batch]).mean()
                 return loss, updated["batch_stats"]
 
             (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
@@ -116,7 +120,7 @@ def test_training_is_reproducible_and_evaluation_deterministic():
 
 def test_the_alignment_reference_uses_the_steps_dropout_mask():
     """Backprop against backprop: angle 0 only if the reference sees the same mask."""
-    _, result, _ = fit_cnn(task=cnn_task(step_metrics=[metrics.Alignment(every=1)]))
+    _, result, _ = fit_cnn(task=cnn_task(step_metrics=[alignment_lib.Alignment(every=1)]))
     angles = {k: v for k, v in result.history[-1].items()
               if k.startswith("alignment/grad_angle/")}
     assert "alignment/grad_angle/Dense_0" in angles
@@ -133,9 +137,9 @@ class FAWithBatchNorm(nn.Module):
 
 def test_fixed_feedback_matrices_stay_bit_identical_while_batch_stats_change():
     split = images()
-    task = Task(module=FAWithBatchNorm(), loss=metrics.softmax_cross_entropy,
-                optimizer=optax.sgd(0.1), metrics=metrics.ClassificationMetrics)
-    flat = data.Split(split.inputs.reshape(96, -1), split.targets)
+    task = Task(module=FAWithBatchNorm(), loss=losses_lib.softmax_cross_entropy,
+                optimizer=optax.sgd(0.1), metrics=trainer_metrics.ClassificationMetrics)
+    flat = batches.Split(split.inputs.reshape(96, -1), split.targets)
     trainer = Trainer(max_epochs=2, log_every_steps=3, progress_bar=False,
                       report_progress=False)
     initial = trainer.init_state(task, flat.inputs[:1])
@@ -189,14 +193,14 @@ class KillAtStep(Callback):
 
 
 def linear_task():
-    return Task(module=nn.Dense(1), loss=metrics.mean_squared_error,
-                optimizer=optax.sgd(0.02), metrics=metrics.RegressionMetrics)
+    return Task(module=nn.Dense(1), loss=losses_lib.mean_squared_error,
+                optimizer=optax.sgd(0.02), metrics=trainer_metrics.RegressionMetrics)
 
 
 def linear_split(n=256, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1, 1, (n, 3)).astype(np.float32)
-    return data.Split(x, (x @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.3))
+    return batches.Split(x, (x @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.3))
 
 
 # The smoothed training loss falls to this in epoch 21; a running average restarted at a
@@ -241,7 +245,7 @@ class ForwardsKeywords(nn.Module):
 
 def test_the_train_flag_follows_the_signature_unless_set():
     assert cnn_task().train_flag is True
-    loss, tx, collection = metrics.mean_squared_error, optax.sgd(0.1), metrics.RegressionMetrics
+    loss, tx, collection = losses_lib.mean_squared_error, optax.sgd(0.1), trainer_metrics.RegressionMetrics
     assert Task(ForwardsKeywords(), loss, tx, collection).train_flag is False
     task = Task(ForwardsKeywords(), loss, tx, collection, train_flag=True)
     trainer = Trainer(progress_bar=False, report_progress=False)
@@ -251,7 +255,7 @@ def test_the_train_flag_follows_the_signature_unless_set():
     np.testing.assert_allclose(trainer.predict(task, state, x, batch_size=8), expected,
                                rtol=1e-6)
     # In training, dropout is on: the loss of a step differs from the evaluation loss.
-    result = trainer.fit(task, data.Split(x, np.zeros((8, 4), np.float32)), batch_size=8,
+    result = trainer.fit(task, batches.Split(x, np.zeros((8, 4), np.float32)), batch_size=8,
                          state=state)
     assert result.history[-1]["train/loss"] != pytest.approx(
         float(np.mean(np.asarray(expected) ** 2)), rel=1e-3)

@@ -200,10 +200,10 @@ def test_max_pool_gradient_equals_flax_max_pool_with_ties(shape, size):
 
 
 def test_layers_in_call_order_end_with_the_output_layer():
-    from bioflax import metrics  # pylint: disable=import-outside-toplevel
-    assert metrics.layers_in_call_order(zoo.LeNet5(), jnp.zeros((1, *MNIST))) == [
+    from bioflax import alignment as alignment_lib  # pylint: disable=import-outside-toplevel
+    assert alignment_lib.layers_in_call_order(zoo.LeNet5(), jnp.zeros((1, *MNIST))) == [
         "conv1", "conv2", "conv3", "fc1", "fc2"]
-    order = metrics.layers_in_call_order(zoo.get_model("resnet20"), jnp.zeros((1, *CIFAR)))
+    order = alignment_lib.layers_in_call_order(zoo.get_model("resnet20"), jnp.zeros((1, *CIFAR)))
     assert order[:3] == ["conv1", "layer1_0/conv1", "layer1_0/conv2"] and order[-1] == "fc"
     assert len(order) == 20  # 19 convolutions and the classifier
 

@@ -5,23 +5,31 @@ metrics, optimizer, optional in-step metrics such as alignment), a :class:`DataS
 feeds it, the :class:`Trainer` says how (epochs, logging, callbacks, devices):
 
 - ``task.py``: Task, TrainState, how the module is called (rngs, ``train``, mutable state);
-- ``data_sources.py``: the in-memory and tf.data sources; ``placement.py``: the mesh;
-- ``programs.py``: the compiled chunk, evaluation and prediction programs;
-- ``loop.py``: the Trainer; ``callback.py``: the hooks; ``console.py``: what is printed;
+- ``arrays.py``: ArrayData, the epoch order, evaluation batches;
+- ``data_sources.py``: the DataSource interface and the in-memory source;
+- ``placement.py``: the mesh; ``programs.py``: the compiled chunk, evaluation and
+  prediction programs; ``metrics.py``: the metric collections;
+- ``loop.py``: the Trainer; ``callback.py``: the hooks; ``callbacks.py``: checkpoints,
+  early stopping, the learning rate; ``console.py``: what is printed;
 - ``durations.py``: epochs and steps, resolved in one place.
 """
 
 from bioflax.errors import TrainingDivergedError, TrainingInterrupted
+from bioflax.trainer.arrays import ArrayData
 from bioflax.trainer.callback import Callback, CheckpointCallback
+from bioflax.trainer.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from bioflax.trainer.console import Console, ReportProgress
-from bioflax.trainer.data_sources import DataSource, InMemory, TFData
+from bioflax.trainer.data_sources import DataSource, InMemory
 from bioflax.trainer.durations import Durations, resolve as resolve_durations
 from bioflax.trainer.loop import FitResult, Trainer
+from bioflax.trainer.metrics import ClassificationMetrics, RegressionMetrics
 from bioflax.trainer.placement import make_mesh
 from bioflax.trainer.task import Task, TrainState
 
 __all__ = [
-    "Callback", "CheckpointCallback", "Console", "DataSource", "Durations", "FitResult",
-    "InMemory", "ReportProgress", "TFData", "Task", "TrainState", "Trainer",
-    "TrainingDivergedError", "TrainingInterrupted", "make_mesh", "resolve_durations",
+    "ArrayData", "Callback", "CheckpointCallback", "ClassificationMetrics", "Console",
+    "DataSource", "Durations", "EarlyStopping", "FitResult", "InMemory",
+    "LearningRateMonitor", "ModelCheckpoint", "RegressionMetrics", "ReportProgress", "Task",
+    "TrainState", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "make_mesh",
+    "resolve_durations",
 ]

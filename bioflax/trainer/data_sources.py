@@ -1,4 +1,4 @@
-"""Training data for the chunk program, in the order :func:`bioflax.batches.epoch_order`
+"""Training data for the chunk program, in the order :func:`bioflax.trainer.arrays.epoch_order`
 gives, so a run resumed at step ``s`` sees exactly the batches an uninterrupted one would.
 
 A :class:`DataSource` yields, per chunk of steps, ``(data, xs, n)``: ``data`` passed to the
@@ -12,24 +12,24 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 
-from bioflax import batches as batches_lib
-from bioflax import data as data_lib
+from bioflax.trainer.arrays import ArrayData, epoch_order
 from bioflax.trainer.placement import Placement
 
 
 class DataSource(abc.ABC):
-    """A training split and how its batches reach the device."""
+    """A training split (anything with a length) and how its batches reach the device."""
 
     supports_seeds = False  # can feed several vmapped seeds, each in its own order
 
-    def __init__(self, split: data_lib.Split):
+    def __init__(self, split):
         self.split = split
 
     def __len__(self) -> int:
         return len(self.split)
 
+    @abc.abstractmethod
     def sample_input(self) -> np.ndarray:
-        return self.split.head(1).inputs
+        """One example, batched: what the model is initialised on."""
 
     @abc.abstractmethod
     def chunks(self, placement: Placement, batch_size: int, seeds: Sequence[int], epoch: int,
@@ -48,9 +48,12 @@ class InMemory(DataSource):
 
     supports_seeds = True
 
-    def __init__(self, split: data_lib.Split):
+    def __init__(self, split: ArrayData):
         super().__init__(split)
         self._on_device: dict = {}
+
+    def sample_input(self) -> np.ndarray:
+        return np.asarray(self.split.inputs[:1])
 
     def _placed(self, placement: Placement):
         key = id(placement.mesh)
@@ -61,7 +64,7 @@ class InMemory(DataSource):
         return self._on_device[key]
 
     def chunks(self, placement, batch_size, seeds, epoch, start, stop, chunk_steps):
-        orders = np.stack([batches_lib.epoch_order(seed, epoch, len(self)) for seed in seeds],
+        orders = np.stack([epoch_order(seed, epoch, len(self)) for seed in seeds],
                           axis=1)  # (examples, seeds)
         for first in range(start, stop, chunk_steps):
             n = min(chunk_steps, stop - first)
@@ -75,23 +78,3 @@ class InMemory(DataSource):
     def batch(data, x, placement):
         batch = jax.tree.map(lambda a: a[x], data)
         return jax.lax.with_sharding_constraint(batch, placement.batch)
-
-
-class TFData(DataSource):
-    """Batches from the tf.data pipeline (:func:`bioflax.batches.train_batches`), each process
-    reading its own part; one seed."""
-
-    def chunks(self, placement, batch_size, seeds, epoch, start, stop, chunk_steps):
-        (seed,) = seeds
-        batches = batches_lib.train_batches(
-            self.split, batch_size, seed, epoch, start_step=start, num_steps=stop - start,
-            chunk=chunk_steps, process_index=jax.process_index(),
-            process_count=jax.process_count())
-        # The next chunks become global arrays on a thread while the current one trains.
-        for chunk in batches_lib.prefetch(batches,
-                                          lambda c: placement.to_global(c, placement.chunk)):
-            yield (), chunk, chunk["input"].shape[0]
-
-    @staticmethod
-    def batch(data, x, placement):
-        return x

@@ -5,7 +5,7 @@ or the data set's size changes."""
 import dataclasses
 from typing import Optional
 
-from bioflax import batches as batches_lib
+from bioflax.trainer import arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ def resolve(num_examples: int, batch_size: int, *, max_epochs: int,
     """The :class:`Durations` of ``max_epochs`` over ``num_examples`` in batches of
     ``batch_size`` (the remainder dropped), at most ``limit_train_batches`` steps per epoch
     and ``max_steps`` in all."""
-    steps_per_epoch = batches_lib.steps_per_epoch(num_examples, batch_size)
+    steps_per_epoch = arrays.steps_per_epoch(num_examples, batch_size)
     if limit_train_batches:
         steps_per_epoch = min(steps_per_epoch, limit_train_batches)
     if steps_per_epoch == 0:

@@ -14,11 +14,10 @@ import jax
 import numpy as np
 from clu import parameter_overview
 
-from bioflax import batches as batches_lib
-from bioflax import data as data_lib
 from bioflax.errors import TrainingDivergedError, TrainingInterrupted
 from bioflax.trainer import durations as durations_lib
-from bioflax.trainer import metric_utils
+from bioflax.trainer import metrics as metrics_lib
+from bioflax.trainer.arrays import ArrayData, check_batch_size
 from bioflax.trainer.callback import Callback, CheckpointCallback
 from bioflax.trainer.console import Console, ReportProgress
 from bioflax.trainer.data_sources import DataSource, InMemory
@@ -142,12 +141,12 @@ class Trainer:
 
     # --- fit -----------------------------------------------------------------------------
 
-    def fit(self, task: Task, train: Union[DataSource, data_lib.Split],
-            val: Optional[data_lib.Split] = None, *, batch_size: int,
+    def fit(self, task: Task, train: Union[DataSource, ArrayData],
+            val: Optional[ArrayData] = None, *, batch_size: int,
             eval_batch_size: int = 1000, state: Optional[TrainState] = None,
             resume: bool = True) -> FitResult:
-        """Trains ``task`` on ``train`` (a :class:`DataSource`; a ``Split`` is held in
-        memory), evaluating on ``val`` after each epoch.
+        """Trains ``task`` on ``train`` (a :class:`DataSource`; an :class:`ArrayData` is held
+        in memory), evaluating on ``val`` (anything :meth:`evaluate` takes) after each epoch.
 
         Starts from ``state`` when given, else from a fresh state, or with ``resume`` from
         the newest checkpoint of a :class:`CheckpointCallback` (its callbacks' states too).
@@ -157,7 +156,7 @@ class Trainer:
             raise ValueError(f"num_seeds={self.num_seeds}: training several seeds at once "
                              f"needs a data source that supports it (InMemory), not "
                              f"{type(source).__name__}.")
-        batches_lib.check_batch_size(batch_size, self.mesh.size)
+        check_batch_size(batch_size, self.mesh.size)
         self.durations = durations_lib.resolve(
             len(source), batch_size, max_epochs=self.max_epochs, max_steps=self.max_steps,
             limit_train_batches=self.limit_train_batches)
@@ -234,8 +233,8 @@ class Trainer:
                 _check_finite(losses, bool(params_finite), step)
                 step += n
                 logs = scalars({**{f"train/{k}": v for k, v in
-                                   metric_utils.compute_collection(metrics).items()},
-                                **metric_utils.compute_averages(step_metrics)}, self.num_seeds)
+                                   metrics_lib.compute_collection(metrics).items()},
+                                **metrics_lib.compute_averages(step_metrics)}, self.num_seeds)
                 self.writer.write_scalars(step, logs)
                 for callback in self.callbacks:
                     callback.on_train_chunk_end(self, state, step, logs)
@@ -256,22 +255,22 @@ class Trainer:
 
     # --- evaluation and prediction -------------------------------------------------------
 
-    def evaluate(self, task: Task, state: TrainState, split: data_lib.Split, *,
+    def evaluate(self, task: Task, state: TrainState, data, *,
                  batch_size: int = 1000, prefix: str = "") -> dict[str, float]:
-        """Metrics of ``state`` over every example of ``split``, named ``prefix + name``
-        (and ``seed_i/`` + that with several seeds)."""
-        batches_lib.check_batch_size(batch_size, self.mesh.size)
+        """Metrics of ``state`` over every example of ``data`` (an :class:`ArrayData`, or
+        anything with its ``eval_batches``), named ``prefix + name`` (and ``seed_i/`` +
+        that with several seeds)."""
+        check_batch_size(batch_size, self.mesh.size, name="eval_batch_size")
         evaluate = self.programs(task).evaluate()
         total = None
-        batches = batches_lib.eval_batches(split, batch_size,
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count())
+        batches = data.eval_batches(batch_size, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
         for index, batch in enumerate(batches):
             if self.limit_eval_batches and index >= self.limit_eval_batches:
                 break
             metrics = evaluate(state, self.placement.to_global(batch, self.placement.inputs))
             total = metrics if total is None else total.merge(metrics)
-        values = metric_utils.compute_collection(jax.device_get(total))
+        values = metrics_lib.compute_collection(jax.device_get(total))
         return scalars({prefix + name: value for name, value in values.items()},
                        self.num_seeds)
 
@@ -279,13 +278,13 @@ class Trainer:
                 batch_size: int = 1000) -> np.ndarray:
         """The module's outputs for ``inputs`` (``(batch, ...)``, or ``(seeds, batch, ...)``
         with several seeds), in evaluation mode, in padded, sharded batches."""
-        split = data_lib.Split(inputs=np.asarray(inputs, np.float32),
-                               targets=np.zeros(len(inputs), np.int32))
+        check_batch_size(batch_size, self.mesh.size)
+        data = ArrayData(inputs=np.asarray(inputs, np.float32),
+                         targets=np.zeros(len(inputs), np.int32))
         apply = self.programs(task).predict()
         outputs = []
-        for batch in batches_lib.eval_batches(split, batch_size,
-                                              process_index=jax.process_index(),
-                                              process_count=jax.process_count()):
+        for batch in data.eval_batches(batch_size, process_index=jax.process_index(),
+                                       process_count=jax.process_count()):
             out = apply(state, self.placement.to_global(batch["input"], self.placement.inputs))
             outputs.append(np.asarray(out))
         # Whole global batches in order, padded at the end: the first len(inputs) rows are real
@@ -299,8 +298,4 @@ def _check_finite(losses: np.ndarray, params_finite: bool, step: int) -> None:
     if len(bad) or not params_finite:
         at = step + (int(bad[0]) + 1 if len(bad) else len(losses))
         value = per_step[bad[0]].max() if len(bad) else "finite, but the parameters are not"
-        raise TrainingDivergedError(
-            f"Training diverged at step {at}: the loss is {value}. Nothing from this "
-            "step on was saved; the latest checkpoint is from before it. Lower the "
-            "learning rate (--config.optimizer.learning_rate) or the initial weight "
-            "scale and run again; the run resumes from that checkpoint.")
+        raise TrainingDivergedError(at, value)

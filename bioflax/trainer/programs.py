@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bioflax.trainer import metric_utils
+from bioflax.trainer import metrics as metrics_lib
 from bioflax.trainer.placement import Placement
 from bioflax.trainer.task import Task, TrainState, init_state
 
@@ -105,7 +105,7 @@ class Programs:
         step_metrics = {}
         for metric, is_due in zip(task.step_metrics, due):
             if is_due:
-                step_metrics.update(metric_utils.averages(
+                step_metrics.update(metrics_lib.averages(
                     metric(lambda p: loss_and_outputs(p)[0], state.params, state.model_state,
                            grads), 1))
         state = state.apply_gradients(grads=grads).replace(model_state=model_state)
@@ -119,7 +119,7 @@ class Programs:
         def step(carry, x, due):
             state, (metrics, step_metrics) = carry
             state, (m, s), loss = train_step(state, get_batch(x), due)
-            return (state, (metrics.merge(m), metric_utils.merge_averages(step_metrics, s))), loss
+            return (state, (metrics.merge(m), metrics_lib.merge_averages(step_metrics, s))), loss
 
         first = get_batch(jax.tree.map(lambda x: x[0], xs))
 
@@ -134,7 +134,7 @@ class Programs:
             (state, (metrics, due_metrics)), run_losses = jax.lax.scan(
                 functools.partial(step, due=due), (state, (metrics, zero_metrics(due)[1])),
                 run)
-            totals = {**totals, **metric_utils.merge_averages(
+            totals = {**totals, **metrics_lib.merge_averages(
                 {name: totals[name] for name in due_metrics}, due_metrics)}
             losses.append(run_losses)
             offset += length

@@ -12,7 +12,7 @@ epoch instead of the file order; biases trained at the learning rate (the refere
 divides their update by the batch size twice).
 """
 
-from configs.paper import mnist_protocol
+from bioflax.experiment.configs.paper import mnist_protocol
 
 LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "kp": 0.3}
 RULES = tuple(LEARNING_RATES)

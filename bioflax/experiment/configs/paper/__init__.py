@@ -1,6 +1,6 @@
 """Configs of published MNIST settings (docs/results.md)."""
 
-from configs import default
+from bioflax.experiment.configs import default
 
 
 def mnist_protocol(batch_size: int):

@@ -1,12 +1,32 @@
-"""clu metric helpers for metrics computed inside the compiled step."""
+"""The metric collections of a task (clu), and helpers for metrics computed inside the
+compiled step.
+
+No ``from __future__ import annotations`` here: clu collections read their field types.
+"""
 
 import dataclasses
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import flax
 import numpy as np
 from clu import metrics as clu_metrics
+
+
+@flax.struct.dataclass
+class ClassificationMetrics(clu_metrics.Collection):
+    """Loss and accuracy, from ``loss=`` per example, ``logits=`` and integer ``labels=``."""
+
+    loss: clu_metrics.Average.from_output("loss")
+    accuracy: clu_metrics.Accuracy
+
+
+@flax.struct.dataclass
+class RegressionMetrics(clu_metrics.Collection):
+    """The loss, from ``loss=`` per example."""
+
+    loss: clu_metrics.Average.from_output("loss")
 
 
 def averages(values: Mapping[str, jax.Array], weight) -> dict[str, clu_metrics.Average]:

@@ -1,7 +1,7 @@
 """The MNIST MLP that the per-rule configs share: 784-500-500-10, SGD with momentum 0.9,
 learning rate 0.05 with cosine decay, 20 epochs, batch 128, 10% of train for validation."""
 
-from configs import default
+from bioflax.experiment.configs import default
 
 
 def get_config(mode: str = "bp", activation: str = "relu"):

@@ -1,6 +1,6 @@
 """Sine regression: y = sin(x), x uniform in [-π, π], learned by a small FA network."""
 
-from configs import default
+from bioflax.experiment.configs import default
 
 
 def get_config():

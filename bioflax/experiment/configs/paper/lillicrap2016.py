@@ -23,7 +23,7 @@ batch of B examples takes learning rate η·B and weight decay α/B: the update 
 online steps summed, ΔW = −η (Σᵢ ∇Lᵢ + α W).
 """
 
-from configs.paper import mnist_protocol
+from bioflax.experiment.configs.paper import mnist_protocol
 
 ETA = 1e-3  # per-example learning rate (paper)
 ALPHA = 1e-6  # weight decay (paper)

@@ -1,6 +1,6 @@
 """Backprop MLP on MNIST: 784-500-500-10 ReLU (see mnist_mlp.py)."""
 
-from configs import mnist_mlp
+from bioflax.experiment.configs import mnist_mlp
 
 
 def get_config():

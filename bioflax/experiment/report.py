@@ -1,7 +1,7 @@
-"""Compares finished runs: ``python -m bioflax.report runs/bp runs/fa runs/kp --out report``.
+"""Compares finished runs: ``python -m bioflax.experiment.report runs/bp runs/fa runs/kp --out report``.
 
 Each argument is one run's workdir, or a directory of seed workdirs (``seed_0``, ``seed_1``,
-... as ``python -m bioflax.sweep`` writes them) that becomes one row, as mean ± standard
+... as ``python -m bioflax.experiment.sweep`` writes them) that becomes one row, as mean ± standard
 deviation over its seeds. Writes into ``--out``:
 
 - ``report.md``: one table row per argument (final validation and test metrics, final
@@ -25,8 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bioflax.events import read_scalars  # pylint: disable=wrong-import-position
-from bioflax.workdir import RESULT_FILE  # pylint: disable=wrong-import-position
+from bioflax.experiment.tensorboard_reader import read_scalars  # pylint: disable=wrong-import-position
+from bioflax.experiment.workdir import RESULT_FILE  # pylint: disable=wrong-import-position
 
 Scalars = Mapping[str, Sequence[tuple[int, float]]]
 ANGLE_PREFIX = "alignment/grad_angle/"

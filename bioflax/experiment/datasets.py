@@ -1,10 +1,11 @@
 """Data sets: TFDS image classification (MNIST, Fashion-MNIST, CIFAR-10/100, SVHN), the
 teacher-student task and sine regression, chosen by name from :data:`DATASETS`.
 
-:func:`load` returns each split as a pair of NumPy arrays (:class:`Split`), already
-normalised, or, with ``data.streaming``, as a TFDS split read from its files as it is used
-(:class:`StreamedSplit`); the training split may carry an :class:`Augmentation` (random
-crop, flip). :mod:`bioflax.batches` cuts a split into batches.
+:func:`load` returns each split as a pair of NumPy arrays
+(:class:`~bioflax.experiment.input_pipeline.Split`), already normalised, or, with
+``data.streaming``, as a TFDS split read from its files as it is used
+(:class:`~bioflax.experiment.input_pipeline.StreamedSplit`); the training split may carry an
+:class:`Augmentation` (random crop, flip).
 
 Config fields read from ``config.data`` (see ``configs/default.py``): ``dataset``,
 ``data_dir``, ``batch_size``, ``eval_batch_size``, ``val_split``, ``normalize_mean``,
@@ -16,40 +17,29 @@ True: fetch a TFDS data set when no prepared copy is found and the network is re
 """
 
 import dataclasses
-import functools
 import math
 import os
 import socket
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from flax import linen as nn
 
-from bioflax import models
 from bioflax.errors import DataNotFoundError
-
-def tensorflow():
-    """TensorFlow, imported on first use (only the tf.data paths need it) and kept off the
-    accelerators that JAX uses."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError):  # TF already initialised its devices, or has none.
-        pass
-    return tf
+from bioflax.experiment.input_pipeline import Split, StreamedSplit, tensorflow
+from bioflax.models import get_activation
+from bioflax.trainer.arrays import random_stream
 
 # Where TFDS downloads its data sets from; probed before a download so that an offline
 # machine fails at once instead of after a network time-out.
 _TFDS_DOWNLOAD_HOST = ("storage.googleapis.com", 443)
 _NETWORK_PROBE_TIMEOUT_S = 3.0
 _READ_BATCH = 10_000  # examples per batch when a split is read whole into memory
-# TensorFlow kernels need tensor data aligned to this many bytes (Allocator::kAllocatorAlignment).
-_TF_ALIGNMENT = 64
 
 # Tags that keep the random streams of different purposes apart for one seed.
-_VAL_SPLIT_STREAM = 0x76616C  # "val"
 _TEACHER_STREAM = 0x746561  # "tea"
 _SINREG_STREAM = 0x73696E  # "sin"
 _AUGMENT_STREAM = 0x617567  # "aug"
@@ -62,105 +52,6 @@ class DatasetInfo:
     num_outputs: int  # classes (10 for MNIST) or regression output dim
 
 
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """One split held in memory: ``inputs`` float32 ``(N, *input_shape)``, preprocessed;
-    ``targets`` int32 ``(N,)`` (classification) or float32 ``(N, num_outputs)``; the
-    training split's ``augmentation``, if any.
-
-    Arrays that are not C-contiguous and 64-byte aligned are copied into storage that is, so
-    that the tf.data pipelines can share it with TensorFlow instead of copying it per epoch.
-    """
-
-    inputs: np.ndarray
-    targets: np.ndarray
-    augmentation: Optional["Augmentation"] = None  # applied by batches.train_batches only
-
-    def __post_init__(self):
-        # Aligned, contiguous storage lets the tf.data pipelines share it without a copy.
-        for field in ("inputs", "targets"):
-            array = getattr(self, field)
-            if not tf_aligned(array):
-                object.__setattr__(self, field, _aligned(array))
-        if len(self.inputs) != len(self.targets):
-            raise ValueError(f"inputs ({len(self.inputs)}) and targets ({len(self.targets)}) "
-                             "must have the same number of examples.")
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def head(self, n: int) -> "Split":
-        """The first ``n`` examples (for plots and shapes)."""
-        return Split(self.inputs[:n], self.targets[:n])
-
-
-def tf_aligned(array) -> bool:
-    """Whether ``array`` is a C-contiguous NumPy array whose data starts on a TF-aligned
-    address, so that TensorFlow can share it instead of copying it."""
-    return (isinstance(array, np.ndarray) and array.flags.c_contiguous
-            and array.ctypes.data % _TF_ALIGNMENT == 0)
-
-
-def _aligned(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of ``array`` whose data starts on a TF-aligned address."""
-    array = np.asarray(array)
-    buffer = np.empty(array.nbytes + _TF_ALIGNMENT, dtype=np.uint8)
-    offset = -buffer.ctypes.data % _TF_ALIGNMENT
-    out = buffer[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
-    out[...] = array
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamedSplit:
-    """A TFDS split that is read from its files as it is used, never held whole in memory
-    (``data.streaming``); each process reads only its own shard
-    (``tfds.split_for_jax_process``). :mod:`bioflax.batches` takes it as it takes a
-    :class:`Split`; ``len`` is the number of examples the processes read together in an
-    epoch (every process the same number)."""
-
-    builder: object  # a prepared tfds.core.DatasetBuilder
-    split: str  # a TFDS split, possibly a slice ("train[:54000]")
-    mean: np.ndarray  # per channel
-    std: np.ndarray
-    input_shape: tuple[int, ...]
-    augmentation: Optional["Augmentation"] = None  # applied by batches.train_batches only
-
-    def __len__(self) -> int:
-        count = jax.process_count()
-        return self.builder.info.splits[self.split].num_examples // count * count
-
-    def hold_out(self, fraction: float, seed: int) -> tuple["StreamedSplit", "StreamedSplit"]:
-        """The first ``1 − fraction`` of the split for training, the rest for validation
-        (a fixed cut: a streamed split has no random hold-out; ``seed`` is unused)."""
-        del seed
-        n = self.builder.info.splits[self.split].num_examples
-        cut = n - int(round(fraction * n))
-        if cut in (0, n):
-            raise ValueError(f"data.val_split={fraction} of {n} training examples leaves an "
-                             "empty training or validation split.")
-        return (dataclasses.replace(self, split=f"{self.split}[:{cut}]"),
-                dataclasses.replace(self, split=f"{self.split}[{cut}:]"))
-
-    def head(self, n: int) -> Split:
-        """The first ``n`` examples of the split in memory (for plots and shapes)."""
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-        ds = self._examples(self.split).take(n).batch(n).map(self._preprocess)
-        images, labels = next(iter(tfds.as_numpy(ds)))
-        return Split(images, labels)
-
-    def _examples(self, split: str, **read):
-        """``split``'s examples as a tf.data set of ``(uint8 image, label)``."""
-        return self.builder.as_dataset(split=split, as_supervised=True, **read)
-
-    def _preprocess(self, images, labels):
-        """Batched uint8 images → normalised float32 inputs; int32 labels (the same
-        arithmetic as the in-memory path, so the same values)."""
-        tf = tensorflow()
-        x = (tf.cast(images, tf.float32) / 255.0 - self.mean) / self.std
-        return (tf.reshape(x, [-1, *self.input_shape]), tf.cast(labels, tf.int32))
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -169,7 +60,7 @@ def load(data_config: ml_collections.ConfigDict,
     """Loads ``data_config.dataset`` (a name of :data:`DATASETS`): its info and splits
     ``'train'``, ``'test'`` and, when ``data_config.val_split > 0``, ``'validation'`` (held
     out of train, fixed by ``seed``). The training split carries the augmentation that
-    ``data_config`` asks for (applied by :func:`bioflax.batches.train_batches`)."""
+    ``data_config`` asks for (applied by :meth:`~bioflax.experiment.input_pipeline.Split.train_batches`)."""
     name = data_config.dataset
     if name not in DATASETS:
         raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
@@ -180,34 +71,11 @@ def load(data_config: ml_collections.ConfigDict,
     info, train, test = DATASETS[name].load(data_config, seed)
     splits = {"train": train, "test": test}
     if val_split > 0:
-        hold_out = train.hold_out if isinstance(train, StreamedSplit) else functools.partial(
-            _hold_out, train)
-        splits["train"], splits["validation"] = hold_out(val_split, seed)
+        splits["train"], splits["validation"] = train.hold_out(val_split, seed)
     augmentation = Augmentation.from_config(data_config)
     if augmentation is not None:
         splits["train"] = dataclasses.replace(splits["train"], augmentation=augmentation)
     return info, splits
-
-
-def _hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Splits off ``round(fraction * N)`` examples chosen by ``seed``; both parts keep the
-    original relative order."""
-    n = len(split)
-    num_val = int(round(fraction * n))
-    if num_val == 0 or num_val == n:
-        raise ValueError(f"data.val_split={fraction} of {n} training examples leaves an "
-                         "empty training or validation split.")
-    perm = random_stream(seed, _VAL_SPLIT_STREAM).permutation(n)
-    val_idx, train_idx = np.sort(perm[:num_val]), np.sort(perm[num_val:])
-    take = lambda idx: Split(split.inputs[idx], split.targets[idx])
-    return take(train_idx), take(val_idx)
-
-
-def random_stream(seed: int, *stream: int) -> np.random.Generator:
-    """The NumPy generator of one purpose (``stream``: tags and counters such as the epoch)
-    for ``seed``; negative integers are folded into 64 bits, as SeedSequence wants
-    non-negative ones."""
-    return np.random.default_rng([int(v) & 0xFFFF_FFFF_FFFF_FFFF for v in (seed, *stream)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +242,26 @@ def _check_sizes(cfg) -> tuple[int, int, int, int]:
     return values["input_dim"], values["output_dim"], values["train_size"], values["test_size"]
 
 
+class TeacherNetwork(nn.Module):
+    """The fixed random network that labels the teacher-student task.
+
+    ``y = φ(W_L … φ(W_1 x + b_1) … + b_L)``: ``activation`` follows every layer, the
+    output layer included, so ``identity`` gives a linear teacher ``y = T x + c``.
+    """
+
+    hidden_layers: Sequence[int]
+    features: int
+    activation: str = "identity"
+
+    @nn.compact
+    def __call__(self, x):
+        activation = get_activation(self.activation)
+        x = x.reshape((x.shape[0], -1))
+        for width in (*self.hidden_layers, self.features):
+            x = activation(nn.Dense(width)(x))
+        return x
+
+
 def _make_teacher(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
     """Inputs uniform in [-1, 1]^input_dim; targets from a fixed random TeacherNetwork."""
     input_dim, output_dim, train_size, test_size = _check_sizes(cfg)
@@ -381,7 +269,7 @@ def _make_teacher(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
     x_train = rng.uniform(-1.0, 1.0, (train_size, input_dim)).astype(np.float32)
     x_test = rng.uniform(-1.0, 1.0, (test_size, input_dim)).astype(np.float32)
 
-    teacher = models.TeacherNetwork(
+    teacher = TeacherNetwork(
         hidden_layers=tuple(cfg.teacher_hidden_layers), features=output_dim,
         activation=cfg.teacher_activation)
     cpu = jax.local_devices(backend="cpu")[0]  # this process's: a multi-process run has others
@@ -437,7 +325,7 @@ DATASET_TASKS = {name: spec.task for name, spec in DATASETS.items()}
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
     """The standard training augmentation of small images, run in tf.data by
-    :func:`bioflax.batches.train_batches`: a random crop back to the image size after
+    :meth:`~bioflax.experiment.input_pipeline.Split.train_batches`: a random crop back to the image size after
     padding every side by ``padding`` black pixels, and a horizontal flip with probability
     1/2 (``flip``).
 

@@ -5,7 +5,7 @@ tanh was chosen on the validation split: after 8 epochs tanh at lr 0.05 reached 
 the test loss passed 200 at 97.2% accuracy.
 """
 
-from configs import mnist_mlp
+from bioflax.experiment.configs import mnist_mlp
 
 
 def get_config():

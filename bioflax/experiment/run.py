@@ -14,23 +14,19 @@ import ml_collections
 from absl import logging as absl_logging
 from clu import metric_writers
 
-from bioflax import callbacks as callbacks_lib
-from bioflax import config_validation
-from bioflax import data as data_lib
-from bioflax import distributed
-from bioflax import losses, optimizers
-from bioflax import metrics as metrics_lib
-from bioflax import models
-from bioflax import plots
-from bioflax import workdir as workdir_lib
-from bioflax.events import read_scalars
-from bioflax.trainer import (Durations, InMemory, Task, TFData, Trainer, make_mesh,
+from bioflax import alignment, distributed, losses
+from bioflax import trainer as trainer_lib
+from bioflax.experiment import datasets, models, optimizers, plots, validate
+from bioflax.experiment import workdir as workdir_lib
+from bioflax.experiment.input_pipeline import TFData
+from bioflax.experiment.tensorboard_reader import read_scalars
+from bioflax.trainer import (Durations, InMemory, Task, Trainer, make_mesh,
                              resolve_durations)
 
 logger = logging.getLogger(__name__)
 
 
-def build_model(model_config: ml_collections.ConfigDict, info: data_lib.DatasetInfo):
+def build_model(model_config: ml_collections.ConfigDict, info: datasets.DatasetInfo):
     return models.build(model_config, info.num_outputs)
 
 
@@ -56,22 +52,22 @@ def intervals(config: ml_collections.ConfigDict, durations_: Durations) -> dict[
     }
 
 
-def build_task(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo,
+def build_task(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
                alignment_every_steps: int, sample_input) -> Task:
     """The task of ``config``; ``sample_input`` (one example, batched) finds the output
     layer, whose angle the alignment metric's mean over hidden layers leaves out."""
     classification = info.task == "classification"
     module = build_model(config.model, info)
-    step_metrics = ([metrics_lib.Alignment(
+    step_metrics = ([alignment.Alignment(
         alignment_every_steps,
-        output_layer=metrics_lib.layers_in_call_order(module, sample_input)[-1])]
+        output_layer=alignment.layers_in_call_order(module, sample_input)[-1])]
         if config.alignment.enabled else [])
     return Task(
         module=module,
         loss=losses.loss_for(info.task, config.model.loss),
         optimizer=functools.partial(optimizers.build, config.optimizer),
-        metrics=(metrics_lib.ClassificationMetrics if classification
-                 else metrics_lib.RegressionMetrics),
+        metrics=(trainer_lib.ClassificationMetrics if classification
+                 else trainer_lib.RegressionMetrics),
         step_metrics=step_metrics)
 
 
@@ -83,11 +79,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     if config.training.multi_host or distributed.requested():
         distributed.initialize()
-    config_validation.validate(config)
+    validate.validate(config)
     one_run_per_workdir = (workdir_lib.exclusive(workdir) if jax.process_index() == 0
                            else contextlib.nullcontext())
     with one_run_per_workdir:
-        info, splits = data_lib.load(config.data, config.seed)
+        info, splits = datasets.load(config.data, config.seed)
         return _train_and_evaluate(config, workdir, info, splits)
 
 
@@ -122,15 +118,15 @@ def _train_and_evaluate(config, workdir, info, splits):
     every = intervals(config, durations(config, len(splits["train"])))
     writer = _writer(workdir)
     writer.write_hparams(_flat_hparams(config))
-    callbacks: list = [callbacks_lib.LearningRateMonitor()]
+    callbacks: list = [trainer_lib.LearningRateMonitor()]
     if training.early_stopping_patience or training.stopping_threshold is not None:
-        callbacks.append(callbacks_lib.EarlyStopping(
+        callbacks.append(trainer_lib.EarlyStopping(
             training.early_stopping_monitor, mode=training.early_stopping_mode,
             patience=training.early_stopping_patience or None,
             stopping_threshold=training.stopping_threshold,
             smoothing=training.stopping_smoothing))
     if not fast_dev_run:
-        callbacks.append(callbacks_lib.ModelCheckpoint(
+        callbacks.append(trainer_lib.ModelCheckpoint(
             os.path.join(workdir, "checkpoints"), every_n_steps=every["checkpoint"],
             max_to_keep=training.keep_checkpoints))
     trainer = Trainer(

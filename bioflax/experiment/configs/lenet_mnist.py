@@ -6,7 +6,7 @@ for 2 epochs on the validation split, at 0.003 it reached 95.8% in 3), weight de
 (which KP needs to align B with W), alignment of every conv and dense layer every 100 steps."""
 
 from bioflax.conv import CPU_COMPILER_OPTIONS
-from configs import default
+from bioflax.experiment.configs import default
 
 
 def get_config(rule: str = "kp"):

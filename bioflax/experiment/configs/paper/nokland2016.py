@@ -16,7 +16,7 @@ differs (written down in docs/results.md): biases start at 0 (Torch7 draws them 
 weights); the running average starts at the first epoch's error (the reference code's at 1).
 """
 
-from configs.paper import mnist_protocol
+from bioflax.experiment.configs.paper import mnist_protocol
 
 ARCHITECTURES = {"7x240": (240,) * 7, "2x800": (800, 800), "1x800": (800,)}
 RULES = ("bp", "fa", "dfa")

@@ -1,6 +1,6 @@
 """Runs a grid of configs × seeds, each run in its own workdir, resumably.
 
-``python -m bioflax.sweep configs/paper/akrout2019.py:fa configs/paper/akrout2019.py:kp
+``python -m bioflax.experiment.sweep configs/paper/akrout2019.py:fa configs/paper/akrout2019.py:kp
 --seeds=0,1,2 --root=runs/paper``
 
 Run ``SPEC`` with seed ``S`` is ``main.py --config=SPEC --config.seed=S
@@ -17,10 +17,11 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from bioflax.workdir import RESULT_FILE
+from bioflax.experiment import configs
+from bioflax.experiment.workdir import RESULT_FILE
 
-MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py")
-INTERRUPTED = (130, 143)  # main.py's exit codes for SIGINT and SIGTERM
+MAIN = ("-m", "bioflax.experiment.main")  # the experiment command line, as bioflax-train
+INTERRUPTED = (130, 143)  # its exit codes for SIGINT and SIGTERM
 
 
 def run_name(spec: str) -> str:
@@ -35,7 +36,7 @@ def workdir(root: str, spec: str, seed: int) -> str:
 
 
 def command(spec: str, seed: int, root: str, overrides: Sequence[str]) -> list[str]:
-    return ([sys.executable, MAIN, f"--config={spec}", f"--config.seed={seed}",
+    return ([sys.executable, *MAIN, f"--config={spec}", f"--config.seed={seed}",
              f"--workdir={workdir(root, spec, seed)}"]
             + [f"--config.{override}" for override in overrides])
 
@@ -45,7 +46,7 @@ def run_grid(specs: Sequence[str], seeds: Sequence[int], root: str,
     """Runs every unfinished (spec, seed); returns 0, 1 (some run failed) or main.py's
     interrupt code."""
     for spec in specs:
-        config_file = spec.partition(":")[0]
+        config_file = configs.resolve(spec).partition(":")[0]
         if not os.path.isfile(config_file):
             print(f"error: config file {config_file} not found", file=sys.stderr)
             return 2

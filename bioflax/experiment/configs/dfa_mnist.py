@@ -4,7 +4,7 @@ Nøkland (2016) used tanh; with ReLU at this learning rate the DFA logits grow w
 bound (test loss in the thousands after 400 steps).
 """
 
-from configs import mnist_mlp
+from bioflax.experiment.configs import mnist_mlp
 
 
 def get_config():

@@ -12,7 +12,9 @@ from flax import traverse_util
 
 from bioflax import distributed
 from bioflax.errors import CheckpointError
-from bioflax.trainer import Callback, CheckpointCallback, TrainState, Trainer
+from bioflax.trainer.callback import Callback, CheckpointCallback
+from bioflax.trainer.loop import Trainer
+from bioflax.trainer.task import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,8 @@ class ModelCheckpoint(CheckpointCallback):
         if steps:
             raise CheckpointError(
                 f"None of the checkpoints in {self.directory} (steps {sorted(steps)}) is "
-                "readable; they were moved aside to STEP.unreadable. Running the same command "
-                "again starts from scratch in this workdir; or use a new --workdir.")
+                "readable; they were moved aside to STEP.unreadable. Training again with "
+                "this directory starts from scratch; or use a new checkpoint directory.")
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
@@ -155,8 +157,8 @@ def _check_same_model(saved, target, step: int, directory: str) -> None:
             raise CheckpointError(
                 f"The checkpoint of step {step} in {directory} is of a different model: "
                 f"{name} is {'absent' if have is None else have} there and "
-                f"{'absent' if want is None else want} in this config. Use a new --workdir "
-                "for this model, or restore the config the workdir was trained with.")
+                f"{'absent' if want is None else want} in this model. Use a new checkpoint "
+                "directory for this model, or the model it was trained with.")
 
 
 class EarlyStopping(Callback):

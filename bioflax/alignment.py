@@ -1,33 +1,14 @@
-"""Metrics: clu collections for loss/accuracy, and how closely a rule follows backprop.
-
-No ``from __future__ import annotations`` here: clu collections read their field types.
-"""
+"""How closely a rule follows backprop: gradient angles and feedback-weight alignment."""
 
 from typing import Any, Callable, Mapping, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
-from clu import metrics as clu_metrics
 from flax import linen as nn
 from flax import traverse_util
 
 from bioflax import layers
-# The losses live in bioflax.losses; importable from here too, for existing callers.
-from bioflax.losses import (LOSSES, loss_for, mean_squared_error,  # pylint: disable=unused-import
-                            sigmoid_cross_entropy, sigmoid_squared_error,
-                            softmax_cross_entropy)
-
-
-@flax.struct.dataclass
-class ClassificationMetrics(clu_metrics.Collection):
-    loss: clu_metrics.Average.from_output("loss")
-    accuracy: clu_metrics.Accuracy
-
-
-@flax.struct.dataclass
-class RegressionMetrics(clu_metrics.Collection):
-    loss: clu_metrics.Average.from_output("loss")
 
 
 def _leaves(tree) -> list[jax.Array]:

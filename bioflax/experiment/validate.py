@@ -9,10 +9,13 @@ import numbers
 import jax
 import ml_collections
 
-from bioflax import data, losses, models, rules
+from bioflax import losses, rules
+from bioflax import models as bio_models
 from bioflax.errors import ConfigError
-from bioflax.initializers import INITIALIZERS
-from bioflax.optimizers import OPTIMIZERS, SCHEDULES
+from bioflax.experiment import datasets as data
+from bioflax.experiment import models
+from bioflax.experiment.initializers import INITIALIZERS
+from bioflax.experiment.optimizers import OPTIMIZERS, SCHEDULES
 
 
 def _choice(config, field: str, allowed) -> None:
@@ -57,7 +60,7 @@ def _validate_choices(config) -> None:
     """Every field that names an entry of a registry."""
     _choice(config, "data.dataset", data.DATASETS)
     _choice(config, "model.name", models.MODELS)
-    _choice(config, "model.mode", models.MODES)
+    _choice(config, "model.mode", rules.RULES)
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
     _choice(config, "model.kernel_init", INITIALIZERS)
@@ -78,9 +81,9 @@ def _validate_model(config) -> None:
                           f"needs one activation per hidden layer, and model.hidden_layers = "
                           f"{hidden} has {len(hidden)}")
     for index, name in enumerate(activations):
-        if name not in models.ACTIVATIONS:
+        if name not in bio_models.ACTIVATIONS:
             raise ConfigError(f"model.activations[{index}]", name,
-                              f"choose one of {sorted(models.ACTIVATIONS)}")
+                              f"choose one of {sorted(bio_models.ACTIVATIONS)}")
     for index, width in enumerate(hidden):
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width <= 0:
             raise ConfigError(f"model.hidden_layers[{index}]", width, "must be an integer > 0")

@@ -31,7 +31,7 @@ aligns B with W).
 """
 
 from bioflax.conv import CPU_COMPILER_OPTIONS
-from configs import default
+from bioflax.experiment.configs import default
 
 RULES = ("bp", "fa", "dfa", "usf", "brsf", "frsf", "kp")
 # CIFAR-10: per-rule learning rates where biotorch's configs depart from 0.1.

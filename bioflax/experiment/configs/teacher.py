@@ -1,6 +1,6 @@
 """Teacher-student regression: a 30-20-10 student learns a fixed linear teacher (Lillicrap 2016)."""
 
-from configs import default
+from bioflax.experiment.configs import default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Kolen-Pollack MLP on MNIST: 784-500-500-10 ReLU, with the weight decay KP needs."""
 
-from configs import mnist_mlp
+from bioflax.experiment.configs import mnist_mlp
 
 
 def get_config():

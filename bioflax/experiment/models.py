@@ -1,0 +1,56 @@
+"""The models a config names (``model.name``): the MLP and the zoo's networks, converted to
+the config's rule."""
+
+import functools
+from typing import Callable
+
+from flax import linen as nn
+
+from bioflax import converter, rules, zoo
+from bioflax.experiment import initializers
+from bioflax.models import BioNeuralNetwork
+
+
+def _rule(model_config) -> rules.Rule:
+    return rules.get_rule_with(
+        model_config.mode, interpolation_factor=model_config.interpolation_factor,
+        conv_feedback=model_config.dfa_conv_feedback,
+        feedback_init=initializers.get(model_config.feedback_init,
+                                       model_config.feedback_init_scale))
+
+
+def _mlp(model_config, num_outputs: int) -> nn.Module:
+    """:class:`BioNeuralNetwork` from ``hidden_layers``, ``activations`` and the inits."""
+    input_init = model_config.input_layer_kernel_init
+    return BioNeuralNetwork(
+        hidden_layers=tuple(model_config.hidden_layers),
+        activations=tuple(model_config.activations), features=num_outputs,
+        mode=model_config.mode, interpolation_factor=model_config.interpolation_factor,
+        kernel_init=initializers.get(model_config.kernel_init, model_config.kernel_init_scale),
+        feedback_init=initializers.get(model_config.feedback_init,
+                                       model_config.feedback_init_scale),
+        input_layer_kernel_init=(None if input_init is None else initializers.get(
+            input_init, model_config.kernel_init_scale)))
+
+
+def _converted_zoo_model(name: str, model_config, num_outputs: int) -> nn.Module:
+    """The zoo's ``name`` with every Dense and Conv trained by ``mode``
+    (``bioflax.convert``), ``keep_backprop`` layers excepted."""
+    model = zoo.get_model(name, num_classes=num_outputs, kernel_init=initializers.get(
+        model_config.kernel_init, model_config.kernel_init_scale))
+    return converter.convert(model, _rule(model_config),
+                             keep_backprop=tuple(model_config.keep_backprop))
+
+
+# The models a config names (``model.name``): builders of ``(model config, outputs)``.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": _mlp,
+    **{name: functools.partial(_converted_zoo_model, name) for name in zoo.ZOO},
+}
+
+
+def build(model_config, num_outputs: int) -> nn.Module:
+    """The model ``model_config.name`` of :data:`MODELS`."""
+    if model_config.name not in MODELS:
+        raise ValueError(f"Unknown model {model_config.name!r}; choose one of {list(MODELS)}.")
+    return MODELS[model_config.name](model_config, num_outputs)
