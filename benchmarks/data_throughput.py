@@ -1,6 +1,6 @@
 """MNIST training examples per second delivered by the experiment's two batch paths.
 
-(a) ``batches.train_batches`` (tf.data: index order -> batch -> tf.gather -> prefetch), one
+(a) ``Split.train_batches`` (tf.data: index order -> batch -> tf.gather -> prefetch), one
     full epoch at the given batch size, chunk 1 and chunk 100;
 (b) the in-memory gather path the trainer uses: a NumPy gather per batch on the host, and
     one JAX gather of a whole epoch from the training set held on the default device.
@@ -18,10 +18,11 @@ import sys
 import time
 
 try:
-    from bioflax import batches, data
+    from bioflax.experiment import datasets as data
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from bioflax import batches, data
+    from bioflax.experiment import datasets as data
+from bioflax.trainer import arrays
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,7 @@ def main():
     _, splits = data.load(mnist_config(args.data_dir), seed=0)
     train = splits["train"]
     batch = args.batch_size
-    steps = batches.steps_per_epoch(len(train), batch)
+    steps = arrays.steps_per_epoch(len(train), batch)
     per_epoch = steps * batch
     print(f"MNIST train: {len(train)} examples, batch {batch}, {steps} steps/epoch "
           f"({per_epoch} examples); loaded in {time.perf_counter() - start:.1f} s; "
@@ -77,7 +78,7 @@ def main():
     for chunk in (1, 100):
         def tfdata_epoch(run, chunk=chunk):
             n = 0
-            for b in batches.train_batches(train, batch, seed=0, epoch=run, chunk=chunk):
+            for b in train.train_batches(batch, seed=0, epoch=run, chunk=chunk):
                 n += b["input"].shape[0] * b["input"].shape[1]
             assert n == per_epoch
             return n
@@ -85,7 +86,7 @@ def main():
 
     # (b1) NumPy gather of each batch on the host.
     def numpy_epoch(run):
-        order = batches.epoch_order(0, run, len(train))
+        order = arrays.epoch_order(0, run, len(train))
         for i in range(steps):
             idx = order[i * batch:(i + 1) * batch]
             _ = train.inputs[idx], train.targets[idx]  # the gather is the work measured
@@ -104,7 +105,7 @@ def main():
         return jnp.take(inputs, idx, axis=0), jnp.take(targets, idx, axis=0)
 
     def order_of(run):
-        return batches.epoch_order(0, run, len(train))[:per_epoch].reshape(steps, batch)
+        return arrays.epoch_order(0, run, len(train))[:per_epoch].reshape(steps, batch)
 
     jax.block_until_ready(gather_epoch(inputs, targets, order_of(99)))  # compile
 

@@ -30,24 +30,26 @@ import jax
 import numpy as np
 import optax
 
-from bioflax import batches, data, metrics
+from bioflax import alignment, losses
+from bioflax.experiment.input_pipeline import Split, TFData
+from bioflax.trainer import ClassificationMetrics, arrays
 from bioflax.models import BioNeuralNetwork
-from bioflax.trainer import InMemory, Task, TFData, Trainer
+from bioflax.trainer import InMemory, Task, Trainer
 
 RULES = ("bp", "fa", "kp", "dfa")
 
 
-def mnist_shaped(n: int = 60_000, seed: int = 0) -> data.Split:
+def mnist_shaped(n: int = 60_000, seed: int = 0) -> Split:
     rng = np.random.default_rng(seed)
-    return data.Split(rng.standard_normal((n, 784), dtype=np.float32),
+    return Split(rng.standard_normal((n, 784), dtype=np.float32),
                       rng.integers(0, 10, n).astype(np.int32))
 
 
 def make_task(mode: str, width: int, alignment_every: int = 0) -> Task:
     return Task(module=BioNeuralNetwork((width, width), ("relu", "relu"), 10, mode),
-                loss=metrics.softmax_cross_entropy, optimizer=optax.sgd(0.01),
-                metrics=metrics.ClassificationMetrics,
-                step_metrics=[metrics.Alignment(alignment_every)] if alignment_every else [])
+                loss=losses.softmax_cross_entropy, optimizer=optax.sgd(0.01),
+                metrics=ClassificationMetrics,
+                step_metrics=[alignment.Alignment(alignment_every)] if alignment_every else [])
 
 
 class SilentWriter:
@@ -63,7 +65,7 @@ class SilentWriter:
 class EpochTimer:
     """A trainer and task, compiled and warmed up, that times one more epoch per call."""
 
-    def __init__(self, task: Task, split: data.Split, batch: int, in_memory: bool = True,
+    def __init__(self, task: Task, split: Split, batch: int, in_memory: bool = True,
                  num_seeds: int = 1):
         self.task, self.split, self.batch, self.num_seeds = task, split, batch, num_seeds
         self.source = (InMemory if in_memory else TFData)(split)
@@ -79,7 +81,7 @@ class EpochTimer:
         self.state = self.trainer.fit(self.task, self.source, batch_size=self.batch,
                                       state=self.state).state
         jax.block_until_ready(self.state)
-        examples = batches.steps_per_epoch(len(self.split), self.batch) * self.batch * self.num_seeds
+        examples = arrays.steps_per_epoch(len(self.split), self.batch) * self.batch * self.num_seeds
         self.rates.append(examples / (time.perf_counter() - start))
 
     @property
@@ -96,7 +98,7 @@ def interleaved_rates(timers: dict, repeats: int) -> dict[str, float]:
     return {name: timer.rate for name, timer in timers.items()}
 
 
-def trainer_rate(task: Task, split: data.Split, batch: int, repeats: int) -> float:
+def trainer_rate(task: Task, split: Split, batch: int, repeats: int) -> float:
     return interleaved_rates({"": EpochTimer(task, split, batch)}, repeats)[""]
 
 
@@ -138,7 +140,7 @@ def matmul_ceiling(widths, batch: int, repeats: int) -> float:
     return steps * batch / statistics.median(seconds)
 
 
-def torch_rate(split: data.Split, width: int, batch: int, repeats: int):
+def torch_rate(split: Split, width: int, batch: int, repeats: int):
     """A plain PyTorch loop of the same MLP and SGD, or None without torch."""
     try:
         import torch  # pylint: disable=import-outside-toplevel
@@ -155,7 +157,7 @@ def torch_rate(split: data.Split, width: int, batch: int, repeats: int):
     steps = len(split) // batch
 
     def epoch(seed):
-        order = torch.from_numpy(batches.epoch_order(0, seed, len(split))).to(device)
+        order = torch.from_numpy(arrays.epoch_order(0, seed, len(split))).to(device)
         for i in range(steps):
             idx = order[i * batch:(i + 1) * batch]
             optimizer.zero_grad(set_to_none=True)
@@ -185,7 +187,7 @@ def torch_rate_in_subprocess(width: int, batch: int, repeats: int):
     return float(rate), version
 
 
-def seeds_table(split: data.Split, width: int, batch: int, repeats: int,
+def seeds_table(split: Split, width: int, batch: int, repeats: int,
                 counts: list[int]) -> None:
     """examples/s of N KP seeds vmapped in one program, all seeds' examples counted,
     against one run's (which N runs one after another share), interleaved."""
@@ -267,7 +269,7 @@ def main():
         seeds_table(split, width, batch, repeats, args.seeds or [1, 4])
     if args.quick:
         return
-    small = data.Split(split.inputs[:8192], split.targets[:8192])  # wide nets are slow here
+    small = Split(split.inputs[:8192], split.targets[:8192])  # wide nets are slow here
     print("\nwidth scaling (KP, batch 128, 8,192 examples): width, ex/s, fraction of that "
           "width's matmul ceiling")
     for w in (256, 512, 1024, 2048, 4096):

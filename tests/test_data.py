@@ -1,5 +1,5 @@
-"""Tests of bioflax.data and bioflax.batches on real MNIST (the offline TFDS copy, see
-conftest.py) and on the synthetic teacher-student and sine tasks."""
+"""Tests of bioflax.experiment.datasets and its input pipeline on real MNIST (the offline
+TFDS copy, see conftest.py) and on the synthetic teacher-student and sine tasks."""
 
 import collections
 import itertools

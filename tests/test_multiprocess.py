@@ -226,7 +226,7 @@ def test_launcher_input_mistakes_are_one_error_line(capsys, argv, expected):
 
 def test_importing_bioflax_starts_no_jax_backend():
     """jax.distributed.initialize must come before any backend use: importing may not."""
-    code = ("import bioflax, bioflax.train, bioflax.converter, bioflax.zoo\n"
+    code = ("import bioflax, bioflax.experiment.run, bioflax.converter, bioflax.zoo\n"
             "import jax._src.xla_bridge as xb\nassert not xb._backends, list(xb._backends)")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=pathlib.Path(__file__).resolve().parents[1])

@@ -30,13 +30,17 @@ def build_model(model_config: ml_collections.ConfigDict, info: datasets.DatasetI
     return models.build(model_config, info.num_outputs)
 
 
+def run_length(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The :class:`Trainer`'s run-length arguments for ``config`` (``fast_dev_run`` caps
+    the steps in all and per epoch): given to the Trainer and to :func:`durations` alike."""
+    training, fast_dev_run = config.training, config.training.fast_dev_run
+    return {"max_epochs": training.epochs, "max_steps": fast_dev_run or None,
+            "limit_train_batches": training.limit_train_batches or fast_dev_run or None}
+
+
 def durations(config: ml_collections.ConfigDict, num_train_examples: int) -> Durations:
     """The run's length in steps, as the trainer will resolve it for this config."""
-    training, fast_dev_run = config.training, config.training.fast_dev_run
-    return resolve_durations(
-        num_train_examples, config.data.batch_size, max_epochs=training.epochs,
-        max_steps=fast_dev_run or None,
-        limit_train_batches=training.limit_train_batches or fast_dev_run or None)
+    return resolve_durations(num_train_examples, config.data.batch_size, **run_length(config))
 
 
 def intervals(config: ml_collections.ConfigDict, durations_: Durations) -> dict[str, int]:
@@ -130,10 +134,9 @@ def _train_and_evaluate(config, workdir, info, splits):
             os.path.join(workdir, "checkpoints"), every_n_steps=every["checkpoint"],
             max_to_keep=training.keep_checkpoints))
     trainer = Trainer(
-        writer=writer, max_epochs=training.epochs, max_steps=fast_dev_run or None,
-        log_every_steps=every["log"], callbacks=callbacks, seed=config.seed,
-        limit_train_batches=training.limit_train_batches or fast_dev_run or None,
-        limit_eval_batches=fast_dev_run or None, mesh=make_mesh(training.num_devices or None),
+        writer=writer, **run_length(config), log_every_steps=every["log"],
+        callbacks=callbacks, seed=config.seed, limit_eval_batches=fast_dev_run or None,
+        mesh=make_mesh(training.num_devices or None),
         num_seeds=training.num_seeds, epoch_summary=_hidden_angle,
         compiler_options=config.compiler_options.to_dict())
     source = (InMemory if config.data.in_memory else TFData)(splits["train"])
