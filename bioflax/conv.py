@@ -16,9 +16,7 @@ width ``k``, dilation ``d``), under each tap of the other spatial axes: the bloc
 and ``y_block = P @ T`` gives the block's ``b`` output columns at once. ``b = 1`` is plain
 im2col; larger blocks share each input column among the ``b`` outputs that read it, so the
 patches are ``b·k / win`` times smaller than im2col's (about ``k / 2`` for ``b = k``) at
-``win / k`` times its multiply-adds (about 2). On LeNet-5 at batch 128 on a 2-core Xeon
-this trains 1.9× faster than im2col with a custom VJP did, and 7× faster than ``nn.Conv``'s
-own convolutions (``benchmarks/lenet.py``, README "Performance"). The gradients are autodiff's: ``dT = Pᵀ δ``
+``win / k`` times its multiply-adds (about 2). The gradients are autodiff's: ``dT = Pᵀ δ``
 summed back onto ``W``'s entries, and ``δ Tᵀ`` added back onto the input's pixels, so a
 feedback rule's ``jax.vjp(lambda h: conv(h, B), x)`` is the same convolution's
 input-gradient with ``B`` in place of ``W``.
@@ -35,11 +33,9 @@ from jax import lax
 PaddingLike = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
 IntOrSequence = Union[int, Sequence[int]]
 
-# XLA options under which these convolutions train fastest on a CPU (``jax.jit``'s
-# ``compiler_options``; ``config.compiler_options`` of the LeNet configs): YNNPACK for
-# reductions only, so that XLA's own (Eigen) matmuls run the skinny products, e.g. LeNet-5's
-# (21504, 45) @ (45, 30), 0.7x YNNPACK's time. LeNet-5 on MNIST trains 1.06-1.14x faster
-# by every rule, the CIFAR LeNet 1.08-1.13x; the MLP runs 0.95-0.98x (README "Performance").
+# XLA options for training these convolutions on a CPU (``jax.jit``'s ``compiler_options``;
+# ``config.compiler_options`` of the LeNet configs): YNNPACK for reductions only, so that
+# XLA's own matmuls, faster on the banded products' skinny shapes, run them.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
@@ -119,8 +115,8 @@ def _band(kernel: jax.Array, block: int, win: int, stride: int, dilation: int) -
     """``T[t, p, c, j, o] = Σ_v [p = j·s + v·d] W[t, v, c, o]`` for a kernel reshaped to
     ``(taps, k, in, out)``: shape ``(taps, win, in, block, out)``. Output column ``j``'s
     slice is ``W`` along its window axis, dilated by ``d`` and shifted by ``j·s``: one
-    ``lax.pad``, whose gradient is a slice. (A matmul against the 0/1 selection, as the
-    equation reads, trained LeNet-5 4–7 % slower by BP and FA, README "Performance".)"""
+    ``lax.pad``, whose gradient is a slice (cheaper than a matmul against the 0/1
+    selection the equation reads)."""
     span = (kernel.shape[1] - 1) * dilation + 1
     zero = jnp.zeros((), kernel.dtype)
     return jnp.stack([lax.pad(kernel, zero, [(0, 0, 0), (j * stride, win - span - j * stride,

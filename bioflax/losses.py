@@ -29,7 +29,7 @@ def mean_squared_error(predictions, targets):
     return jnp.mean(jnp.square(predictions - targets), axis=-1)
 
 
-# The losses each kind of task can train with, by name; the first is its default.
+# The losses each kind of task can train with, by name.
 LOSSES = {
     "classification": {"softmax_cross_entropy": softmax_cross_entropy,
                        "sigmoid_cross_entropy": sigmoid_cross_entropy,
@@ -37,9 +37,11 @@ LOSSES = {
     "regression": {"mean_squared_error": mean_squared_error},
 }
 
+# The loss each kind of task trains with when none is named.
+DEFAULT_LOSS = {"classification": "softmax_cross_entropy", "regression": "mean_squared_error"}
+
 
 def loss_for(task: str, name: str | None = None):
-    """The per-example loss ``name`` of ``LOSSES[task]``, or the task's default when None;
-    KeyError for a name the task cannot train with."""
-    losses = LOSSES[task]
-    return losses[name or next(iter(losses))]
+    """The per-example loss ``name`` of ``LOSSES[task]``, or ``DEFAULT_LOSS[task]`` when
+    None; KeyError for a name the task cannot train with."""
+    return LOSSES[task][DEFAULT_LOSS[task] if name is None else name]

@@ -30,13 +30,8 @@ def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
     gradient: the gradient goes to the first maximum of each window in row-major order, as
     ``reduce_window``'s select-and-scatter (and PyTorch's ``max_pool2d``) sends it. Values
     are elementwise maxima of the window's rows, then of its columns; the gradient is one
-    select against the index of each window's first maximum, which XLA's CPU backend fuses
-    into the loop that consumes it: LeNet-5 trained 1.07× faster on a 2-core Xeon than with
-    autodiff's gradient of the maxima (which splits ties), itself faster than
-    select-and-scatter (README "Performance"). The index is an ``argmax``, a reduction,
-    which XLA computes once per window; as a chain of compares and selects it was fused
-    into, and recomputed at, each of the window's ``size²`` gradient positions (LeNet-5
-    trained 1.12× faster with the ``argmax`` on a 2-core AMD EPYC)."""
+    select against the index of each window's first maximum (an ``argmax``, which XLA
+    computes once per window and fuses into the loop that consumes the gradient)."""
     return _pool_values(_windows(x, size), size)
 
 

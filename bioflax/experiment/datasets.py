@@ -60,7 +60,7 @@ def load(data_config: ml_collections.ConfigDict,
     """Loads ``data_config.dataset`` (a name of :data:`DATASETS`): its info and splits
     ``'train'``, ``'test'`` and, when ``data_config.val_split > 0``, ``'validation'`` (held
     out of train, fixed by ``seed``). The training split carries the augmentation that
-    ``data_config`` asks for (applied by :meth:`~bioflax.experiment.input_pipeline.Split.train_batches`)."""
+    ``data_config`` asks for (applied by its ``train_batches``)."""
     name = data_config.dataset
     if name not in DATASETS:
         raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
@@ -303,8 +303,7 @@ def _make_sinreg(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
 # (tests/test_data.py recomputes them from the prepared copy); the others are the values
 # published with those data sets' common training recipes (Fashion-MNIST: 0.2860/0.3530;
 # CIFAR-10/100: per-channel std over all pixels, not the mean of per-image stds; SVHN:
-# the cropped-digits training split). Only MNIST's could be recomputed on this project's
-# machines, which hold no copy of the others.
+# the cropped-digits training split); no test recomputes them.
 DATASETS = {
     "mnist": TFDSImages("mnist", 10, (28, 28, 1), (0.1307,), (0.3081,)),
     "fashion_mnist": TFDSImages("fashion_mnist", 10, (28, 28, 1), (0.2860,), (0.3530,)),
@@ -325,7 +324,7 @@ DATASET_TASKS = {name: spec.task for name, spec in DATASETS.items()}
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
     """The standard training augmentation of small images, run in tf.data by
-    :meth:`~bioflax.experiment.input_pipeline.Split.train_batches`: a random crop back to the image size after
+    the splits' ``train_batches``: a random crop back to the image size after
     padding every side by ``padding`` black pixels, and a horizontal flip with probability
     1/2 (``flip``).
 

@@ -1,5 +1,5 @@
 """Weight initialisers, chosen by name from :data:`INITIALIZERS`: each entry maps a scale
-``s`` to a Flax initialiser."""
+``s`` to a Flax initialiser. Those of :data:`UNSCALED` take no scale: ``s`` must be 1."""
 
 from typing import Callable
 
@@ -14,6 +14,7 @@ def _uniform(scale: float) -> nn.initializers.Initializer:
 
 
 INITIALIZERS: dict[str, Callable[[float], nn.initializers.Initializer]] = {
+    # Truncated normal of variance 1/fan_in (a scaled one is 'variance_scaling').
     "lecun_normal": lambda scale: nn.initializers.lecun_normal(),
     "uniform": _uniform,
     # U[−s/√fan_in, s/√fan_in] (s = 1: PyTorch's nn.Linear default); variance_scaling's
@@ -29,10 +30,17 @@ INITIALIZERS: dict[str, Callable[[float], nn.initializers.Initializer]] = {
         scale ** 2, "fan_avg", "uniform"),
 }
 
+# The initialisers that have no scale; asking for one with s != 1 is an error, not ignored.
+UNSCALED = ("lecun_normal", "zeros")
+
 
 def get(name: str, scale: float = 1.0) -> nn.initializers.Initializer:
     """The initialiser ``name`` with scale ``scale``; ValueError naming the choices for an
-    unknown name."""
+    unknown name, and for a scale other than 1 given to an initialiser of :data:`UNSCALED`."""
     if name not in INITIALIZERS:
         raise ValueError(f"Unknown initializer {name!r}; choose one of {list(INITIALIZERS)}.")
+    if name in UNSCALED and scale != 1:
+        raise ValueError(f"Initializer {name!r} takes no scale (got {scale}); use "
+                         "'variance_scaling', 'uniform', 'fan_in_uniform' or 'xavier_uniform' "
+                         "for a scaled one.")
     return INITIALIZERS[name](scale)

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def _import_tensorflow_quietly() -> None:
     """Imports TensorFlow with the process's stderr (fd 2) on /dev/null: its C++ start-up
     notices (oneDNN, CPU features) are written there before any logging is set up, whatever
-    TF_CPP_MIN_LOG_LEVEL says (seen with TensorFlow 2.21 on AVX-512 CPUs). A failing import
+    TF_CPP_MIN_LOG_LEVEL says. A failing import
     still raises its Python exception."""
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
@@ -128,9 +128,9 @@ def main(argv):
     except (ConfigError, ConfigFileError, WorkdirError) as error:
         _fail(str(error), 2)
     except TrainingInterrupted as interrupted:
-        _fail(f"{interrupted} The state of that step is checkpointed; run the same command "
-              "again to resume.", 130 if interrupted.signal_name == "SIGINT" else 143,
-              every_process=True)
+        _fail(f"{interrupted.signal_name} stopped training at step {interrupted.step}; the "
+              "state of that step is checkpointed. Run the same command again to resume.",
+              130 if interrupted.signal_name == "SIGINT" else 143, every_process=True)
     except TrainingDivergedError as error:
         _fail(f"{error} (--config.optimizer.learning_rate, --config.model.kernel_init_scale); "
               "running again resumes from the latest checkpoint.", 1)

@@ -1,19 +1,26 @@
 """The pictures of a run: alignment over training, predictions on test data.
 
-Each ``*_figure`` function returns a matplotlib figure; :func:`write_run_plots` saves them
-as PNG files in ``workdir/plots`` and as TensorBoard images.
+Each ``*_figure`` function returns a matplotlib figure, :func:`run_figures` those of one
+run, and :func:`save_figures` saves them as PNG files in ``workdir/plots`` and as
+TensorBoard images. The figures are ``matplotlib.figure.Figure`` objects drawn on an Agg
+canvas, without pyplot, so importing this module leaves matplotlib's backend alone.
 """
 
 import os
 from typing import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 Curves = Mapping[str, Sequence[tuple[int, float]]]
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize, dpi: int = 100, **kwargs):
+    """``pyplot.subplots`` without pyplot: a new Figure on its own Agg canvas, and its axes."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _layer_curves(scalars: Curves, prefix: str) -> dict[str, Sequence[tuple[int, float]]]:
@@ -23,7 +30,7 @@ def _layer_curves(scalars: Curves, prefix: str) -> dict[str, Sequence[tuple[int,
 
 def curves_figure(scalars: Curves, prefix: str, title: str, ylabel: str):
     """One line per tag under ``prefix`` (e.g. ``alignment/grad_angle/``) against step."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = subplots(figsize=(6, 4), dpi=100)
     for name, points in _layer_curves(scalars, prefix).items():
         steps, values = zip(*points)
         ax.plot(steps, values, label=name, linestyle="--" if name == "all" else "-")
@@ -39,7 +46,7 @@ def image_grid_figure(images: np.ndarray, predicted: np.ndarray, true: np.ndarra
     """Square grey images, each titled ``predicted (true)``, wrong ones in red."""
     rows = int(np.ceil(len(images) / columns))
     side = int(round(np.sqrt(images[0].size)))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.35), dpi=100)
+    fig, axes = subplots(rows, columns, figsize=(columns * 1.2, rows * 1.35), dpi=100)
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, image, p, t in zip(np.ravel(axes), images, predicted, true):
@@ -53,7 +60,7 @@ def image_grid_figure(images: np.ndarray, predicted: np.ndarray, true: np.ndarra
 def regression_figure(x: np.ndarray, target: np.ndarray, prediction: np.ndarray):
     """The target function and the model's prediction over a 1-D input range."""
     order = np.argsort(x.ravel())
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = subplots(figsize=(6, 4), dpi=100)
     ax.plot(x.ravel()[order], target.ravel()[order], label="target")
     ax.plot(x.ravel()[order], prediction.ravel()[order], label="prediction", linestyle="--")
     ax.set(title="prediction over the input range", xlabel="x", ylabel="y")
@@ -80,7 +87,6 @@ def save_figures(figures: Mapping[str, object], directory: str, writer=None,
         paths.append(path)
         if writer is not None:
             writer.write_images(step, {f"plots/{name}": figure_to_array(fig)[None]})
-        plt.close(fig)
     return paths
 
 

@@ -1,4 +1,5 @@
-"""Compares finished runs: ``python -m bioflax.experiment.report runs/bp runs/fa runs/kp --out report``.
+"""Compares finished runs:
+``python -m bioflax.experiment.report runs/bp runs/fa runs/kp --out report``.
 
 Each argument is one run's workdir, or a directory of seed workdirs (``seed_0``, ``seed_1``,
 ... as ``python -m bioflax.experiment.sweep`` writes them) that becomes one row, as mean ± standard
@@ -19,14 +20,12 @@ import re
 import sys
 from typing import Mapping, Optional, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.artist import setp
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-from bioflax.experiment.tensorboard_reader import read_scalars  # pylint: disable=wrong-import-position
-from bioflax.experiment.workdir import RESULT_FILE  # pylint: disable=wrong-import-position
+from bioflax.experiment.plots import subplots
+from bioflax.experiment.tensorboard_reader import read_scalars
+from bioflax.experiment.workdir import RESULT_FILE
 
 Scalars = Mapping[str, Sequence[tuple[int, float]]]
 ANGLE_PREFIX = "alignment/grad_angle/"
@@ -186,7 +185,7 @@ def _plot_band(ax, curve, **kwargs):
 
 
 def comparison_figure(groups: Mapping[str, Sequence[Run]]):
-    fig, (curve_ax, angle_ax, bar_ax) = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
+    fig, (curve_ax, angle_ax, bar_ax) = subplots(1, 3, figsize=(15, 4), dpi=100)
     all_runs = [run for runs in groups.values() for run in runs]
     metric = ("val/accuracy" if all("val/accuracy" in r.scalars for r in all_runs)
               else "train/loss")
@@ -214,7 +213,7 @@ def comparison_figure(groups: Mapping[str, Sequence[Run]]):
         bar_ax.set_ylim(min(values) - 0.02, 1.0)
     bar_ax.set(title=test_metric)
     bar_ax.tick_params(axis="x", labelrotation=30)  # long run names stay readable
-    plt.setp(bar_ax.get_xticklabels(), ha="right", rotation_mode="anchor")
+    setp(bar_ax.get_xticklabels(), ha="right", rotation_mode="anchor")
     for ax in (curve_ax, angle_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -230,8 +229,8 @@ def alignment_figure(groups: Mapping[str, Sequence[Run]]):
                       for tag in hidden_angle_tags(run.scalars))}
     if not aligned:
         return None
-    fig, axes = plt.subplots(1, len(aligned), figsize=(5 * len(aligned), 4), dpi=100,
-                             squeeze=False, sharey=True)
+    fig, axes = subplots(1, len(aligned), figsize=(5 * len(aligned), 4), dpi=100,
+                         squeeze=False, sharey=True)
     for ax, (name, runs) in zip(axes[0], aligned.items()):
         for tag in layer_angle_tags(runs[0].scalars):
             curve = mean_curve(runs, tag)
@@ -277,7 +276,6 @@ def write_report(paths: Sequence[str], out: str) -> list[str]:
         if fig is not None:
             written.append(os.path.join(out, filename))
             fig.savefig(written[-1])
-            plt.close(fig)
     return written
 
 

@@ -250,7 +250,6 @@ class Trainer:
                 history.append(logs)
                 for callback in self.callbacks:
                     callback.on_epoch_end(self, state, epoch, logs)
-        self.writer.flush()
         return state, history
 
     # --- evaluation and prediction -------------------------------------------------------

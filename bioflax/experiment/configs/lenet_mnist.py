@@ -14,12 +14,12 @@ def get_config(rule: str = "kp"):
     config.data.flatten = False
     config.data.image_size = 32
     config.model.name = "lenet5"
-    config.model.mode = rule
+    config.model.rule = rule
     config.model.kernel_init = "xavier_uniform"
     config.model.feedback_init = "xavier_uniform"
     config.optimizer.learning_rate = 0.003
     config.optimizer.schedule = "cosine"
     config.optimizer.weight_decay = 1e-4
     config.training.epochs = 10
-    config.compiler_options = CPU_COMPILER_OPTIONS  # faster on a CPU
+    config.compiler_options = CPU_COMPILER_OPTIONS  # for the banded convolutions on a CPU
     return config
