@@ -31,8 +31,9 @@ Flax variants (``make_model(rule, impl)``):
 
 - ``flax nn.Conv bp``: ``bioflax.zoo.LeNet5``, plain ``flax.linen.Conv`` and ``nn.Dense``
   layers, backprop (XLA's convolutions);
-- ``bioflax RULE``: the same network converted by ``bioflax.convert(lenet, RULE)`` for every
-  rule (on CPU its convolutions run as :mod:`bioflax.conv`'s banded matmuls), compiled with
+- ``bioflax RULE``: the same network converted by ``bioflax.convert(lenet, RULE,
+  conv_impl='auto')`` for every rule, as the LeNet configs convert it (on CPU its
+  convolutions run as :mod:`bioflax.conv`'s banded matmuls), compiled with
   ``bioflax.conv.CPU_COMPILER_OPTIONS`` as the LeNet configs train it;
 - ``bioflax bp, XLA defaults``: the same BP without those options;
 - ``hand-built bp`` and ``hand-built fa``: the network written by hand from
@@ -88,7 +89,7 @@ def flax_side():
 
     import bioflax  # pylint: disable=import-outside-toplevel
     from bioflax.conv import conv  # pylint: disable=import-outside-toplevel
-    from bioflax.rules import get_rule_with  # pylint: disable=import-outside-toplevel
+    from bioflax.rules import get_rule  # pylint: disable=import-outside-toplevel
     from bioflax.zoo import (  # pylint: disable=import-outside-toplevel
         LeNet5, max_pool, xavier_uniform)
 
@@ -151,7 +152,8 @@ def flax_side():
         (``bioflax.convert``, any rule) or ``'hand-built'`` (bp, fa)."""
         return {"nn.Conv": lambda: plain,
                 "convert": lambda: bioflax.convert(
-                    plain, get_rule_with(rule, feedback_init=xavier_uniform)),
+                    plain, get_rule(rule, **({} if rule == "bp" else {"feedback_init": xavier_uniform})),
+                    conv_impl="auto"),
                 "hand-built": lambda: hand_built[rule]}[impl]()
 
     class ChunkTimer:

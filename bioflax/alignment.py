@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
-from bioflax import layers
+from bioflax import converter, layers
 
 
 def _leaves(tree) -> list[jax.Array]:
@@ -49,7 +49,7 @@ def angle_degrees(a, b) -> jax.Array:
     return jnp.degrees(2 * jnp.arctan2(difference, total))
 
 
-def dense_layers(tree: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
+def kernel_layers(tree: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
     """The sub-dicts of a variable tree that hold a ``kernel``, keyed by their path."""
     flat = traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
     found: dict[str, dict[str, jax.Array]] = {}
@@ -60,24 +60,14 @@ def dense_layers(tree: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
 
 
 def layers_in_call_order(module: nn.Module, *args, **kwargs) -> list[str]:
-    """The paths (as :func:`dense_layers` keys them) of ``module``'s layers that own a
-    ``kernel``, in the order the forward pass first calls them, from tracing ``init`` on
-    ``args`` (no computation). The last is the model's output layer in a feed-forward net."""
-    order: list[str] = []
-
-    def record(next_fun, call_args, call_kwargs, context):
-        layer = context.module
-        start = len(order)
-        if context.method_name == "__call__" and layer.scope is not None:
-            order.append("/".join(layer.scope.path))
-        output = next_fun(*call_args, **call_kwargs)
-        if order[start:start + 1] and not layer.has_variable("params", "kernel"):
-            del order[start]
-        return output
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-    return list(dict.fromkeys(order))
+    """The paths (as :func:`kernel_layers` keys them) of ``module``'s layers that own a
+    ``kernel``, in the order the forward pass first calls them: the paths of
+    :func:`bioflax.converter.layer_records` (which traces ``init`` on ``args``, no
+    computation). The last is the model's output layer in a feed-forward net."""
+    records = converter.layer_records(module, *args, **kwargs)
+    kernels = kernel_layers(jax.eval_shape(
+        lambda: module.init(jax.random.key(0), *args, **kwargs)).get("params", {}))
+    return list(dict.fromkeys(r.path for r in records if r.path in kernels))
 
 
 def _with_feedback(params, model_state):
@@ -104,9 +94,9 @@ class Alignment:
 
     The trainer calls it inside the compiled step, on the steps whose index within the
     epoch is a multiple of ``every``, with the loss as a function of the parameters and
-    the rule's gradients; it computes backprop's gradients
-    under :func:`bioflax.layers.exact_backprop` and returns, per dense layer ``l`` (its
-    path in the parameter tree) and over all layers:
+    the rule's gradients; it computes backprop's gradients under
+    :func:`bioflax.layers.exact_backprop` and returns, per layer ``l`` with a kernel, Dense
+    or Conv (its path in the parameter tree) and over all layers:
 
     - ``alignment/grad_cosine/l`` and ``alignment/grad_angle/l``: cosine and angle (°)
       between the rule's ``(dW_l, db_l)`` and backprop's;
@@ -129,8 +119,8 @@ class Alignment:
                  model_state, grads) -> dict[str, jax.Array]:
         with layers.exact_backprop():
             backprop_grads = jax.grad(loss_of_params)(params)
-        rule = dense_layers(grads)
-        reference = dense_layers(backprop_grads)
+        rule = kernel_layers(grads)
+        reference = kernel_layers(backprop_grads)
         values = {}
         for name in rule:
             a, b = _layer_vector(rule[name]), _layer_vector(reference[name])
@@ -145,7 +135,7 @@ class Alignment:
                   if self.output_layer is not None and name != self.output_layer]
         if hidden:
             values["alignment/hidden_grad_angle"] = jnp.mean(jnp.stack(hidden))
-        for name, leaves in dense_layers(_with_feedback(params, model_state)).items():
+        for name, leaves in kernel_layers(_with_feedback(params, model_state)).items():
             feedback = leaves.get(layers.FEEDBACK_KERNEL)
             if feedback is not None and feedback.shape == leaves["kernel"].shape:
                 values[f"alignment/weight_cosine/{name}"] = cosine(leaves["kernel"], feedback)

@@ -24,7 +24,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": nn.silu,
 }
 
-MODES = tuple(rules.RULES)
+RULES = tuple(rules.RULES)
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -36,13 +36,13 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class BioNeuralNetwork(nn.Module):
-    """An MLP trained by the rule ``mode``: ``hidden_layers`` widths, then ``features`` outputs.
+    """An MLP trained by ``rule``: ``hidden_layers`` widths, then ``features`` outputs.
 
-    ``mode`` is a rule of :data:`bioflax.rules.RULES`; DFA uses the chain layers
-    ``RandomDenseLinearDFAHidden``/``Output``. ``activations[i]`` (a name from
+    ``rule`` is a name of :data:`bioflax.rules.RULES` (DFA included); every layer is a
+    :class:`bioflax.layers.RuleDense` named ``layer_i``. ``activations[i]`` (a name from
     :data:`ACTIVATIONS`) follows hidden layer ``i``; the output layer is linear. Inputs of
     any shape are flattened to ``(batch, -1)``. ``interpolation_factor`` is λ of
-    ``interpolate_fa_bp`` (1 = FA, 0 = BP).
+    ``interpolate_fa_bp`` (1 = FA, 0 = BP); ``feedback_init`` draws every rule's ``B``.
     ``input_layer_kernel_init``, when given, initialises ``layer_0``'s W instead of
     ``kernel_init`` (Nøkland's FA starts the input layer random and the others at zero).
     """
@@ -50,7 +50,7 @@ class BioNeuralNetwork(nn.Module):
     hidden_layers: Sequence[int]
     activations: Sequence[str]
     features: int
-    mode: str = "bp"
+    rule: str = "bp"
     interpolation_factor: float = 0.5
     kernel_init: layers.Initializer = layers.default_kernel_init
     feedback_init: layers.Initializer = layers.default_kernel_init
@@ -61,32 +61,27 @@ class BioNeuralNetwork(nn.Module):
             return self.input_layer_kernel_init
         return self.kernel_init
 
-    def _dense(self, features: int, index: int) -> nn.Module:
-        rule = rules.get_rule_with(self.mode, feedback_init=self.feedback_init,
-                                   interpolation_factor=self.interpolation_factor)
-        return layers.RuleDense(features, kernel_init=self._kernel_init(index),
-                                feedback_init=self.feedback_init, rule=rule,
-                                name=f"layer_{index}")
+    def _rule(self) -> rules.Rule:
+        options = {} if self.rule == "bp" else {"feedback_init": self.feedback_init}
+        if self.rule == "interpolate_fa_bp":
+            options["interpolation_factor"] = self.interpolation_factor
+        return rules.get_rule(self.rule, **options)
 
     @nn.compact
     def __call__(self, x):
-        if self.mode not in MODES:
-            raise ValueError(f"Unknown mode {self.mode!r}; choose one of {list(MODES)}.")
+        if self.rule not in RULES:
+            raise ValueError(f"Unknown rule {self.rule!r}; choose one of {list(RULES)}.")
         if len(self.hidden_layers) != len(self.activations):
             raise ValueError(
                 f"hidden_layers {tuple(self.hidden_layers)} and activations "
                 f"{tuple(self.activations)} must have the same length.")
+        rule = self._rule()
         x = x.reshape((x.shape[0], -1))
         for index, (width, name) in enumerate(zip(self.hidden_layers, self.activations)):
-            activation = get_activation(name)
-            if self.mode == "dfa":
-                x = layers.RandomDenseLinearDFAHidden(
-                    width, self.features, activation, kernel_init=self._kernel_init(index),
-                    feedback_init=self.feedback_init, name=f"layer_{index}")(x)
-            else:
-                x = activation(self._dense(width, index)(x))
+            x = layers.RuleDense(width, rule, activation=get_activation(name),
+                                 final_output_dim=self.features,
+                                 kernel_init=self._kernel_init(index),
+                                 feedback_init=self.feedback_init, name=f"layer_{index}")(x)
         index = len(self.hidden_layers)
-        if self.mode == "dfa":
-            return layers.RandomDenseLinearDFAOutput(
-                self.features, kernel_init=self._kernel_init(index), name=f"layer_{index}")(x)
-        return self._dense(self.features, index)(x)
+        return layers.RuleDense(self.features, rule, kernel_init=self._kernel_init(index),
+                                feedback_init=self.feedback_init, name=f"layer_{index}")(x)

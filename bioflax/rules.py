@@ -51,7 +51,6 @@ FEEDBACK_COLLECTION = "feedback"
 FEEDBACK_KERNEL = "feedback_kernel"
 FEEDBACK_MAGNITUDE = "feedback_magnitude"
 FEEDBACK_RNG = "feedback"
-_RULE_OP = "_bioflax_rule_op"
 
 Initializer = Callable[..., jax.Array]
 Linear = Callable[[jax.Array, jax.Array], jax.Array]
@@ -250,52 +249,9 @@ class BatchRandomSignSymmetry(KernelReplacingRule):
         return jnp.abs(magnitude) * jnp.sign(kernel)
 
 
-def _dense_projection(x, matrix):
-    return x.reshape((x.shape[0], -1)) @ matrix
-
-
-def dense_feedback(module: nn.Module, path: str, primitive: Callable[..., jax.Array],
-                   x: jax.Array, n_outputs: int):
-    """DFA's ``B`` at any layer's input ``x``: shape ``(size of one example of x,
-    n_outputs)``, an independent random projection at every position; ``p(x, B) = flat(x) @
-    B``. Returns ``(shape of B, p)``; ``module``, ``path`` and ``primitive`` are unused."""
-    del module, path, primitive
-    return (math.prod(x.shape[1:]), n_outputs), _dense_projection
-
-
-def shared_kernel_feedback(module: nn.Conv, path: str, primitive: Callable[..., jax.Array],
-                           x: jax.Array, n_outputs: int):
-    """DFA's ``B`` at a Conv layer's input as biotorch's DFA ``Conv2d`` has it: a kernel of
-    shape ``(kh, kw, C, n_outputs)`` with the layer's strides, padding and dilation, and
-    ``p(x, B) = Σ_positions conv(x, B)``, whose transpose sends the transposed convolution
-    of ``e`` repeated over the output map. Returns ``(shape of B, p)``."""
-    if module.feature_group_count != 1:
-        raise ValueError(
-            f"DFA with conv_feedback='shared_kernel': layer {path!r} has "
-            f"feature_group_count={module.feature_group_count}; a kernel from its "
-            f"{x.shape[-1]} input channels to the {n_outputs} outputs needs 1 "
-            "(or use conv_feedback='dense').")
-    kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
-                   else tuple(module.kernel_size))
-
-    bare = module.clone(parent=None, features=n_outputs, use_bias=False,
-                        conv_general_dilated=mark_rule_op(primitive),  # never converted
-                        conv_general_dilated_cls=None)
-
-    def projection(x, kernel):
-        y = bare.apply({"params": {"kernel": kernel}}, x)
-        return jnp.sum(y, axis=tuple(range(1, y.ndim - 1)))
-
-    return (*kernel_size, x.shape[-1], n_outputs), projection
-
-
-# How DFA's B at the input of a Conv layer is shaped (a Dense layer's input always takes
-# dense_feedback): each builds ``(shape of B, p)`` from ``(module, path, primitive, x,
-# n_outputs)``, the error reaching ``x`` being the transpose of ``p(·, B)`` applied to ``e``.
-DFA_CONV_FEEDBACK: dict[str, Callable[..., tuple]] = {
-    "dense": dense_feedback,
-    "shared_kernel": shared_kernel_feedback,
-}
+# The ways DFA's ``B`` at a Conv layer's input may be shaped (the converter's
+# ``bioflax.converter.DFA_CONV_FEEDBACK`` builds them).
+DFA_CONV_FEEDBACK_KINDS = ("dense", "shared_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +263,7 @@ class DirectFeedbackAlignment(Rule):
     a fixed random ``B`` drawn with ``feedback_init``: ``e Bᵀ`` with ``B`` of shape
     ``(size of the input, n_outputs)``, or at a Conv layer with
     ``conv_feedback='shared_kernel'`` the transposed convolution with a kernel ``B`` of
-    ``e`` repeated over the output map (:data:`DFA_CONV_FEEDBACK`, :mod:`bioflax.converter`).
+    ``e`` repeated over the output map (:data:`bioflax.converter.DFA_CONV_FEEDBACK`).
     """
 
     name: ClassVar[str] = "dfa"
@@ -315,9 +271,9 @@ class DirectFeedbackAlignment(Rule):
     conv_feedback: str = "dense"
 
     def __post_init__(self):
-        if self.conv_feedback not in DFA_CONV_FEEDBACK:
+        if self.conv_feedback not in DFA_CONV_FEEDBACK_KINDS:
             raise ValueError(f"Unknown conv_feedback {self.conv_feedback!r}; choose one of "
-                             f"{list(DFA_CONV_FEEDBACK)}.")
+                             f"{list(DFA_CONV_FEEDBACK_KINDS)}.")
 
     def linear(self, scope, f, x, kernel, param_dtype):
         del scope, param_dtype
@@ -345,37 +301,3 @@ def get_rule(name: str, **options: Any) -> Rule:
         raise ValueError(f"Rule {name!r} takes the options {sorted(allowed) or 'none'}; "
                          f"got {unknown}.")
     return rule_class(**options)
-
-
-def get_rule_with(name: str, **candidates: Any) -> Rule:
-    """The rule ``name`` with those of ``candidates`` that it takes as options (a model
-    that offers every rule its settings, as ``BioNeuralNetwork`` does)."""
-    fields = {field.name for field in dataclasses.fields(RULES[name])} if name in RULES else set()
-    return get_rule(name, **{key: value for key, value in candidates.items() if key in fields})
-
-
-def mark_rule_op(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """A wrapper of ``fn`` marked as a layer primitive that :func:`bioflax.convert` must not
-    convert; ``fn`` itself stays unmarked (a shared primitive such as
-    ``lax.conv_general_dilated`` must stay convertible everywhere else)."""
-    def marked(*args, **kwargs):
-        return fn(*args, **kwargs)
-    setattr(marked, _RULE_OP, True)
-    return marked
-
-
-def is_rule_op(fn) -> bool:
-    """Whether ``fn`` was marked by :func:`mark_rule_op`."""
-    return getattr(fn, _RULE_OP, False)
-
-
-def rule_op(rule: Rule, scope: flax_scope.Scope, primitive: Callable[..., jax.Array],
-            param_dtype) -> Callable[..., jax.Array]:
-    """A drop-in for ``lax.dot_general`` / ``lax.conv_general_dilated`` (``primitive``)
-    that computes the same value and trains its kernel (the second argument) by ``rule``;
-    marked by :func:`mark_rule_op`."""
-    def op(lhs, rhs, *args, **kwargs):
-        return rule.linear(scope, lambda x, w: primitive(x, w, *args, **kwargs), lhs, rhs,
-                           param_dtype)
-    return mark_rule_op(op)
-

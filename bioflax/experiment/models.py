@@ -12,11 +12,15 @@ from bioflax.models import BioNeuralNetwork
 
 
 def _rule(model_config) -> rules.Rule:
-    return rules.get_rule_with(
-        model_config.mode, interpolation_factor=model_config.interpolation_factor,
-        conv_feedback=model_config.dfa_conv_feedback,
-        feedback_init=initializers.get(model_config.feedback_init,
-                                       model_config.feedback_init_scale))
+    """The config's rule with the options that rule takes."""
+    name = model_config.rule
+    options = {} if name == "bp" else {"feedback_init": initializers.get(
+        model_config.feedback_init, model_config.feedback_init_scale)}
+    if name == "interpolate_fa_bp":
+        options["interpolation_factor"] = model_config.interpolation_factor
+    if name == "dfa":
+        options["conv_feedback"] = model_config.dfa_conv_feedback
+    return rules.get_rule(name, **options)
 
 
 def _mlp(model_config, num_outputs: int) -> nn.Module:
@@ -25,7 +29,7 @@ def _mlp(model_config, num_outputs: int) -> nn.Module:
     return BioNeuralNetwork(
         hidden_layers=tuple(model_config.hidden_layers),
         activations=tuple(model_config.activations), features=num_outputs,
-        mode=model_config.mode, interpolation_factor=model_config.interpolation_factor,
+        rule=model_config.rule, interpolation_factor=model_config.interpolation_factor,
         kernel_init=initializers.get(model_config.kernel_init, model_config.kernel_init_scale),
         feedback_init=initializers.get(model_config.feedback_init,
                                        model_config.feedback_init_scale),
@@ -34,12 +38,14 @@ def _mlp(model_config, num_outputs: int) -> nn.Module:
 
 
 def _converted_zoo_model(name: str, model_config, num_outputs: int) -> nn.Module:
-    """The zoo's ``name`` with every Dense and Conv trained by ``mode``
-    (``bioflax.convert``), ``keep_backprop`` layers excepted."""
+    """The zoo's ``name`` with every Dense and Conv trained by ``rule``
+    (``bioflax.convert``), ``keep_backprop`` layers excepted, its convolutions run by
+    ``conv_impl``."""
     model = zoo.get_model(name, num_classes=num_outputs, kernel_init=initializers.get(
         model_config.kernel_init, model_config.kernel_init_scale))
     return converter.convert(model, _rule(model_config),
-                             keep_backprop=tuple(model_config.keep_backprop))
+                             keep_backprop=tuple(model_config.keep_backprop),
+                             conv_impl=model_config.conv_impl)
 
 
 # The models a config names (``model.name``): builders of ``(model config, outputs)``.

@@ -4,17 +4,18 @@ Each problem raises :class:`bioflax.errors.ConfigError` naming the field, the ba
 and what is allowed.
 """
 
+import logging
 import numbers
 
 import jax
 import ml_collections
 
-from bioflax import losses, rules
+from bioflax import converter, losses, rules
 from bioflax import models as bio_models
 from bioflax.errors import ConfigError
 from bioflax.experiment import datasets as data
 from bioflax.experiment import models
-from bioflax.experiment.initializers import INITIALIZERS
+from bioflax.experiment.initializers import INITIALIZERS, UNSCALED
 from bioflax.experiment.optimizers import OPTIMIZERS, SCHEDULES
 
 
@@ -45,8 +46,19 @@ def num_outputs(config: ml_collections.ConfigDict) -> int:
     return data.DATASETS[config.data.dataset].num_outputs(config.data)
 
 
+def apply_deprecated_mode(config: ml_collections.ConfigDict) -> None:
+    """``model.mode``, the old name of ``model.rule``: when a config (or a command line's
+    ``--config.model.mode=fa``) sets it, log a deprecation warning and use it as the rule."""
+    mode = config.model.get("mode")
+    if mode is None:
+        return
+    logging.warning("model.mode is deprecated: set model.rule = %r instead.", mode)
+    config.model.rule, config.model.mode = mode, None
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError for the first field that cannot work; returns None otherwise."""
+    apply_deprecated_mode(config)
     _validate_choices(config)
     _validate_model(config)
     _validate_training(config)
@@ -60,12 +72,13 @@ def _validate_choices(config) -> None:
     """Every field that names an entry of a registry."""
     _choice(config, "data.dataset", data.DATASETS)
     _choice(config, "model.name", models.MODELS)
-    _choice(config, "model.mode", rules.RULES)
+    _choice(config, "model.rule", rules.RULES)
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
-    _choice(config, "model.dfa_conv_feedback", rules.DFA_CONV_FEEDBACK)
+    _choice(config, "model.dfa_conv_feedback", converter.DFA_CONV_FEEDBACK)
+    _choice(config, "model.conv_impl", converter.CONV_IMPLS)
     if config.model.input_layer_kernel_init is not None:
         _choice(config, "model.input_layer_kernel_init", INITIALIZERS)
     _choice(config, "training.early_stopping_mode", ("min", "max"))
@@ -74,7 +87,7 @@ def _validate_choices(config) -> None:
 
 
 def _validate_model(config) -> None:
-    """The MLP's layer lists, DFA's widths, the interpolation factor, the init scales."""
+    """The MLP's layer lists, the interpolation factor, the init scales."""
     hidden, activations = tuple(config.model.hidden_layers), tuple(config.model.activations)
     if len(hidden) != len(activations):
         raise ConfigError("model.activations", activations,
@@ -87,19 +100,18 @@ def _validate_model(config) -> None:
     for index, width in enumerate(hidden):
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width <= 0:
             raise ConfigError(f"model.hidden_layers[{index}]", width, "must be an integer > 0")
-    if config.model.mode == "dfa" and config.model.name == "mlp":
-        outputs = num_outputs(config)
-        for index, width in enumerate(hidden):
-            if width < outputs:
-                raise ConfigError(
-                    f"model.hidden_layers[{index}]", width,
-                    f"a DFA hidden layer passes the {outputs}-wide output error down through "
-                    f"its own width, so it needs at least {outputs} units")
     if not 0.0 <= config.model.interpolation_factor <= 1.0:
         raise ConfigError("model.interpolation_factor", config.model.interpolation_factor,
                           "must lie in [0, 1] (1 = FA, 0 = BP)")
     for field in ("model.kernel_init_scale", "model.feedback_init_scale"):
         _positive(config, field, integer=False)
+    for init_field, scale_field in (("model.kernel_init", "model.kernel_init_scale"),
+                                    ("model.input_layer_kernel_init", "model.kernel_init_scale"),
+                                    ("model.feedback_init", "model.feedback_init_scale")):
+        if _get(config, init_field) in UNSCALED and _get(config, scale_field) != 1:
+            raise ConfigError(scale_field, _get(config, scale_field),
+                              f"{init_field} = {_get(config, init_field)!r} takes no scale: "
+                              "leave it at 1, or pick a scaled initializer")
 
 
 def _validate_training(config) -> None:

@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.eval_batch_size = 1000  # global evaluation batch (the last one is padded and masked)
     data.val_split = 0.1  # fraction of the training set held out for validation; 0: none
     # Image pixels in [0, 1] become (x - mean) / std, per channel. None: the data set's own
-    # statistics (bioflax/data.py DATASETS; MNIST 0.1307 and 0.3081); a number: that value
-    # for every channel (0 and 1 keep pixels in [0, 1]).
+    # statistics (bioflax/experiment/datasets.py DATASETS; MNIST 0.1307 and 0.3081); a
+    # number: that value for every channel (0 and 1 keep pixels in [0, 1]).
     data.normalize_mean = ml_collections.config_dict.placeholder(float)
     data.normalize_std = ml_collections.config_dict.placeholder(float)
     data.flatten = True  # images as vectors (N, H*W*C), as MLPs take them; False: (N, H, W, C)
@@ -56,20 +56,30 @@ def get_config() -> ml_collections.ConfigDict:
     model.name = "mlp"
     # The learning rule (bioflax/rules.py): 'bp', 'fa', 'kp', 'dfa', 'interpolate_fa_bp',
     # 'usf', 'frsf' or 'brsf'
-    model.mode = "bp"
+    model.rule = "bp"
+    # Deprecated old name of model.rule: when set, it is used as the rule (with a warning)
+    model.mode = ml_collections.config_dict.placeholder(str)
     # Zoo models: Dense/Conv layers kept on backprop, glob patterns of their paths ('fc2')
     model.keep_backprop = ()
     model.interpolation_factor = 0.5  # λ of interpolate_fa_bp: 1 = FA, 0 = BP
     # dfa, zoo models: B at a conv layer's input, 'dense' ((H·W·C, n_outputs)) or
     # 'shared_kernel' ((kh, kw, C, n_outputs), biotorch's); see bioflax/converter.py
     model.dfa_conv_feedback = "dense"
+    # Zoo models: the convolution of their Conv layers (bioflax/converter.py CONV_IMPLS):
+    # 'xla' (lax.conv_general_dilated, nn.Conv's own), 'banded' (bioflax/conv.py's banded
+    # matmuls, equal up to float rounding and faster to train on XLA:CPU) or 'auto'
+    # (banded on the CPU backend, xla elsewhere)
+    model.conv_impl = "auto"
     model.hidden_layers = (500,)  # widths of the hidden layers
     model.activations = ("relu",)  # one activation name per hidden layer
-    # W: 'lecun_normal', 'uniform' (U[-s, s]), 'fan_in_uniform' (U[-s, s] / sqrt(fan_in);
-    # s = 1 is PyTorch's nn.Linear default), 'variance_scaling' (truncated normal with
-    # variance s / fan_in) or 'zeros'
+    # W (bioflax/experiment/initializers.py): 'lecun_normal' (truncated normal, variance
+    # 1 / fan_in), 'uniform' (U[-s, s]), 'fan_in_uniform' (U[-s, s] / sqrt(fan_in); s = 1 is
+    # PyTorch's nn.Linear default), 'variance_scaling' (truncated normal with variance
+    # s / fan_in), 'xavier_uniform' (U[-a, a], a = s·sqrt(6 / (fan_in + fan_out))) or 'zeros'
     model.kernel_init = "lecun_normal"
-    model.kernel_init_scale = 1.0  # s of 'uniform', 'fan_in_uniform' or 'variance_scaling'
+    # s of 'uniform', 'fan_in_uniform', 'variance_scaling' or 'xavier_uniform'; must stay 1
+    # for 'lecun_normal' and 'zeros', which take no scale
+    model.kernel_init_scale = 1.0
     # W of the first layer only (same choices and scale); None: kernel_init like the rest.
     model.input_layer_kernel_init = ml_collections.config_dict.placeholder(str)
     model.feedback_init = "lecun_normal"  # B: same choices as kernel_init

@@ -4,9 +4,9 @@ learning rate 0.05 with cosine decay, 20 epochs, batch 128, 10% of train for val
 from bioflax.experiment.configs import default
 
 
-def get_config(mode: str = "bp", activation: str = "relu"):
+def get_config(rule: str = "bp", activation: str = "relu"):
     config = default.get_config()
-    config.model.mode = mode
+    config.model.rule = rule
     config.model.hidden_layers = (500, 500)
     config.model.activations = (activation, activation)
     config.optimizer.learning_rate = 0.05

@@ -12,7 +12,7 @@ def get_config():
     config.data.test_size = 1_000
     config.data.val_split = 0.0
     config.data.batch_size = 50
-    config.model.mode = "fa"
+    config.model.rule = "fa"
     config.model.hidden_layers = (64, 64)
     config.model.activations = ("tanh", "tanh")
     config.optimizer.name = "adam"

@@ -13,7 +13,7 @@ def get_config():
     config.data.val_split = 0.0
     config.data.batch_size = 50
     config.data.teacher_activation = "identity"
-    config.model.mode = "fa"
+    config.model.rule = "fa"
     config.model.hidden_layers = (20,)
     config.model.activations = ("identity",)
     config.optimizer.learning_rate = 0.1

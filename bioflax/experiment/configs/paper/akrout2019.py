@@ -18,14 +18,14 @@ LEARNING_RATES = {"bp": 0.2, "fa": 0.2, "kp": 0.3}
 RULES = tuple(LEARNING_RATES)
 
 
-def get_config(mode: str = "bp"):
-    if mode not in LEARNING_RATES:
-        raise ValueError(f"akrout2019 has no {mode!r} setting; choose one of {list(LEARNING_RATES)}")
+def get_config(rule: str = "bp"):
+    if rule not in LEARNING_RATES:
+        raise ValueError(f"akrout2019 has no {rule!r} setting; choose one of {list(LEARNING_RATES)}")
     config = mnist_protocol(batch_size=128)
-    config.model.mode = mode
+    config.model.rule = rule
     config.model.hidden_layers = (500,)
     config.model.activations = ("sigmoid",)
-    config.optimizer.learning_rate = LEARNING_RATES[mode]
+    config.optimizer.learning_rate = LEARNING_RATES[rule]
     config.optimizer.momentum = 0.0
     config.training.epochs = 400
     config.training.checkpoint_every_epochs = 100.0

@@ -34,11 +34,11 @@ EPOCHS = 400  # BP's validation error still falls slowly at 400 epochs; capped t
 RULES = ("bp", "fa")
 
 
-def get_config(mode: str = "fa"):
-    if mode not in RULES:
-        raise ValueError(f"lillicrap2016 has no {mode!r} setting; choose one of {list(RULES)}")
+def get_config(rule: str = "fa"):
+    if rule not in RULES:
+        raise ValueError(f"lillicrap2016 has no {rule!r} setting; choose one of {list(RULES)}")
     config = mnist_protocol(BATCH_SIZE)
-    config.model.mode = mode
+    config.model.rule = rule
     config.model.hidden_layers = (1000,)
     config.model.activations = ("sigmoid",)
     config.model.kernel_init = "uniform"

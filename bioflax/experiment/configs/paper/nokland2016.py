@@ -24,17 +24,17 @@ BATCH_SIZE = 64
 
 
 def get_config(setting: str = "7x240_dfa"):
-    architecture, _, mode = setting.partition("_")
-    if architecture not in ARCHITECTURES or mode not in RULES:
+    architecture, _, rule = setting.partition("_")
+    if architecture not in ARCHITECTURES or rule not in RULES:
         raise ValueError(f"nokland2016 has no {setting!r} setting; use ARCH_RULE with ARCH in "
                          f"{list(ARCHITECTURES)} and RULE in {list(RULES)}, e.g. 7x240_dfa")
     # Logs once per epoch: the stopping rule reads that epoch's training accuracy.
     config = mnist_protocol(BATCH_SIZE)
-    config.model.mode = mode
+    config.model.rule = rule
     config.model.hidden_layers = ARCHITECTURES[architecture]
     config.model.activations = ("tanh",) * len(ARCHITECTURES[architecture])
-    config.model.kernel_init = "fan_in_uniform" if mode == "bp" else "zeros"
-    if mode == "fa":
+    config.model.kernel_init = "fan_in_uniform" if rule == "bp" else "zeros"
+    if rule == "fa":
         config.model.input_layer_kernel_init = "fan_in_uniform"
     config.model.feedback_init = "fan_in_uniform"
     config.optimizer.name = "rmsprop"

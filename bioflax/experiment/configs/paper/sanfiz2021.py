@@ -51,7 +51,7 @@ def _common(model: str, rule: str):
     config = default.get_config()
     config.data.flatten = False
     config.model.name = MODELS[model]
-    config.model.mode = rule
+    config.model.rule = rule
     config.model.kernel_init = "xavier_uniform"
     config.model.feedback_init = "xavier_uniform"
     config.model.loss = "softmax_cross_entropy"
