@@ -1,6 +1,6 @@
 """Tests of ``bioflax.convert`` and the conv rules against hand-derived float64 references.
 
-The references are NumPy loops written from the definitions (DESIGN §1, "Convolutions"):
+The references are NumPy loops written from the definitions (README's rule table):
 a convolution as a sum over kernel offsets of strided, dilated input windows, its
 input-gradient as the scatter of ``δ Bᵀ`` back into those windows, and its kernel gradient
 as ``Σ windowᵀ δ``; pooling, ReLU and BatchNorm backward passes written out by hand. JAX's
@@ -8,6 +8,7 @@ autodiff only differentiates the code under test.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import bioflax
 from bioflax import alignment as alignment_lib
 from bioflax import convert, rules
 from float64 import ATOL, RTOL, float64_only  # noqa: F401
+from numpy_reference import np_cosine
 
 SIGN_RULES = ("usf", "frsf")
 KERNEL_RULES = ("bp", "fa", "kp", "interpolate_fa_bp") + SIGN_RULES
@@ -102,7 +104,7 @@ class NpConv:
 
 
 def np_backward_kernel(rule, kernel, stored, lam=0.3):
-    """``B`` of DESIGN §1 from the kernel and the rule's stored matrix."""
+    """``B`` of README's rule table from the kernel and the rule's stored matrix."""
     return {
         "bp": lambda: kernel,
         "fa": lambda: stored,
@@ -209,21 +211,23 @@ def test_converted_conv_matches_hand_derived_reference(rule, setting):
         close(grads["feedback_kernel"], reference.kernel_grad(x, r), "KP: dB = dW")
 
 
-@pytest.mark.parametrize("layer, shape, bitwise", [
-    (nn.Dense(5), (3, 4), True),
-    # the layer's own convolution is kept: bit for bit
+@pytest.mark.parametrize("layer, shape, conv_impl, bitwise", [
+    (nn.Dense(5), (3, 4), "xla", True),
+    # the default: XLA's convolution, nn.Conv's own: bit for bit
+    (nn.Conv(5, (3, 3), strides=2), (3, 9, 9, 2), "xla", True),
+    # the layer's own convolution is kept, whatever conv_impl says: bit for bit
     (nn.Conv(5, (3, 3), strides=2, conv_general_dilated=jax.lax.conv_general_dilated),
-     (3, 9, 9, 2), True),
-    # on CPU a converted nn.Conv runs as patches and matmuls: equal up to float rounding
-    (nn.Conv(5, (3, 3), strides=2), (3, 9, 9, 2), False),
+     (3, 9, 9, 2), "banded", True),
+    # banded matmuls: equal up to float rounding
+    (nn.Conv(5, (3, 3), strides=2), (3, 9, 9, 2), "banded", False),
 ])
-def test_converted_forward_equals_the_original_layer(layer, shape, bitwise):
+def test_converted_forward_equals_the_original_layer(layer, shape, conv_impl, bitwise):
     with jax.enable_x64(False):
         x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
         variables = layer.init(jax.random.key(0), x)
         expected = np.asarray(layer.apply(variables, x))
         for rule in rules.RULES:
-            model = convert(layer, rule)
+            model = convert(layer, rule, conv_impl=conv_impl)
             converted_vars = model.init(jax.random.key(0), x)
             # the same initial kernel and bias, under the same names
             for name, value in variables["params"].items():
@@ -531,7 +535,7 @@ class PlainMLP(nn.Module):
 def test_dfa_converted_mlp_equals_the_dfa_layers_for_the_same_matrices():
     rng = np.random.default_rng(7)
     x, labels = jnp.asarray(rng.normal(size=(6, 8))), jnp.asarray([0, 1, 2, 3, 1, 0])
-    chain = bioflax.BioNeuralNetwork((7, 6, 5), ("tanh",) * 3, 4, mode="dfa")
+    chain = bioflax.BioNeuralNetwork((7, 6, 5), ("tanh",) * 3, 4, rule="dfa")
     chain_vars = randomized(chain.init(jax.random.key(0), x), 8)
     converted = convert(PlainMLP(), "dfa")
     converted_vars = converted.init(jax.random.key(0), x)
@@ -575,14 +579,26 @@ def test_keep_backprop_by_path_and_by_predicate():
 
 
 def test_summary_lists_converted_and_backprop_layers():
-    text = bioflax.convert_summary(convert(ResidualBlock(), "kp", keep_backprop="Dense_0"),
-                                   jnp.zeros((1, 4, 4, 2)))
-    lines = text.splitlines()
-    assert [line.split()[:3] for line in lines[2:-1]] == [
-        ["Conv_0", "Conv", "kp"], ["BatchNorm_0", "BatchNorm", "bp"],
-        ["Conv_1", "Conv", "kp"], ["BatchNorm_1", "BatchNorm", "bp"],
-        ["Dense_0", "Dense", "bp"]]
-    assert lines[-1] == "2 layers trained by 'kp', 3 by backprop."
+    for conv_impl, conv_class in (("xla", "Conv (xla)"), ("banded", "Conv (banded)"),
+                                  ("auto", "Conv (banded)" if jax.default_backend() == "cpu"
+                                   else "Conv (xla)")):
+        text = bioflax.convert_summary(
+            convert(ResidualBlock(), "kp", keep_backprop="Dense_0", conv_impl=conv_impl),
+            jnp.zeros((1, 4, 4, 2)))
+        lines = text.splitlines()
+        # columns: path, class (with a Conv layer's convolution), rule
+        columns = [re.split(r"\s{2,}", line.strip()) for line in lines[2:-1]]
+        assert [[path, layer, rule.split()[0]] for path, layer, rule in columns] == [
+            ["Conv_0", conv_class, "kp"], ["BatchNorm_0", "BatchNorm", "bp"],
+            ["Conv_1", conv_class, "kp"], ["BatchNorm_1", "BatchNorm", "bp"],
+            ["Dense_0", "Dense", "bp"]], conv_impl
+        assert lines[-1] == "2 layers trained by 'kp', 3 by backprop."
+
+
+def test_unknown_conv_impl_names_the_choices():
+    with pytest.raises(ValueError, match="Unknown conv_impl 'cudnn'; choose one of "
+                                         r"\['xla', 'banded', 'auto'\]"):
+        convert(SmallCNN(), "bp", conv_impl="cudnn")
 
 
 def test_other_layer_classes_stay_on_backprop():
@@ -626,9 +642,9 @@ def test_dfa_refuses_an_output_that_is_not_batch_by_outputs():
 def test_exact_backprop_gives_backprop_gradients_for_every_rule():
     rng = np.random.default_rng(11)
     x, labels = rng.normal(size=(4, 5, 5, 3)), jnp.asarray([0, 2, 1, 1])
-    base = randomized(convert(ResidualBlock(), "bp").init(jax.random.key(0), jnp.asarray(x)), 3)
-    _, want, _ = converted_grads(convert(ResidualBlock(), "bp"), base, x, labels,
-                                 mutable=["batch_stats"])
+    # the reference: the plain Flax model, unconverted
+    base = randomized(ResidualBlock().init(jax.random.key(0), jnp.asarray(x)), 3)
+    _, want, _ = converted_grads(ResidualBlock(), base, x, labels, mutable=["batch_stats"])
     for rule in rules.RULES:
         model = convert(ResidualBlock(), rule)
         variables = model.init(jax.random.key(0), jnp.asarray(x))
@@ -646,10 +662,6 @@ def test_exact_backprop_gives_backprop_gradients_for_every_rule():
 # =========================================================================================
 # 6. Alignment metrics on a converted model
 # =========================================================================================
-
-
-def np_cosine(a, b):
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 @pytest.mark.parametrize("rule", ["fa", "dfa"])

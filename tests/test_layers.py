@@ -1,8 +1,8 @@
-"""Tests of the feedback layers against gradients derived by hand (DESIGN.md §1).
+"""Tests of the feedback layers against gradients derived by hand (README's rule table).
 
 Every expected gradient here comes from a small float64 NumPy implementation of the
-equations (forward pass storing ``x_l`` and ``a_l``, then one backward pass per rule, with
-hand-written derivatives of the activations and of the loss). JAX's autodiff is only used
+equations, tests/numpy_reference.py (forward pass storing ``x_l`` and ``a_l``, then one
+backward pass per rule, with hand-written derivatives of the activations and of the loss). JAX's autodiff is only used
 to differentiate *through the code under test*; it is never compared with itself.
 
 All tests run with 64-bit floats enabled through the ``jax.enable_x64`` context (an
@@ -26,24 +26,15 @@ from bioflax import (
     RandomDenseLinearKP,
 )
 from float64 import ATOL, RTOL, abstract_init, float64_only, randomize  # noqa: F401
+from numpy_reference import (NP_ACTIVATIONS, NP_LOSSES, np_backward_chain,  # noqa: F401
+                             np_backward_dfa, np_fit_last_axis, np_forward, np_mse,
+                             np_reference, np_softmax_xent)
 
 
 # =========================================================================================
-# NumPy reference (float64), derived from the equations of DESIGN.md §1
+# The JAX side of the NumPy reference (tests/numpy_reference.py)
 # =========================================================================================
 
-
-def _sigmoid(a):
-    return 1.0 / (1.0 + np.exp(-a))
-
-
-# name -> (φ, φ'), derivatives written by hand.
-NP_ACTIVATIONS = {
-    "tanh": (np.tanh, lambda a: 1.0 - np.tanh(a) ** 2),
-    "sigmoid": (_sigmoid, lambda a: _sigmoid(a) * (1.0 - _sigmoid(a))),
-    "relu": (lambda a: np.maximum(a, 0.0), lambda a: (a > 0).astype(np.float64)),
-    "identity": (lambda a: a, lambda a: np.ones_like(a)),
-}
 
 # the same activations as JAX callables, for user-built modules
 JAX_ACTIVATIONS = {
@@ -54,124 +45,11 @@ JAX_ACTIVATIONS = {
 }
 
 
-def np_forward(x, kernels, biases, activations):
-    """``a_l = x_l W_l + b_l``; ``x_{l+1} = φ_l(a_l)`` for hidden layers, output linear.
-
-    Returns the list of layer inputs ``xs`` (``xs[l]`` is the input of layer ``l``) and the
-    list of pre-activations ``pre`` (``pre[-1]`` is the network output).
-    """
-    xs, pre = [x], []
-    for index, (kernel, bias) in enumerate(zip(kernels, biases)):
-        a = xs[-1] @ kernel + bias
-        pre.append(a)
-        if index < len(activations):
-            xs.append(NP_ACTIVATIONS[activations[index]][0](a))
-    return xs, pre
-
-
-def np_mse(y, t):
-    """``L = Σ (y − t)² / (2N)``; returns ``(L, e = ∂L/∂y = (y − t)/N)``."""
-    n = y.shape[0]
-    return 0.5 * np.sum((y - t) ** 2) / n, (y - t) / n
-
-
-def np_softmax_xent(y, t):
-    """``L = −Σ t log softmax(y) / N``; returns ``(L, e = (softmax(y) − t)/N)``."""
-    n = y.shape[0]
-    z = y - y.max(axis=-1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
-    return -np.sum(t * np.log(p)) / n, (p - t) / n
-
-
-NP_LOSSES = {"mse": np_mse, "xent": np_softmax_xent}
-
-
 def jax_loss(name, y, t):
     n = y.shape[0]
     if name == "mse":
         return 0.5 * jnp.sum((y - t) ** 2) / n
     return -jnp.sum(t * jax.nn.log_softmax(y)) / n
-
-
-def np_backward_chain(rules, xs, pre, kernels, feedbacks, activations, error, lambdas=None):
-    """Backward pass of a chain of BP / FA / KP / interpolation layers.
-
-    ``rules[l]`` is the rule of layer ``l`` (``"bp"``, ``"fa"``, ``"kp"``, ``"interp"``),
-    ``lambdas[l]`` the interpolation factor λ of an ``"interp"`` layer. Layer ``l`` sends
-    ``δ_l M_lᵀ`` down with ``M = W`` (BP), ``B`` (FA, KP), ``λB + (1−λ)W`` (interp);
-    ``δ_{l−1} = φ'(a_{l−1}) ⊙ (that signal)``; ``dW = xᵀδ``, ``db = Σδ``; ``dB = dW`` for
-    KP and ``0`` for FA / interp (``None`` for BP: no ``B``).
-
-    Returns ``(dWs, dbs, dBs, dx)``.
-    """
-    depth = len(kernels)
-    d_kernels, d_biases, d_feedbacks = [None] * depth, [None] * depth, [None] * depth
-    delta = error
-    signal = None
-    for index in reversed(range(depth)):
-        rule = rules[index]
-        d_kernels[index] = xs[index].T @ delta
-        d_biases[index] = delta.sum(axis=0)
-        if rule == "bp":
-            backward = kernels[index]
-        elif rule in ("fa", "kp"):
-            backward = feedbacks[index]
-            d_feedbacks[index] = d_kernels[index] if rule == "kp" else np.zeros_like(
-                feedbacks[index])
-        elif rule == "interp":
-            lam = lambdas[index]
-            backward = lam * feedbacks[index] + (1.0 - lam) * kernels[index]
-            d_feedbacks[index] = np.zeros_like(feedbacks[index])
-        else:
-            raise AssertionError(rule)
-        signal = delta @ backward.T
-        if index > 0:
-            delta = NP_ACTIVATIONS[activations[index - 1]][1](pre[index - 1]) * signal
-    return d_kernels, d_biases, d_feedbacks, signal
-
-
-def np_fit_last_axis(error, width):
-    """``e`` in the first columns of a ``width``-wide array, zeros after (or truncated)."""
-    out = np.zeros(error.shape[:-1] + (width,))
-    k = min(width, error.shape[-1])
-    out[..., :k] = error[..., :k]
-    return out
-
-
-def np_backward_dfa(xs, pre, feedbacks, activations, error):
-    """DFA: ``δ_L = e``; hidden ``δ_l = φ'(a_l) ⊙ (e B_lᵀ)``; every ``dB = 0``.
-
-    The input cotangent is ``e`` placed in the first columns of an input-wide array.
-    """
-    depth = len(xs)
-    d_kernels, d_biases, d_feedbacks = [None] * depth, [None] * depth, [None] * depth
-    for index in range(depth):
-        if index == depth - 1:
-            delta = error
-        else:
-            delta = NP_ACTIVATIONS[activations[index]][1](pre[index]) * (
-                error @ feedbacks[index].T)
-            d_feedbacks[index] = np.zeros_like(feedbacks[index])
-        d_kernels[index] = xs[index].T @ delta
-        d_biases[index] = delta.sum(axis=0)
-    return d_kernels, d_biases, d_feedbacks, np_fit_last_axis(error, xs[0].shape[-1])
-
-
-def np_reference(rule, x, kernels, biases, feedbacks, activations, targets, loss,
-                 lambdas=None):
-    """Loss value and all gradients of a network whose every layer follows ``rule``.
-
-    ``rule`` is a single name or a per-layer list (mixed chain networks).
-    """
-    xs, pre = np_forward(x, kernels, biases, activations)
-    value, error = NP_LOSSES[loss](pre[-1], targets)
-    if rule == "dfa":
-        grads = np_backward_dfa(xs, pre, feedbacks, activations, error)
-    else:
-        rules = [rule] * len(kernels) if isinstance(rule, str) else list(rule)
-        grads = np_backward_chain(rules, xs, pre, kernels, feedbacks, activations, error,
-                                  lambdas)
-    return value, pre[-1], grads
 
 
 # =========================================================================================
@@ -255,7 +133,7 @@ RULES = {  # BioNeuralNetwork mode -> (reference rule, λ)
 
 
 def build_bio(mode, net, seed=0, interpolation_factor=0.5):
-    model = BioNeuralNetwork(net["hidden"], net["acts"], net["n_out"], mode=mode,
+    model = BioNeuralNetwork(net["hidden"], net["acts"], net["n_out"], rule=mode,
                              interpolation_factor=interpolation_factor)
     x, t = make_data(seed, 6, net["in_shape"], net["n_out"], net["loss"])
     variables = randomize(abstract_init(model, jnp.asarray(x)), seed + 100)
@@ -268,6 +146,15 @@ def numpy_params(variables, names, kp):
     biases = [np.asarray(variables["params"][n]["bias"]) for n in names]
     feedbacks = [feedback_of(variables, n, kp) for n in names]
     return kernels, biases, feedbacks
+
+
+def np_dfa_input_cotangent(x, kernels, biases, feedbacks, activations, targets, loss):
+    """The input's cotangent under DFA: the first layer's ``δ_0 = φ'(a_0) ⊙ (e B_0ᵀ)``
+    sent back through ``W_0`` (``δ_0 W_0ᵀ``), as backprop would send it."""
+    _, pre = np_forward(x, kernels, biases, activations)
+    _, error = NP_LOSSES[loss](pre[-1], targets)
+    delta0 = NP_ACTIVATIONS[activations[0]][1](pre[0]) * (error @ feedbacks[0].T)
+    return delta0 @ kernels[0].T
 
 
 @pytest.mark.parametrize("net_name", list(NETWORKS))
@@ -288,9 +175,11 @@ def test_bio_network_gradients_match_hand_derived_reference(mode, net_name):
     assert_close(got_value, value, "loss")
     check_grads(grads, g_x, names, ref, kp=kp, check_dx=rule != "dfa")
     if rule == "dfa":
-        # documented DFA input cotangent: e in the first columns (zeros after)
+        # the input receives the first layer's δ_0 through W_0ᵀ
         assert g_x.shape == x.shape
-        assert_close(g_x.reshape(x_flat.shape), ref[3], "DFA input cotangent")
+        assert_close(g_x.reshape(x_flat.shape),
+                     np_dfa_input_cotangent(x_flat, kernels, biases, feedbacks, net["acts"],
+                                            t, net["loss"]), "DFA input cotangent")
 
     # Sanity: the rule really differs from backprop on the lower layers here, so the
     # comparison above could not pass by accident for a non-BP rule.
@@ -398,7 +287,8 @@ def test_user_module_dfa_matches_reference(loss):
     _, _, ref = np_reference("dfa", x, kernels, biases, feedbacks, model.acts, t, loss)
     _, _, grads, g_x = jax_grads(model, variables, x, t, loss)
     check_grads(grads, g_x, names, ref, check_dx=False)
-    assert_close(g_x, ref[3], "DFA input cotangent")
+    assert_close(g_x, np_dfa_input_cotangent(x, kernels, biases, feedbacks, model.acts, t, loss),
+                 "DFA input cotangent")
 
 
 # =========================================================================================
@@ -441,31 +331,34 @@ def test_single_chain_layer_with_several_batch_axes(layer_cls):
 
 
 @pytest.mark.parametrize("in_width", [2, 3, 6])
-def test_dfa_hidden_single_layer_passes_error_down(in_width):
-    # output cotangent of a DFA hidden layer (width 5) carries e in its first 3 columns;
-    # the other columns must be ignored.
+def test_dfa_hidden_layer_receives_the_projected_output_error(in_width):
+    # a DFA hidden layer (width 5) under a DFA output layer (3 outputs), with an operation
+    # between them; L = Σ out ⊙ R, so e = R and the hidden δ = φ'(a) ⊙ (e Bᵀ)
+    class HiddenThenOutput(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = RandomDenseLinearDFAHidden(5, 3, nn.sigmoid, name="hidden")(x)
+            return RandomDenseLinearDFAOutput(3, name="out")(2.0 * h)
+
     rng = np.random.default_rng(6)
-    n_out = 3
     x = rng.normal(size=(4, in_width))
-    carried = rng.normal(size=(4, 5))
-    e = carried[:, :n_out]
-    layer = RandomDenseLinearDFAHidden(5, n_out, nn.sigmoid)
-    variables = randomize(abstract_init(layer, jnp.asarray(x)), 8)
-    w = np.asarray(variables["params"]["kernel"])
-    bias = np.asarray(variables["params"]["bias"])
-    b_mat = np.asarray(variables["feedback"]["feedback_kernel"])
-    assert b_mat.shape == (5, n_out)
-    grads, g_x = _single_layer_grads(layer, variables, x, carried)
+    e = rng.normal(size=(4, 3))
+    model = HiddenThenOutput()
+    variables = randomize(abstract_init(model, jnp.asarray(x)), 8)
+    w = np.asarray(variables["params"]["hidden"]["kernel"])
+    bias = np.asarray(variables["params"]["hidden"]["bias"])
+    b_mat = np.asarray(variables["feedback"]["hidden"]["feedback_kernel"])
+    assert b_mat.shape == (5, 3)
+    grads, g_x = _single_layer_grads(model, variables, x, e)
 
     a = x @ w + bias
     delta = NP_ACTIVATIONS["sigmoid"][1](a) * (e @ b_mat.T)
-    assert_close(grads["params"]["kernel"], x.T @ delta, "dW")
-    assert_close(grads["params"]["bias"], delta.sum(0), "db")
-    assert np.array_equal(grads["feedback"]["feedback_kernel"], np.zeros_like(b_mat))
-    want_dx = np.zeros((4, in_width))
-    k = min(in_width, n_out)
-    want_dx[:, :k] = e[:, :k]
-    assert np.array_equal(np.asarray(g_x), want_dx)
+    assert_close(grads["params"]["hidden"]["kernel"], x.T @ delta, "dW")
+    assert_close(grads["params"]["hidden"]["bias"], delta.sum(0), "db")
+    assert_close(grads["params"]["out"]["kernel"], (2.0 * NP_ACTIVATIONS["sigmoid"][0](a)).T @ e,
+                 "dW out")
+    assert np.array_equal(grads["feedback"]["hidden"]["feedback_kernel"], np.zeros_like(b_mat))
+    assert_close(g_x, delta @ w.T, "input cotangent")
 
 
 @pytest.mark.parametrize("in_width", [2, 3, 6])
@@ -479,10 +372,8 @@ def test_dfa_output_single_layer(in_width):
     grads, g_x = _single_layer_grads(layer, variables, x, e)
     assert_close(grads["params"]["kernel"], x.T @ e, "dW")
     assert_close(grads["params"]["bias"], e.sum(0), "db")
-    want_dx = np.zeros((4, in_width))
-    k = min(in_width, 3)
-    want_dx[:, :k] = e[:, :k]
-    assert np.array_equal(np.asarray(g_x), want_dx)
+    # alone, the output layer is a Dense layer: its input receives e Wᵀ
+    assert_close(g_x, e @ np.asarray(variables["params"]["kernel"]).T, "input cotangent")
 
 
 def test_dfa_chain_with_several_batch_axes():
@@ -511,7 +402,7 @@ def test_dfa_chain_with_several_batch_axes():
     assert_close(grads["params"]["hidden"]["kernel"], np.einsum("abi,abj->ij", x, delta0),
                  "dW hidden")
     assert_close(grads["params"]["hidden"]["bias"], delta0.sum((0, 1)), "db hidden")
-    assert_close(g_x, np_fit_last_axis(e, 4), "input cotangent")
+    assert_close(g_x, delta0 @ w0.T, "input cotangent")
 
 
 # =========================================================================================
@@ -595,9 +486,9 @@ def test_interpolation_endpoints(net_name):
     model0, variables, names, x, t = build_bio("interpolate_fa_bp", net, seed=14,
                                                interpolation_factor=0.0)
     model1 = BioNeuralNetwork(net["hidden"], net["acts"], net["n_out"],
-                              mode="interpolate_fa_bp", interpolation_factor=1.0)
-    fa_model = BioNeuralNetwork(net["hidden"], net["acts"], net["n_out"], mode="fa")
-    bp_model = BioNeuralNetwork(net["hidden"], net["acts"], net["n_out"], mode="bp")
+                              rule="interpolate_fa_bp", interpolation_factor=1.0)
+    fa_model = BioNeuralNetwork(net["hidden"], net["acts"], net["n_out"], rule="fa")
+    bp_model = BioNeuralNetwork(net["hidden"], net["acts"], net["n_out"], rule="bp")
     kernels, biases, feedbacks = numpy_params(variables, names, kp=False)
     x_flat = x.reshape(x.shape[0], -1)
 
@@ -718,12 +609,11 @@ def test_use_bias_false_forward_and_grads():
 # =========================================================================================
 
 
-def test_dfa_hidden_narrower_than_outputs_raises():
-    with pytest.raises(ValueError, match="features >= final_output_dim"):
-        abstract_init(RandomDenseLinearDFAHidden(2, 3, nn.relu), jnp.ones((1, 4)))
+def test_dfa_hidden_needs_final_output_dim_but_no_width():
     with pytest.raises(ValueError, match="final_output_dim"):
         abstract_init(RandomDenseLinearDFAHidden(4), jnp.ones((1, 4)))
-    # equal width is allowed
+    # any width, narrower than the outputs included (its training: test_models.py)
+    abstract_init(RandomDenseLinearDFAHidden(2, 3, nn.relu), jnp.ones((1, 4)))
     abstract_init(RandomDenseLinearDFAHidden(3, 3, nn.relu), jnp.ones((1, 4)))
 
 
@@ -776,3 +666,35 @@ def test_exact_backprop_inside_jit_and_nesting():
         assert_close(rule["params"][name]["kernel"], fa_ref[0][index], f"FA dW {name}")
         assert_close(reference["params"][name]["kernel"], bp_ref[0][index], f"BP dW {name}")
     assert not bioflax.layers.backprop_is_forced()
+
+
+def test_rule_dense_takes_a_rule_name_and_dfa():
+    rng = np.random.default_rng(31)
+    x = jnp.asarray(rng.normal(size=(4, 3)))
+    r = jnp.asarray(rng.normal(size=(4, 2)))
+
+    def grads(model):
+        variables = model.init(jax.random.key(0), x)
+        return jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, x) * r))(
+            variables["params"])
+
+    by_name = grads(bioflax.RuleDense(2, "usf"))
+    by_rule = grads(bioflax.RuleDense(2, bioflax.rules.UniformSignSymmetry()))
+    assert jax.tree.all(jax.tree.map(np.array_equal, by_name, by_rule))
+
+    class Named(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = RandomDenseLinearDFAHidden(5, 2, jnp.tanh, name="hidden")(x)
+            return RandomDenseLinearDFAOutput(2, name="out")(x)
+
+    class ByRuleDense(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = bioflax.RuleDense(5, "dfa", activation=jnp.tanh, final_output_dim=2,
+                                  name="hidden")(x)
+            return bioflax.RuleDense(2, "dfa", name="out")(x)
+
+    named, by_rule_dense = grads(Named()), grads(ByRuleDense())
+    assert jax.tree.all(jax.tree.map(np.array_equal, named, by_rule_dense))
+    assert float(jnp.abs(named["hidden"]["kernel"]).sum()) > 0

@@ -11,6 +11,8 @@ from bioflax.experiment.tensorboard_reader import read_scalars
 from e2e import (checkpoint_steps, environment, flat_arrays, load_checkpoint, main_command,
                  run_main, REPO)
 
+pytestmark = pytest.mark.e2e  # runs main.py or other processes: `pytest -m 'not e2e'` skips it
+
 SHORT_MNIST = ("--config.training.epochs=1", "--config.training.limit_train_batches=300",
                "--config.training.checkpoint_every_steps=100",
                "--config.alignment.every_steps=50")
@@ -81,7 +83,7 @@ def test_killed_run_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path):
 
 
 def test_one_and_eight_devices_give_the_same_loss_curve(tmp_path):
-    overrides = ("--config.model.mode=kp", "--config.data.batch_size=64",
+    overrides = ("--config.model.rule=kp", "--config.data.batch_size=64",
                  "--config.training.epochs=2", "--config.training.log_every_steps=20")
     curves = {}
     for devices in (1, 8):

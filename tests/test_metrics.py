@@ -1,8 +1,8 @@
 """The alignment metrics, checked against NumPy and against the laws they should show.
 
 * On a small network every value of :class:`alignment_lib.Alignment` agrees with cosines and
-  angles computed here in NumPy from gradients derived by hand (forward and backward pass
-  of an MLP under each rule, in float64).
+  angles computed in NumPy from gradients derived by hand (tests/numpy_reference.py: the
+  forward and backward pass of an MLP under each rule, in float64).
 * :func:`alignment_lib.cosine` / :func:`alignment_lib.angle_degrees` give the closed-form values, and a
   backprop network measured against itself gives angle 0 and cosine 1.
 * FA on a linear teacher (Lillicrap et al. 2016): the hidden layer's gradient angle to
@@ -23,62 +23,7 @@ from bioflax import losses as losses_lib
 from bioflax.experiment import input_pipeline as batches
 from bioflax.trainer import Callback, Task, Trainer
 from bioflax.trainer import metrics as trainer_metrics
-
-# --- a NumPy reference MLP ---------------------------------------------------------------
-
-_NUMPY_ACTIVATIONS = {
-    # name: (φ, φ')
-    "tanh": (np.tanh, lambda a: 1.0 - np.tanh(a) ** 2),
-    "sigmoid": (lambda a: 1.0 / (1.0 + np.exp(-a)),
-                lambda a: np.exp(-a) / (1.0 + np.exp(-a)) ** 2),
-    "identity": (lambda a: a, np.ones_like),
-}
-
-
-def _f64(tree):
-    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-
-
-def numpy_gradients(params, feedback, x, t, activations, rule, lam=None):
-    """Per-layer ``(dW, db)`` of the mean-over-batch MSE under ``rule``, by hand.
-
-    ``params[l]`` = (W_l, b_l); ``feedback[l]`` = B_l (or None). ``rule`` is 'bp', 'fa',
-    'kp', 'interp' (signal δ (λB + (1−λ)W)ᵀ) or 'dfa' (δ_l = φ'(a_l) ⊙ (e B_lᵀ)).
-    """
-    x = np.asarray(x, np.float64)
-    t = np.asarray(t, np.float64)
-    num_layers = len(params)
-    hs, pre = [x], []
-    for l, (w, b) in enumerate(params):
-        a = hs[-1] @ w + b
-        pre.append(a)
-        if l < num_layers - 1:
-            hs.append(_NUMPY_ACTIVATIONS[activations[l]][0](a))
-    y = pre[-1]
-    e = 2.0 * (y - t) / y.size  # ∂/∂y of mean over batch and outputs of (y − t)²
-    grads = [None] * num_layers
-    delta = e
-    for l in reversed(range(num_layers)):
-        if rule == "dfa" and l < num_layers - 1:
-            delta = _NUMPY_ACTIVATIONS[activations[l]][1](pre[l]) * (e @ feedback[l].T)
-        grads[l] = (hs[l].T @ delta, delta.sum(0))
-        if l == 0 or rule == "dfa":
-            continue
-        w = params[l][0]
-        backward = {"bp": w, "fa": feedback[l], "kp": feedback[l],
-                    "interp": None if lam is None else lam * feedback[l] + (1 - lam) * w}[rule]
-        delta = (delta @ backward.T) * _NUMPY_ACTIVATIONS[activations[l - 1]][1](pre[l - 1])
-    return grads
-
-
-def numpy_cosine(a, b):
-    a, b = np.ravel(a), np.ravel(b)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def numpy_angle(a, b):
-    return float(np.degrees(np.arccos(np.clip(numpy_cosine(a, b), -1.0, 1.0))))
-
+from numpy_reference import np_angle, np_cosine, np_gradients
 
 def _flat(grads):
     return np.concatenate([np.concatenate([dw.ravel(), db.ravel()]) for dw, db in grads])
@@ -95,7 +40,7 @@ def small_problem(mode, interpolation_factor=0.5, seed=0):
     x = rng.normal(size=(16, 4)).astype(np.float32)
     t = rng.normal(size=(16, OUTPUTS)).astype(np.float32)
     model = models.BioNeuralNetwork(hidden_layers=HIDDEN, activations=ACTIVATIONS,
-                                    features=OUTPUTS, mode=mode,
+                                    features=OUTPUTS, rule=mode,
                                     interpolation_factor=interpolation_factor)
     variables = dict(model.init(jax.random.key(seed), jnp.asarray(x)))
     params = variables.pop("params")
@@ -135,8 +80,8 @@ def _run_alignment(model, params, model_state, x, t, grads, output_layer=None):
 def test_alignment_matches_a_numpy_computation(mode, rule, lam):
     model, params, model_state, x, t = small_problem(mode, interpolation_factor=lam or 0.5)
     names, weights, feedback = _weights_and_feedback(mode, params, model_state)
-    rule_grads = numpy_gradients(weights, feedback, x, t, ACTIVATIONS, rule, lam)
-    bp_grads = numpy_gradients(weights, feedback, x, t, ACTIVATIONS, "bp")
+    rule_grads = np_gradients(weights, feedback, x, t, ACTIVATIONS, rule, lam)
+    bp_grads = np_gradients(weights, feedback, x, t, ACTIVATIONS, "bp")
 
     # Sanity of the NumPy reference: the rule's gradients are what jax.grad of the model gives.
     def loss_of_params(p):
@@ -148,7 +93,7 @@ def test_alignment_matches_a_numpy_computation(mode, rule, lam):
         np.testing.assert_allclose(jax_grads[name]["kernel"], dw, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(jax_grads[name]["bias"], db, rtol=1e-4, atol=1e-7)
     # The hidden layers' rule gradients really differ from backprop's (else this tests little).
-    assert numpy_angle(_flat(rule_grads[:1]), _flat(bp_grads[:1])) > 1.0
+    assert np_angle(_flat(rule_grads[:1]), _flat(bp_grads[:1])) > 1.0
 
     # Pass the rule's gradients computed here. For KP add a wild B-gradient: only (dW, db)
     # may enter the gradient alignment.
@@ -165,16 +110,16 @@ def test_alignment_matches_a_numpy_computation(mode, rule, lam):
 
     expected = {}
     for name, rule_g, bp_g in zip(names, rule_grads, bp_grads):
-        expected[f"alignment/grad_cosine/{name}"] = numpy_cosine(_flat([rule_g]), _flat([bp_g]))
-        expected[f"alignment/grad_angle/{name}"] = numpy_angle(_flat([rule_g]), _flat([bp_g]))
-    expected["alignment/grad_cosine/all"] = numpy_cosine(_flat(rule_grads), _flat(bp_grads))
-    expected["alignment/grad_angle/all"] = numpy_angle(_flat(rule_grads), _flat(bp_grads))
+        expected[f"alignment/grad_cosine/{name}"] = np_cosine(_flat([rule_g]), _flat([bp_g]))
+        expected[f"alignment/grad_angle/{name}"] = np_angle(_flat([rule_g]), _flat([bp_g]))
+    expected["alignment/grad_cosine/all"] = np_cosine(_flat(rule_grads), _flat(bp_grads))
+    expected["alignment/grad_angle/all"] = np_angle(_flat(rule_grads), _flat(bp_grads))
     expected["alignment/relative_grad_norm"] = float(
         np.linalg.norm(_flat(bp_grads)) / np.linalg.norm(_flat(rule_grads)))
     expected["alignment/hidden_grad_angle"] = float(np.mean(
-        [numpy_angle(_flat([r]), _flat([b])) for r, b in zip(rule_grads[:-1], bp_grads[:-1])]))
+        [np_angle(_flat([r]), _flat([b])) for r, b in zip(rule_grads[:-1], bp_grads[:-1])]))
     for name, (w, _), b in zip(names, weights, feedback):
-        expected[f"alignment/weight_cosine/{name}"] = numpy_cosine(w, b)
+        expected[f"alignment/weight_cosine/{name}"] = np_cosine(w, b)
         expected[f"alignment/weight_difference_norm/{name}"] = float(np.linalg.norm(w - b))
 
     assert set(values) == set(expected)
@@ -193,8 +138,8 @@ def test_alignment_of_dfa_matches_numpy_and_has_no_weight_alignment():
     model, params, model_state, x, t = small_problem("dfa")
     names, weights, feedback = _weights_and_feedback("dfa", params, model_state)
     assert feedback[0].shape == (HIDDEN[0], OUTPUTS) and feedback[-1] is None
-    rule_grads = numpy_gradients(weights, feedback, x, t, ACTIVATIONS, "dfa")
-    bp_grads = numpy_gradients(weights, feedback, x, t, ACTIVATIONS, "bp")
+    rule_grads = np_gradients(weights, feedback, x, t, ACTIVATIONS, "dfa")
+    bp_grads = np_gradients(weights, feedback, x, t, ACTIVATIONS, "bp")
     grads = {name: {"kernel": jnp.asarray(dw, jnp.float32), "bias": jnp.asarray(db, jnp.float32)}
              for name, (dw, db) in zip(names, rule_grads)}
     values, loss_of_params = _run_alignment(model, params, model_state, x, t, grads)
@@ -210,11 +155,11 @@ def test_alignment_of_dfa_matches_numpy_and_has_no_weight_alignment():
     assert not any("weight_" in k for k in values)
     for name, rule_g, bp_g in zip(names, rule_grads, bp_grads):
         assert values[f"alignment/grad_cosine/{name}"] == pytest.approx(
-            numpy_cosine(_flat([rule_g]), _flat([bp_g])), rel=1e-5, abs=1e-6)
+            np_cosine(_flat([rule_g]), _flat([bp_g])), rel=1e-5, abs=1e-6)
         assert values[f"alignment/grad_angle/{name}"] == pytest.approx(
-            numpy_angle(_flat([rule_g]), _flat([bp_g])), abs=2e-3)
+            np_angle(_flat([rule_g]), _flat([bp_g])), abs=2e-3)
     assert values["alignment/grad_cosine/all"] == pytest.approx(
-        numpy_cosine(_flat(rule_grads), _flat(bp_grads)), rel=1e-5)
+        np_cosine(_flat(rule_grads), _flat(bp_grads)), rel=1e-5)
     assert values["alignment/relative_grad_norm"] == pytest.approx(
         np.linalg.norm(_flat(bp_grads)) / np.linalg.norm(_flat(rule_grads)), rel=1e-5)
 
@@ -239,7 +184,7 @@ def test_cosine_and_angle_closed_form_values():
         assert float(alignment_lib.angle_degrees(a, ortho)) == pytest.approx(90.0, abs=1e-3)
         assert float(alignment_lib.cosine(a, ortho)) == pytest.approx(0.0, abs=1e-6)
         # A generic pair agrees with arccos of the NumPy cosine.
-        cos = numpy_cosine(a64, b64)
+        cos = np_cosine(a64, b64)
         assert float(alignment_lib.cosine(a, b)) == pytest.approx(cos, abs=1e-6)
         assert float(alignment_lib.angle_degrees(a, b)) == pytest.approx(
             np.degrees(np.arccos(cos)), abs=1e-3)
@@ -259,7 +204,7 @@ def test_cosine_and_angle_of_pytrees_are_those_of_the_concatenated_vectors():
     b = [x + 0.5 * rng.normal(size=x.shape) for x in a]
     a32, b32 = ([x.astype(np.float32) for x in t] for t in (a, b))
     flat_a, flat_b = (np.concatenate([x.ravel() for x in t]) for t in (a, b))
-    cos = numpy_cosine(flat_a, flat_b)
+    cos = np_cosine(flat_a, flat_b)
     assert float(alignment_lib.cosine(a32, b32)) == pytest.approx(cos, abs=1e-6)
     assert float(alignment_lib.angle_degrees(a32, b32)) == pytest.approx(
         np.degrees(np.arccos(cos)), abs=1e-3)
@@ -271,14 +216,14 @@ def test_cosine_and_angle_of_pytrees_are_those_of_the_concatenated_vectors():
         pytest.approx(0.01, rel=1e-3)
 
 
-def test_dense_layers_finds_every_kernel_by_path():
+def test_kernel_layers_finds_every_kernel_by_path():
     model, params, model_state, x, t = small_problem("kp")
-    found = alignment_lib.dense_layers(params)
+    found = alignment_lib.kernel_layers(params)
     assert set(found) == {"layer_0", "layer_1", "layer_2"}
     assert set(found["layer_0"]) == {"kernel", "bias", layers.FEEDBACK_KERNEL}
     np.testing.assert_array_equal(found["layer_1"]["kernel"], params["layer_1"]["kernel"])
     nested = {"block": {"dense": {"kernel": np.ones((2, 2))}, "norm": {"scale": np.ones(2)}}}
-    assert set(alignment_lib.dense_layers(nested)) == {"block/dense"}
+    assert set(alignment_lib.kernel_layers(nested)) == {"block/dense"}
 
 
 class Recorder(Callback):
@@ -314,7 +259,7 @@ def test_backprop_trained_with_alignment_has_angle_zero(mode, factor):
     """BP, and the interpolation at λ = 0 (which is BP), match the reference exactly."""
     recorder = Recorder()
     task = Task(module=models.BioNeuralNetwork(hidden_layers=(8,), activations=("tanh",),
-                                               features=3, mode=mode,
+                                               features=3, rule=mode,
                                                interpolation_factor=factor),
                 loss=losses_lib.mean_squared_error, optimizer=optax.sgd(0.1),
                 metrics=trainer_metrics.RegressionMetrics, step_metrics=[alignment_lib.Alignment(every=3)])
@@ -337,7 +282,7 @@ def test_backprop_trained_with_alignment_has_angle_zero(mode, factor):
 def test_feedback_alignment_angle_falls_below_90_on_a_linear_teacher():
     recorder = Recorder()
     task = Task(module=models.BioNeuralNetwork(hidden_layers=(20,), activations=("identity",),
-                                               features=10, mode="fa"),
+                                               features=10, rule="fa"),
                 loss=losses_lib.mean_squared_error, optimizer=optax.sgd(0.3),
                 metrics=trainer_metrics.RegressionMetrics, step_metrics=[alignment_lib.Alignment(every=4)])
     # 32 steps per epoch, one log interval per epoch, 8 alignment samples per interval.
@@ -370,7 +315,7 @@ def test_kolen_pollack_with_weight_decay_aligns_w_and_b_geometrically():
     ratio = 1.0 - lr * wd
     recorder = Recorder()
     task = Task(module=models.BioNeuralNetwork(hidden_layers=(20,), activations=("tanh",),
-                                               features=10, mode="kp"),
+                                               features=10, rule="kp"),
                 loss=losses_lib.mean_squared_error,
                 optimizer=optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr)),
                 metrics=trainer_metrics.RegressionMetrics,
@@ -386,7 +331,7 @@ def test_kolen_pollack_with_weight_decay_aligns_w_and_b_geometrically():
         w0 = recorder.params[0][name]["kernel"]
         b0 = recorder.params[0][name][layers.FEEDBACK_KERNEL]
         initial = np.linalg.norm(w0 - b0)
-        assert abs(numpy_cosine(w0, b0)) < 0.3  # independent random init
+        assert abs(np_cosine(w0, b0)) < 0.3  # independent random init
 
         # (b) ‖W_t − B_t‖ = (1 − lr·wd)^t ‖W_0 − B_0‖ at every chunk end and at the end.
         for step, params in recorder.params.items():
@@ -407,7 +352,7 @@ def test_kolen_pollack_with_weight_decay_aligns_w_and_b_geometrically():
             # and the logged weight cosine is that of the parameters at step s.
             params = recorder.params[s][name]
             assert logs[f"alignment/weight_cosine/{name}"] == pytest.approx(
-                numpy_cosine(params["kernel"], params[layers.FEEDBACK_KERNEL]), abs=1e-5)
+                np_cosine(params["kernel"], params[layers.FEEDBACK_KERNEL]), abs=1e-5)
 
         # (a) the weight alignment rises from ~0 towards 1.
         cosines = np.array([logs[f"alignment/weight_cosine/{name}"]
@@ -442,7 +387,7 @@ def test_relative_grad_norm_is_defined_when_gradients_vanish():
     """A network whose weights are all zero (DFA and FA start so in Nøkland 2016) gives
     backprop no gradient through the hidden layers: the ratio stays finite or inf, never NaN."""
     module = models.BioNeuralNetwork(hidden_layers=(4,), activations=("tanh",), features=2,
-                                     mode="fa", kernel_init=jax.nn.initializers.zeros)
+                                     rule="fa", kernel_init=jax.nn.initializers.zeros)
     x, y = jnp.ones((3, 5)), jnp.array([0, 1, 1])
     variables = module.init(jax.random.key(0), x)
     params = variables.pop("params")

@@ -48,7 +48,7 @@ N_OUT = 3
 
 
 def _init(mode, x, **kwargs):
-    model = BioNeuralNetwork(HIDDEN, ACTS, N_OUT, mode=mode, **kwargs)
+    model = BioNeuralNetwork(HIDDEN, ACTS, N_OUT, rule=mode, **kwargs)
     return model, abstract_init(model, jnp.asarray(x))
 
 
@@ -99,7 +99,7 @@ def test_feedback_variables_per_mode():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("hidden", [HIDDEN, ()])
 def test_input_layer_kernel_init_sets_only_the_first_layers_w(mode, hidden):
-    model = BioNeuralNetwork(hidden, ACTS[:len(hidden)], N_OUT, mode=mode,
+    model = BioNeuralNetwork(hidden, ACTS[:len(hidden)], N_OUT, rule=mode,
                              kernel_init=jax.nn.initializers.zeros,
                              input_layer_kernel_init=jax.nn.initializers.ones)
     params = model.init(jax.random.PRNGKey(0), jnp.ones((2, 7)))["params"]
@@ -111,7 +111,7 @@ def test_input_layer_kernel_init_sets_only_the_first_layers_w(mode, hidden):
 def test_no_hidden_layers_is_a_linear_model():
     x = np.random.default_rng(0).normal(size=(4, 5))
     for mode in MODES:
-        model = BioNeuralNetwork((), (), 2, mode=mode)
+        model = BioNeuralNetwork((), (), 2, rule=mode)
         variables = randomize(abstract_init(model, jnp.asarray(x)), 1)
         assert set(variables["params"]) == {"layer_0"}
         (kernel, bias), = layers_of(variables["params"], ["layer_0"])
@@ -162,7 +162,7 @@ def test_image_shaped_input_is_flattened(mode):
 def test_activations_follow_their_hidden_layer_and_output_is_linear():
     # identity/relu order matters: relu after layer 0 zeroes negative pre-activations.
     x = np.random.default_rng(6).normal(size=(8, 3))
-    model = BioNeuralNetwork((4, 4), ("relu", "identity"), 2, mode="fa")
+    model = BioNeuralNetwork((4, 4), ("relu", "identity"), 2, rule="fa")
     variables = randomize(abstract_init(model, jnp.asarray(x)), 7)
     names = ["layer_0", "layer_1", "layer_2"]
     layers = layers_of(variables["params"], names)
@@ -177,7 +177,7 @@ def test_activations_follow_their_hidden_layer_and_output_is_linear():
 
 
 def test_unknown_mode_raises_with_choices():
-    model = BioNeuralNetwork((4,), ("relu",), 2, mode="feedback_alignment")
+    model = BioNeuralNetwork((4,), ("relu",), 2, rule="feedback_alignment")
     with pytest.raises(ValueError) as info:
         abstract_init(model, jnp.ones((1, 3)))
     message = str(info.value)
@@ -187,7 +187,7 @@ def test_unknown_mode_raises_with_choices():
 
 
 def test_unknown_activation_raises_with_choices():
-    model = BioNeuralNetwork((4, 4), ("relu", "swishy"), 2, mode="fa")
+    model = BioNeuralNetwork((4, 4), ("relu", "swishy"), 2, rule="fa")
     with pytest.raises(ValueError) as info:
         abstract_init(model, jnp.ones((1, 3)))
     message = str(info.value)
@@ -198,22 +198,42 @@ def test_unknown_activation_raises_with_choices():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mismatched_lengths_raise(mode):
-    model = BioNeuralNetwork((4, 4), ("relu",), 2, mode=mode)
+    model = BioNeuralNetwork((4, 4), ("relu",), 2, rule=mode)
     with pytest.raises(ValueError, match="same length") as info:
         abstract_init(model, jnp.ones((1, 3)))
     assert "(4, 4)" in str(info.value) and "relu" in str(info.value)
 
 
-def test_dfa_hidden_narrower_than_outputs_raises():
-    model = BioNeuralNetwork((8, 2), ("relu", "tanh"), 3, mode="dfa")
-    with pytest.raises(ValueError, match="features >= final_output_dim"):
-        abstract_init(model, jnp.ones((1, 3)))
+def test_dfa_hidden_narrower_than_outputs_trains_by_dfa():
+    # a hidden layer of width 2 under 3 outputs: each hidden δ_l = φ'(a_l) ⊙ (e B_lᵀ)
+    model = BioNeuralNetwork((8, 2), ("relu", "tanh"), 3, rule="dfa")
+    x = np.random.default_rng(3).normal(size=(5, 3))
+    variables = randomize(abstract_init(model, jnp.asarray(x)), 4)
+    params, fixed = variables["params"], variables["feedback"]
+    assert fixed["layer_1"]["feedback_kernel"].shape == (2, 3)
+    # L = Σ y ⊙ R, so e = R
+    r = np.random.default_rng(5).normal(size=(5, 3))
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p, "feedback": fixed},
+                                                   jnp.asarray(x)) * r))(params)
+    k = [np.asarray(params[f"layer_{i}"]["kernel"]) for i in range(3)]
+    b = [np.asarray(params[f"layer_{i}"]["bias"]) for i in range(3)]
+    a0 = x @ k[0] + b[0]
+    h0 = np.maximum(a0, 0)
+    a1 = h0 @ k[1] + b[1]
+    h1 = np.tanh(a1)
+    delta0 = (a0 > 0) * (r @ np.asarray(fixed["layer_0"]["feedback_kernel"]).T)
+    delta1 = (1 - np.tanh(a1) ** 2) * (r @ np.asarray(fixed["layer_1"]["feedback_kernel"]).T)
+    for index, (inputs, delta) in enumerate([(x, delta0), (h0, delta1), (h1, r)]):
+        np.testing.assert_allclose(grads[f"layer_{index}"]["kernel"], inputs.T @ delta,
+                                   rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(grads[f"layer_{index}"]["bias"], delta.sum(0),
+                                   rtol=RTOL, atol=ATOL)
     # the same widths are fine for the other rules
-    abstract_init(BioNeuralNetwork((8, 2), ("relu", "tanh"), 3, mode="fa"), jnp.ones((1, 3)))
+    abstract_init(BioNeuralNetwork((8, 2), ("relu", "tanh"), 3, rule="fa"), jnp.ones((1, 3)))
 
 
 def test_interpolation_factor_out_of_range_raises():
-    model = BioNeuralNetwork((4,), ("relu",), 2, mode="interpolate_fa_bp",
+    model = BioNeuralNetwork((4,), ("relu",), 2, rule="interpolate_fa_bp",
                              interpolation_factor=1.2)
     with pytest.raises(ValueError, match="interpolation_factor"):
         abstract_init(model, jnp.ones((1, 3)))

@@ -19,10 +19,12 @@ from bioflax.experiment.tensorboard_reader import read_scalars
 from e2e import (checkpoint_steps, environment, flat_arrays, load_checkpoint, main_command,
                  run_main, REPO)
 
+pytestmark = pytest.mark.e2e  # runs main.py or other processes: `pytest -m 'not e2e'` skips it
+
 TEACHER = "configs/teacher.py"
 STEPS_PER_EPOCH = 16  # 1024 examples in global batches of 64
 EPOCHS = 8
-RUN = ("--config.model.mode=kp", "--config.data.train_size=1024", "--config.data.test_size=500",
+RUN = ("--config.model.rule=kp", "--config.data.train_size=1024", "--config.data.test_size=500",
        "--config.data.batch_size=64", "--config.data.eval_batch_size=500",
        "--config.training.log_every_steps=16", "--config.training.checkpoint_every_steps=16",
        "--config.training.keep_checkpoints=20", "--config.alignment.every_steps=16",

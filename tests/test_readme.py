@@ -56,8 +56,10 @@ def test_readme_convert_example_runs_and_trains_convs_by_kp(capsys):
     exec(compile(convert_example(), str(README), "exec"), namespace)  # pylint: disable=exec-used
     summary = capsys.readouterr().out.splitlines()
     # every layer with parameters (Dropout has none), in call order
-    assert [line.split()[:3] for line in summary[2:-1]] == [
-        ["Conv_0", "Conv", "kp"], ["BatchNorm_0", "BatchNorm", "bp"], ["Dense_0", "Dense", "bp"]]
+    # (columns: path, class with a Conv layer's convolution, rule)
+    assert [re.split(r"\s{2,}", line.strip()) for line in summary[2:-1]] == [
+        ["Conv_0", "Conv (xla)", "kp"], ["BatchNorm_0", "BatchNorm", "bp (not a Dense or Conv)"],
+        ["Dense_0", "Dense", "bp"]]
     grads, variables = namespace["grads"], namespace["variables"]
     # KP: B receives exactly W's update; the output layer has no B
     np.testing.assert_array_equal(grads["Conv_0"]["feedback_kernel"], grads["Conv_0"]["kernel"])

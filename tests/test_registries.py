@@ -2,17 +2,38 @@
 and the config validation allows exactly those names."""
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from bioflax import losses, rules
+from bioflax import converter, losses, rules
 from bioflax.experiment import datasets as data
 from bioflax.experiment import initializers, models, optimizers
 from bioflax.experiment import validate as config_validation
 from bioflax.errors import ConfigError
 from bioflax.experiment.configs import default as default_config
-from bioflax.experiment.configs import teacher as teacher_config
+
+
+def optimizer_config(**fields) -> ml_collections.ConfigDict:
+    """Every field ``optimizers.build`` reads: plain SGD at a constant rate."""
+    return ml_collections.ConfigDict({
+        "name": "sgd", "learning_rate": 0.05, "momentum": 0.0, "rmsprop_decay": 0.99,
+        "weight_decay": 0.0, "schedule": "constant", "decay_at": (0.5, 0.75),
+        "decay_factor": 0.1, "warmup_steps": 0, **fields})
+
+
+def test_unscaled_initializers_refuse_a_scale_instead_of_ignoring_it():
+    key, shape = jax.random.key(0), (30, 20)
+    np.testing.assert_array_equal(initializers.get("lecun_normal", 1.0)(key, shape),
+                                  jax.nn.initializers.lecun_normal()(key, shape))
+    for name in initializers.UNSCALED:
+        with pytest.raises(ValueError, match=f"Initializer '{name}' takes no scale"):
+            initializers.get(name, 2.0)
+    config = default_config.get_config()
+    config.model.feedback_init, config.model.feedback_init_scale = "zeros", 0.5
+    with pytest.raises(ConfigError, match="model.feedback_init_scale"):
+        config_validation.validate(config)
 
 
 def test_fan_in_uniform_and_zeros_initializers():
@@ -28,7 +49,7 @@ def test_fan_in_uniform_and_zeros_initializers():
 
 
 def test_rmsprop_divides_by_the_root_of_the_running_square_plus_epsilon():
-    config = teacher_config.get_config().optimizer
+    config = optimizer_config()
     config.name, config.learning_rate, config.rmsprop_decay = "rmsprop", 0.01, 0.9
     optimizer = optimizers.build(config, total_steps=10)
     params = np.array([1.0, -2.0], np.float32)
@@ -43,7 +64,7 @@ def test_rmsprop_divides_by_the_root_of_the_running_square_plus_epsilon():
 
 
 def test_sgd_with_decay_first_and_a_cosine_schedule_after_warm_up():
-    config = teacher_config.get_config().optimizer
+    config = optimizer_config()
     config.update(name="sgd", learning_rate=0.1, momentum=0.0, weight_decay=0.5,
                   schedule="cosine", warmup_steps=2)
     optimizer = optimizers.build(config, total_steps=6)
@@ -63,7 +84,7 @@ def test_sgd_with_decay_first_and_a_cosine_schedule_after_warm_up():
 @pytest.mark.parametrize("field, registry", [("name", optimizers.OPTIMIZERS),
                                              ("schedule", optimizers.SCHEDULES)])
 def test_an_unknown_optimizer_or_schedule_name_is_refused_not_replaced(field, registry):
-    config = teacher_config.get_config().optimizer
+    config = optimizer_config()
     config[field] = "adagrad"
     with pytest.raises(ValueError, match=rf"Unknown optimizer.{field} 'adagrad'.*"
                                          rf"{list(registry)[0]}"):
@@ -79,7 +100,8 @@ def test_an_unknown_optimizer_or_schedule_name_is_refused_not_replaced(field, re
     ("model.feedback_init", initializers.INITIALIZERS),
     ("model.loss", losses.LOSSES["classification"]),
     ("data.dataset", data.DATASETS),
-    ("model.dfa_conv_feedback", rules.DFA_CONV_FEEDBACK),
+    ("model.dfa_conv_feedback", converter.DFA_CONV_FEEDBACK),
+    ("model.conv_impl", converter.CONV_IMPLS),
 ])
 def test_validation_allows_exactly_the_registered_names(field, registry, monkeypatch):
     section, name = field.split(".")
@@ -101,7 +123,7 @@ def test_validation_allows_exactly_the_registered_names(field, registry, monkeyp
                                                     ("shared_kernel", (5, 5, 6, 10))])
 def test_the_dfa_feedback_choice_reaches_the_zoo_model(choice, conv2_feedback):
     config = default_config.get_config()
-    config.model.name, config.model.mode, config.model.dfa_conv_feedback = "lenet5", "dfa", choice
+    config.model.name, config.model.rule, config.model.dfa_conv_feedback = "lenet5", "dfa", choice
     model = models.build(config.model, num_outputs=10)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 1))))
     feedback = {name: value["output_feedback"].shape for name, value in shapes["feedback"].items()}
@@ -115,9 +137,18 @@ def test_a_marked_primitive_leaves_the_shared_one_convertible():
     # must stay convertible, so a later conversion still gives each Conv its rule.
     import bioflax  # pylint: disable=import-outside-toplevel
     from bioflax import zoo  # pylint: disable=import-outside-toplevel
-    marked = rules.mark_rule_op(jax.lax.conv_general_dilated)
-    assert rules.is_rule_op(marked) and not rules.is_rule_op(jax.lax.conv_general_dilated)
+    marked = converter.mark_rule_op(jax.lax.conv_general_dilated)
+    assert converter.is_rule_op(marked) and not converter.is_rule_op(jax.lax.conv_general_dilated)
     x = jax.numpy.zeros((1, 32, 32, 1))
     bioflax.convert(zoo.LeNet5(), "dfa", conv_feedback="shared_kernel").init(jax.random.key(0), x)
     shapes = jax.eval_shape(lambda: bioflax.convert(zoo.LeNet5(), "fa").init(jax.random.key(0), x))
     assert {"conv1", "conv2", "conv3"} <= set(shapes["feedback"])
+
+
+def test_zoo_models_run_the_configs_conv_impl():
+    config = default_config.get_config()
+    assert config.model.conv_impl == "auto"
+    config.model.name = "lenet5"
+    for conv_impl in converter.CONV_IMPLS:
+        config.model.conv_impl = conv_impl
+        assert models.build(config.model, 10).conv_impl == conv_impl

@@ -16,6 +16,8 @@ from bioflax.experiment import validate as config_validation
 from bioflax.experiment.tensorboard_reader import read_scalars
 from e2e import REPO, environment
 
+pytestmark = pytest.mark.e2e  # runs main.py or other processes: `pytest -m 'not e2e'` skips it
+
 
 def _sweep(root, *args):
     return subprocess.run(
@@ -175,7 +177,7 @@ PAPER_SETTINGS = ([("akrout2019", rule) for rule in ("bp", "fa", "kp")]
 def test_every_paper_config_is_valid(module, setting):
     config = importlib.import_module(f"configs.paper.{module}").get_config(setting)
     config_validation.validate(config)
-    assert config.model.mode == setting.rsplit("_", 1)[-1]
+    assert config.model.rule == setting.rsplit("_", 1)[-1]
 
 
 def test_paper_configs_name_their_settings_when_given_an_unknown_one():

@@ -135,8 +135,10 @@ def test_a_diverging_loss_stops_training_at_its_step():
         trainer.fit(linear_task(learning_rate=1e6), linear_split(), batch_size=16)
 
 
-def test_alignment_of_backprop_is_exact():
-    """BP's own gradient is the reference: angle 0 and cosine 1 for every layer."""
+def test_alignment_of_backprop_runs_in_fit_and_reports_every_layer():
+    """A smoke test of the alignment metrics inside ``fit``: under backprop the rule's
+    gradient and the reference are the same function traced twice, so angle 0 and cosine 1
+    for every layer (tests/test_metrics.py checks the values against NumPy)."""
     task = Task(module=nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(1)]),
                 loss=losses_lib.mean_squared_error, optimizer=optax.sgd(0.05),
                 metrics=trainer_metrics.RegressionMetrics, step_metrics=[alignment_lib.Alignment(every=2)])
@@ -228,7 +230,7 @@ def test_compiled_chunks_give_the_loss_curve_of_a_plain_step_by_step_loop(mode):
     inputs = rng.normal(size=(200, 12)).astype(np.float32)
     targets = (inputs[:, :3].argmax(axis=1)).astype(np.int32)
     module = BioNeuralNetwork(hidden_layers=(16, 16), activations=("tanh", "tanh"),
-                              features=3, mode=mode)
+                              features=3, rule=mode)
     optimizer = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.1, momentum=0.9))
     task = Task(module=module, loss=losses_lib.softmax_cross_entropy, optimizer=optimizer,
                 metrics=trainer_metrics.ClassificationMetrics, step_metrics=[alignment_lib.Alignment(3)])
@@ -286,26 +288,6 @@ def test_the_console_prints_one_line_per_epoch(caplog):
     assert len(lines) == 3
     assert lines[0].startswith("epoch 1/3  train/loss ")
     assert " val/loss " in lines[0] and lines[0].endswith("  note x")
-
-
-# Intervals (log, alignment, checkpoint) in steps that the paper configs hard-coded before
-# they were written in epochs. Akrout's checkpoint was 46_900 "every 100 epochs", but an
-# epoch is 60_000 // 128 = 468 steps: 100 epochs are 46_800.
-PAPER_INTERVALS = {
-    **{("akrout2019", rule): (468, 468, 46_800) for rule in ("bp", "fa", "kp")},
-    **{("nokland2016", f"{arch}_{rule}"): (937, 937, 9_370)
-       for arch in ("7x240", "2x800", "1x800") for rule in ("bp", "fa", "dfa")},
-    **{("lillicrap2016", rule): (3_750, 3_750, 75_000) for rule in ("bp", "fa")},
-}
-
-
-@pytest.mark.parametrize("paper, setting", sorted(PAPER_INTERVALS))
-def test_paper_configs_resolve_to_the_step_counts_they_hard_coded(paper, setting):
-    import importlib  # pylint: disable=import-outside-toplevel
-    config = importlib.import_module(f"configs.paper.{paper}").get_config(setting)
-    every = train.intervals(config, train.durations(config, 60_000))
-    assert (every["log"], every["alignment"], every["checkpoint"]) == \
-        PAPER_INTERVALS[paper, setting]
 
 
 def test_intervals_in_epochs_follow_the_batch_size_and_the_validation_split():

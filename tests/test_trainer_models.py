@@ -158,6 +158,7 @@ def cnn_curve() -> list[float]:
     return fit_cnn(seed=0, epochs=3)[2]
 
 
+@pytest.mark.e2e  # a subprocess with 8 CPU devices (over 10 s)
 def test_one_and_eight_devices_give_the_cnn_the_same_curve():
     """BatchNorm's statistics are over the global batch, however it is sharded."""
     code = ("import json, sys; sys.path.insert(0, 'tests'); import jax, test_trainer_models as t; "
