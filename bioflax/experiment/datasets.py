@@ -64,9 +64,7 @@ def load(data_config: ml_collections.ConfigDict,
     name = data_config.dataset
     if name not in DATASETS:
         raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
-    val_split = float(data_config.val_split or 0.0)
-    if not 0.0 <= val_split < 1.0:
-        raise ValueError(f"data.val_split must be in [0, 1), got {data_config.val_split!r}.")
+    val_split = check_val_split(data_config.val_split or 0.0)
 
     info, train, test = DATASETS[name].load(data_config, seed)
     splits = {"train": train, "test": test}
@@ -76,6 +74,15 @@ def load(data_config: ml_collections.ConfigDict,
     if augmentation is not None:
         splits["train"] = dataclasses.replace(splits["train"], augmentation=augmentation)
     return info, splits
+
+
+def check_val_split(value) -> float:
+    """``data.val_split``, the fraction of the training split held out for validation, as a
+    float; ValueError unless it lies in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"data.val_split must lie in [0, 1) (0: no validation split), got "
+                         f"{value!r}.")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,12 +289,17 @@ def _make_teacher(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
     return info, Split(x_train, y_train), Split(x_test, y_test)
 
 
+def check_sinreg_dims(input_dim, output_dim) -> None:
+    """ValueError unless both are 1: sinreg is y = sin(x)."""
+    if input_dim != 1 or output_dim != 1:
+        raise ValueError("data.dataset='sinreg' is y = sin(x): it needs data.input_dim == 1 "
+                         f"and data.output_dim == 1, got {input_dim} and {output_dim}.")
+
+
 def _make_sinreg(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
     """x uniform in [-π, π], y = sin(x), both (N, 1)."""
     input_dim, output_dim, train_size, test_size = _check_sizes(cfg)
-    if input_dim != 1 or output_dim != 1:
-        raise ValueError("data.dataset='sinreg' needs data.input_dim == 1 and "
-                         f"data.output_dim == 1, got {input_dim} and {output_dim}.")
+    check_sinreg_dims(input_dim, output_dim)
     rng = random_stream(seed, _SINREG_STREAM)
 
     def draw(n: int) -> Split:

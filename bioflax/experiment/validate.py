@@ -15,6 +15,7 @@ from bioflax import models as bio_models
 from bioflax.errors import ConfigError
 from bioflax.experiment import datasets as data
 from bioflax.experiment import models
+from bioflax.trainer import EarlyStopping, arrays, make_mesh
 from bioflax.experiment.initializers import INITIALIZERS, UNSCALED
 from bioflax.experiment.optimizers import OPTIMIZERS, SCHEDULES
 
@@ -30,6 +31,16 @@ def _get(config, field: str):
     for part in field.split("."):
         node = node[part]
     return node
+
+
+def _library(config, field: str, check) -> None:
+    """Runs ``check()``, the library's own check of ``field`` (a constructor, a check
+    function); its ValueError becomes the ConfigError of ``field``, so each rule is written
+    once, where the library needs it."""
+    try:
+        check()
+    except ValueError as error:
+        raise ConfigError(field, _get(config, field), str(error).rstrip(".")) from None
 
 
 def _positive(config, field: str, integer: bool = True, allow_zero: bool = False) -> None:
@@ -81,7 +92,8 @@ def _validate_choices(config) -> None:
     _choice(config, "model.conv_impl", converter.CONV_IMPLS)
     if config.model.input_layer_kernel_init is not None:
         _choice(config, "model.input_layer_kernel_init", INITIALIZERS)
-    _choice(config, "training.early_stopping_mode", ("min", "max"))
+    _library(config, "training.early_stopping_mode",
+             lambda: EarlyStopping(mode=config.training.early_stopping_mode))
     if config.model.loss is not None:
         _choice(config, "model.loss", losses.LOSSES[data.DATASET_TASKS[config.data.dataset]])
 
@@ -100,9 +112,8 @@ def _validate_model(config) -> None:
     for index, width in enumerate(hidden):
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width <= 0:
             raise ConfigError(f"model.hidden_layers[{index}]", width, "must be an integer > 0")
-    if not 0.0 <= config.model.interpolation_factor <= 1.0:
-        raise ConfigError("model.interpolation_factor", config.model.interpolation_factor,
-                          "must lie in [0, 1] (1 = FA, 0 = BP)")
+    _library(config, "model.interpolation_factor", lambda: rules.InterpolateFABP(
+        interpolation_factor=config.model.interpolation_factor))
     for field in ("model.kernel_init_scale", "model.feedback_init_scale"):
         _positive(config, field, integer=False)
     for init_field, scale_field in (("model.kernel_init", "model.kernel_init_scale"),
@@ -130,10 +141,8 @@ def _validate_training(config) -> None:
                   "alignment.every_epochs"):
         if _get(config, field) is not None:
             _positive(config, field, integer=False)
-    smoothing = config.training.stopping_smoothing
-    if not isinstance(smoothing, numbers.Real) or not 0.0 <= smoothing < 1.0:
-        raise ConfigError("training.stopping_smoothing", smoothing,
-                          "must lie in [0, 1); 0 means no smoothing")
+    _library(config, "training.stopping_smoothing",
+             lambda: EarlyStopping(smoothing=config.training.stopping_smoothing))
 
 
 def _validate_optimizer(config) -> None:
@@ -188,25 +197,20 @@ def _validate_data(config) -> None:
                       "data.test_size"):
             _positive(config, field)
     if config.data.dataset == "sinreg":
-        for field in ("data.input_dim", "data.output_dim"):
-            if _get(config, field) != 1:
-                raise ConfigError(field, _get(config, field), "sinreg is y = sin(x): must be 1")
-    val_split = config.data.val_split
-    if not isinstance(val_split, numbers.Real) or not 0.0 <= val_split < 1.0:
-        raise ConfigError("data.val_split", val_split, "must lie in [0, 1); 0 means none")
+        field = "data.input_dim" if config.data.input_dim != 1 else "data.output_dim"
+        _library(config, field, lambda: data.check_sinreg_dims(config.data.input_dim,
+                                                               config.data.output_dim))
+    _library(config, "data.val_split", lambda: data.check_val_split(config.data.val_split))
 
 
 def _validate_devices(config, num_devices: int | None) -> None:
     """Devices that exist, and batches that split evenly over them."""
+    _library(config, "training.num_devices",
+             lambda: make_mesh(config.training.num_devices or None))
     devices = num_devices or config.training.num_devices or jax.device_count()
-    if config.training.num_devices > jax.device_count():
-        raise ConfigError("training.num_devices", config.training.num_devices,
-                          f"only {jax.device_count()} devices exist")
     for field in ("data.batch_size", "data.eval_batch_size"):
-        if _get(config, field) % devices:
-            raise ConfigError(field, _get(config, field),
-                              f"the global batch is split evenly over {devices} devices, so it "
-                              f"must be a multiple of {devices}")
+        _library(config, field, lambda f=field: arrays.check_batch_size(
+            _get(config, f), devices, name=f))
 
 
 def _validate_compiler_options(config) -> None:

@@ -39,9 +39,9 @@ def check_batch_size(batch_size: int, num_devices: int, *, name: str = "batch_si
     ``num_devices``."""
     if batch_size <= 0 or batch_size % num_devices:
         raise ValueError(
-            f"{name}={batch_size} must be a positive multiple of the number of devices "
-            f"({num_devices}): each device gets an equal share of the global batch. Use "
-            f"e.g. {name}={max(1, round(batch_size / num_devices)) * num_devices}.")
+            f"{name}={batch_size} must be a positive multiple of {num_devices}, the number "
+            "of devices: each device gets an equal share of the global batch. Use e.g. "
+            f"{name}={max(1, round(batch_size / num_devices)) * num_devices}.")
 
 
 def local_columns(batch_size: int, process_index: int, process_count: int, *,

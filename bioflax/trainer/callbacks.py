@@ -178,8 +178,10 @@ class EarlyStopping(Callback):
                  patience: Optional[int] = 3, min_delta: float = 0.0,
                  stopping_threshold: Optional[float] = None, smoothing: float = 0.0):
         if mode not in ("min", "max"):
-            raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {mode!r}.")
-        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"EarlyStopping mode {mode!r} is unknown: choose one of "
+                             "['min', 'max'].")
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not (
+                0.0 <= smoothing < 1.0):
             raise ValueError(f"EarlyStopping smoothing must lie in [0, 1), got {smoothing!r}.")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.stopping_threshold, self.smoothing = stopping_threshold, smoothing
