@@ -90,18 +90,11 @@ def np_backward_chain(rules, xs, pre, kernels, feedbacks, activations, error, la
     return d_kernels, d_biases, d_feedbacks, signal
 
 
-def np_fit_last_axis(error, width):
-    """``e`` in the first columns of a ``width``-wide array, zeros after (or truncated)."""
-    out = np.zeros(error.shape[:-1] + (width,))
-    k = min(width, error.shape[-1])
-    out[..., :k] = error[..., :k]
-    return out
-
-
-def np_backward_dfa(xs, pre, feedbacks, activations, error):
+def np_backward_dfa(xs, pre, kernels, feedbacks, activations, error):
     """DFA: ``δ_L = e``; hidden ``δ_l = φ'(a_l) ⊙ (e B_lᵀ)``; every ``dB = 0``.
 
-    The input cotangent is ``e`` placed in the first columns of an input-wide array.
+    The input cotangent is the first layer's ``δ_0`` sent back through ``W_0`` (``δ_0
+    W_0ᵀ``), as backprop would send it.
     """
     depth = len(xs)
     d_kernels, d_biases, d_feedbacks = [None] * depth, [None] * depth, [None] * depth
@@ -114,7 +107,9 @@ def np_backward_dfa(xs, pre, feedbacks, activations, error):
             d_feedbacks[index] = np.zeros_like(feedbacks[index])
         d_kernels[index] = xs[index].T @ delta
         d_biases[index] = delta.sum(axis=0)
-    return d_kernels, d_biases, d_feedbacks, np_fit_last_axis(error, xs[0].shape[-1])
+    first = error if depth == 1 else NP_ACTIVATIONS[activations[0]][1](pre[0]) * (
+        error @ feedbacks[0].T)
+    return d_kernels, d_biases, d_feedbacks, first @ kernels[0].T
 
 
 def np_reference(rule, x, kernels, biases, feedbacks, activations, targets, loss,
@@ -126,7 +121,7 @@ def np_reference(rule, x, kernels, biases, feedbacks, activations, targets, loss
     xs, pre = np_forward(x, kernels, biases, activations)
     value, error = NP_LOSSES[loss](pre[-1], targets)
     if rule == "dfa":
-        grads = np_backward_dfa(xs, pre, feedbacks, activations, error)
+        grads = np_backward_dfa(xs, pre, kernels, feedbacks, activations, error)
     else:
         rules = [rule] * len(kernels) if isinstance(rule, str) else list(rule)
         grads = np_backward_chain(rules, xs, pre, kernels, feedbacks, activations, error,
@@ -153,7 +148,8 @@ def np_gradients(params, feedback, x, t, activations, rule, lam=None):
     xs, pre = np_forward(f64(x), kernels, biases, activations)
     _, error = np_mean_squared_error(pre[-1], f64(t))
     if rule == "dfa":
-        d_kernels, d_biases, _, _ = np_backward_dfa(xs, pre, feedback, activations, error)
+        d_kernels, d_biases, _, _ = np_backward_dfa(xs, pre, kernels, feedback, activations,
+                                                    error)
     else:
         d_kernels, d_biases, _, _ = np_backward_chain(
             [rule] * len(params), xs, pre, kernels, feedback, activations, error,
