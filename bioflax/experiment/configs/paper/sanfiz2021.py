@@ -43,14 +43,15 @@ LEARNING_RATE_EXCEPTIONS = {
 # MNIST LeNet-5: chosen on the validation split (module docstring).
 MNIST_LEARNING_RATES = {"bp": 0.03, "fa": 3e-3, "dfa": 3e-4, "usf": 0.03, "brsf": 0.1,
                         "frsf": 0.03, "kp": 0.01}
-MODELS = {"lenet5": "lenet5", "lenet": "lenet_cifar", "resnet20": "resnet20",
-          "resnet56": "resnet56"}
+# biotorch's model names → the zoo's (bioflax.zoo.ZOO).
+ZOO_NAMES = {"lenet5": "lenet5", "lenet": "lenet_cifar", "resnet20": "resnet20",
+             "resnet56": "resnet56"}
 
 
 def _common(model: str, rule: str):
     config = default.get_config()
     config.data.flatten = False
-    config.model.name = MODELS[model]
+    config.model.name = ZOO_NAMES[model]
     config.model.rule = rule
     config.model.kernel_init = "xavier_uniform"
     config.model.feedback_init = "xavier_uniform"
