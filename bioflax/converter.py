@@ -1,13 +1,26 @@
-"""``convert(module, rule)``: any Flax model, its ``nn.Dense`` and ``nn.Conv`` layers trained
-by a learning rule of :mod:`bioflax.rules`.
+"""``convert(module, rule)``: any Flax model, its linear layers (``nn.Dense``, ``nn.Conv``,
+``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Embed.attend``) trained by a learning rule of
+:mod:`bioflax.rules`.
 
 The converted model runs the user's module unchanged under ``nn.intercept_methods``: each
-``nn.Dense`` / ``nn.Conv`` call is replaced by a clone of that layer, on the same scope,
-whose ``dot_general`` / ``conv_general_dilated`` is the rule's operation. So the forward
-pass is the original's exactly (for ``nn.Conv`` under ``conv_impl='xla'``), the
-``'params'`` tree is the original's leaf for leaf (Kolen-Pollack adds ``feedback_kernel``
-beside each ``kernel``), and fixed feedback matrices go to the ``'feedback'`` collection
-at the layer's path.
+``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` call is replaced by a clone of that
+layer, on the same scope, whose ``dot_general`` / ``conv_general_dilated`` is the rule's
+operation; so the query, key, value and output projections of
+``nn.MultiHeadDotProductAttention`` / ``nn.SelfAttention`` (DenseGeneral layers) convert
+too. ``nn.Einsum`` has no such field: it runs as :class:`RuleEinsum`, flax's computation
+with the same parameters on the same scope, its einsum under the rule.
+``Embed.attend(q) = q Eᵀ`` (a tied output projection, a weight-transport path) trains
+like a Dense layer of kernel ``Eᵀ``: its backward kernel has the embedding's shape
+(``feedback_kernel`` of the Embed; under KP it receives only attend's ``dW``, while ``E``
+also receives the lookup's gradient). The lookup ``Embed(tokens)`` keeps its ordinary
+gradient: it is the first layer of its path, no signal goes below it. The rule's
+``fan_in`` (uSF's ``1/√fan_in``) is the size of the kernel axes the layer contracts with
+its input (a DenseGeneral's ``axis`` dimensions, not its ``batch_dims``; an Einsum's kernel
+axes shared with its input and not its output). So the forward pass is the original's
+exactly (for ``nn.Conv`` under ``conv_impl='xla'``), the ``'params'`` tree is the
+original's leaf for leaf (Kolen-Pollack adds ``feedback_kernel`` beside each ``kernel``
+and ``embedding`` it trains), and fixed feedback matrices go to the ``'feedback'``
+collection at the layer's path.
 
 A converted ``nn.Conv`` computes its convolution with the implementation ``conv_impl``
 names (:data:`CONV_IMPLS`): ``'xla'`` (the default), the layer's own
@@ -17,21 +30,42 @@ rounding and faster to train inside a compiled loop on XLA:CPU; ``'auto'``, band
 ``jax.default_backend()`` is ``'cpu'`` at trace time, else xla. A layer given its own
 ``conv_general_dilated`` keeps it.
 
-Everything else — BatchNorm, LayerNorm, pooling, activations, residual additions,
-embeddings, and layers of other classes (``DenseGeneral``, ``Einsum``, ``ConvTranspose``,
-``ConvLocal``) — keeps exact backprop: it passes on whatever signal reaches it from above.
+Everything else — BatchNorm, LayerNorm, RMSNorm, pooling, activations, the
+softmax(QKᵀ)V core of attention, dropout, residual additions, embedding lookups, a
+module's own parameters, and layers of other classes (``ConvTranspose``, ``ConvLocal``) —
+keeps exact backprop: it passes on whatever signal reaches it from above.
 
 **DFA through any graph.** With ``rule='dfa'`` every converted layer except the first (in
 call order) reads its input ``x_l`` through ``stop_gradient``, and the model's output ``y``
 passes through an identity whose VJP sends ``e B_lᵀ`` (``e = ∂L/∂y``, reshaped to
-``x_l``'s shape) to every such ``x_l``. ``B_l``, of shape ``(size of one example of x_l,
-n_outputs)``, is fixed, drawn with ``feedback_init`` (LeCun normal: std ``1/√size``) and
-stored as ``output_feedback`` in the ``'feedback'`` collection of the layer that reads
-``x_l``. Autodiff carries ``e B_lᵀ`` through the activation, pooling or reshape below to
-the layer that produced ``x_l``: its ``δ = φ'(a) ⊙ (e B_lᵀ)``, Nøkland's DFA. A tensor
-read by several converted layers receives the sum of their projections, plus what reaches
-it through paths without converted layers (an identity shortcut). DFA needs a model
-output of shape ``(batch, n_outputs)``.
+``x_l``'s shape) to every such ``x_l``. For an output of shape ``(batch, n_outputs)``,
+``B_l`` has shape ``(size of one example of x_l, n_outputs)``; for an output of shape
+``(batch, ..., n_outputs)`` (a sequence model) whose leading axes are also ``x_l``'s,
+DFA is token-wise (Launay et al. 2020): ``B_l`` has shape ``(features of x_l, n_outputs)``
+(the size of ``x_l``'s other axes) and sends the error at each position to the same
+position of ``x_l``. ``B_l`` is fixed, drawn with ``feedback_init`` (LeCun normal: std
+``1/√size``) and stored as ``output_feedback`` in the ``'feedback'`` collection of the
+layer that reads ``x_l``. Autodiff carries ``e B_lᵀ`` through the activation, pooling or
+reshape below to the layer that produced ``x_l``: its ``δ = φ'(a) ⊙ (e B_lᵀ)``, Nøkland's
+DFA. The output layer's input ``x_L`` receives ``e B_Lᵀ`` like every other, and the output
+layer itself is trained by its true gradient ``e`` (``dW_L = x_Lᵀ e``), as in every DFA. A
+tensor read by several converted layers receives the sum of their projections, plus what
+reaches it through paths without converted layers (an identity shortcut). The first
+converted layer's input (usually the data) receives no projection: trainable layers
+below it that are not converted (an embedding lookup, position embeddings) receive
+backprop through it; make such a layer a feedback point to give it the projected error
+instead. A layer input whose leading axes are not the output's, or an output with fewer
+than two axes, raises a ``ValueError`` at ``init``.
+
+**Per-block DFA** (Launay et al.'s "macro" DFA): ``convert(model, 'dfa',
+feedback_points=['Block_*'])``, glob patterns of module paths. The output of each
+matched module (a single array) receives ``e B_bᵀ`` (``B_b`` shaped as above, stored as
+``output_feedback`` at that module's path) and is passed on through ``stop_gradient``,
+so nothing from above reaches it; everything inside it trains by exact backprop of that
+signal, which goes on below the module's input to what produced it unless that is
+another feedback point. Converted layers outside every feedback point keep per-layer DFA
+(the classifier head: its true gradient ``e``). A pattern that matches no module raises a
+``ValueError`` naming the module paths.
 
 With ``conv_feedback='shared_kernel'`` the ``B_l`` at a Conv layer's input is instead a
 kernel of shape ``(kh, kw, C, n_outputs)`` (as biotorch's DFA ``Conv2d``): the input
@@ -50,7 +84,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import opt_einsum
 from flax import linen as nn
+from flax.linen import module as flax_module
 
 from bioflax import conv as conv_lib
 from bioflax import rules
@@ -79,6 +115,7 @@ def _check_conv_impl(conv_impl: str) -> str:
 # (None: the converted model's conv_impl).
 _PRIMITIVES = {
     nn.Dense: ("dot_general", jax.lax.dot_general),
+    nn.DenseGeneral: ("dot_general", jax.lax.dot_general),
     nn.Conv: ("conv_general_dilated", None),
 }
 
@@ -101,19 +138,94 @@ def is_rule_op(fn) -> bool:
     return getattr(fn, _RULE_OP, False)
 
 
+def dot_general_fan_in(rhs, args, kwargs) -> int:
+    """The inputs per output unit of ``lax.dot_general(lhs, rhs, dimension_numbers)``: the
+    size of ``rhs``'s contracting axes (a DenseGeneral's ``axis`` dimensions; not its
+    ``batch_dims``)."""
+    dimension_numbers = args[0] if args else kwargs["dimension_numbers"]
+    (_, rhs_contracting), _ = dimension_numbers
+    return math.prod(rhs.shape[axis] for axis in rhs_contracting)
+
+
+def einsum_fan_in(einsum_str: str, x, kernel) -> int:
+    """The inputs per output unit of ``einsum(einsum_str, x, kernel)``: the size of the
+    kernel axes it shares with ``x`` and not with the output (the contracted ones)."""
+    operands, result, _ = opt_einsum.parser.parse_einsum_input((einsum_str, x, kernel))
+    lhs, rhs = operands.split(",")
+    return math.prod(kernel.shape[i] for i, c in enumerate(rhs)
+                     if c in lhs and c not in result)
+
+
 def rule_op(rule: rules.Rule, scope: Any, primitive: Callable[..., jax.Array],
-            param_dtype) -> Callable[..., jax.Array]:
+            param_dtype, fan_in_of: Optional[Callable] = None) -> Callable[..., jax.Array]:
     """A drop-in for ``lax.dot_general`` / ``lax.conv_general_dilated`` (``primitive``)
     that computes the same value and trains its kernel (the second argument) by ``rule``;
-    marked by :func:`mark_rule_op`."""
+    marked by :func:`mark_rule_op`. ``fan_in_of(rhs, args, kwargs)`` counts the kernel's
+    contracted inputs (``None``: :func:`bioflax.rules.fan_in`, right for Dense and Conv)."""
     def op(lhs, rhs, *args, **kwargs):
+        fan_in = None if fan_in_of is None else fan_in_of(rhs, args, kwargs)
         return rule.linear(scope, lambda x, w: primitive(x, w, *args, **kwargs), lhs, rhs,
-                           param_dtype)
+                           param_dtype, fan_in)
     return mark_rule_op(op)
+
+
+class RuleEinsum(nn.Einsum):
+    """``nn.Einsum`` computed as flax 0.12's (same parameters, initialisers, dtype
+    promotion and bias) with its einsum trained by ``rule``: flax's Einsum has no
+    ``dot_general`` field to swap, so the converter runs this clone on the layer's scope."""
+
+    rule: Any = None
+
+    @nn.compact
+    def __call__(self, inputs, einsum_str: Optional[str] = None):
+        einsum_str = flax_module.merge_param("einsum_str", self.einsum_str, einsum_str)
+        einsum_str = einsum_str.replace(" ", "")
+        if "->" not in einsum_str:
+            raise ValueError('`einsum_str` equation must be explicit and include "->".')
+        if einsum_str.count(",") != 1:
+            raise ValueError("`einsum_str` equation must have exactly two operands and "
+                             "therefore, exactly one comma character, instead of "
+                             f"{einsum_str.count(',')}")
+        kernel = self.param("kernel", self.kernel_init, self.shape, self.param_dtype)
+        if self.use_bias:
+            bias_shape, broadcast_shape = self._get_bias_shape(einsum_str, inputs, kernel)
+            bias = self.param("bias", self.bias_init, bias_shape, self.param_dtype)
+        else:
+            bias = None
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+
+        def einsum(x, w):
+            return jnp.einsum(einsum_str, x, w, precision=self.precision,
+                              preferred_element_type=self.preferred_element_type)
+
+        y = self.rule.linear(self.scope, einsum, inputs, kernel, self.param_dtype,
+                             einsum_fan_in(einsum_str, inputs, kernel))
+        if bias is not None:
+            y += jnp.reshape(bias, broadcast_shape)
+        return y
+
+
+def _attend(query, embedding):
+    return jnp.dot(query, embedding.T)
 
 
 def _dense_projection(x, matrix):
     return x.reshape((x.shape[0], -1)) @ matrix
+
+
+def positionwise_feedback(x: jax.Array, n_outputs: int, n_positions_axes: int):
+    """DFA's ``B`` at an input ``x`` for an output of shape ``(batch, ..., n_outputs)``
+    whose ``n_positions_axes`` leading axes (batch included) are ``x``'s: shape (features
+    of ``x`` — the size of its other axes —, ``n_outputs``), shared across positions;
+    ``p(x, B) = x[..., features] @ B``, so the error at each position reaches the same
+    position of ``x`` (Launay et al. 2020). With one leading axis it is
+    :func:`dense_feedback`. Returns ``(shape of B, p)``."""
+    lead = n_positions_axes
+
+    def projection(x, matrix):
+        return x.reshape(x.shape[:lead] + (-1,)) @ matrix
+
+    return (math.prod(x.shape[lead:]), n_outputs), projection
 
 
 def dense_feedback(module: nn.Module, path: str, primitive: Callable[..., jax.Array],
@@ -192,7 +304,10 @@ class _Session:
     def __init__(self, owner: "Converted"):
         self.owner = owner
         self.converted: list[LayerRecord] = []
-        self.dfa_inputs: list[tuple[nn.Module, Callable, jax.Array]] = []
+        # (module, primitive, tensor, is a feedback point's output)
+        self.dfa_inputs: list[tuple[nn.Module, Optional[Callable], jax.Array, bool]] = []
+        self.paths: list[str] = []  # every module called, for feedback_points' errors
+        self.inside_point: list[str] = []  # the feedback point being run, if any
 
     def _path(self, module: nn.Module) -> str:
         return "/".join(module.scope.path[len(self.owner.scope.path):])
@@ -203,15 +318,46 @@ class _Session:
             return bool(keep(path, module))
         return any(fnmatch.fnmatchcase(path, pattern) for pattern in keep)
 
+    def _dfa_active(self) -> bool:
+        return (isinstance(self.owner.rule, rules.DirectFeedbackAlignment)
+                and not rules.backprop_is_forced())
+
+    def _layer_rule(self, path: str, module: nn.Module) -> tuple[rules.Rule, str]:
+        """The rule that trains a layer and its name in the summary."""
+        if self._keeps_backprop(path, module):
+            return rules.Backprop(), "bp"
+        if self.inside_point:
+            return rules.Backprop(), f"dfa (backprop inside {self.inside_point[0]!r})"
+        return self.owner.rule, self.owner.rule.name
+
+    def _add_record(self, record: LayerRecord):
+        self.converted.append(record)
+        if _recording.get() is not None:
+            _recording.get().append(record)
+
     def intercept(self, next_fun, args, kwargs, context):
         module = context.module
+        attend = isinstance(module, nn.Embed) and context.method_name == "attend"
+        if (context.method_name != "__call__" and not attend) or isinstance(module, RuleEinsum):
+            return next_fun(*args, **kwargs)
         primitive_field = _convertible(module)
-        if (context.method_name != "__call__" or primitive_field is None
-                or is_rule_op(getattr(module, primitive_field[0]))):
+        if primitive_field is not None and is_rule_op(getattr(module, primitive_field[0])):
+            return next_fun(*args, **kwargs)
+        path = self._path(module)
+        if not attend and path and path not in self.paths:
+            self.paths.append(path)
+        if (not attend and path and self.owner.feedback_points and not self.inside_point
+                and self._dfa_active() and any(fnmatch.fnmatchcase(path, pattern)
+                                               for pattern in self.owner.feedback_points)):
+            return self._feedback_point(next_fun, args, kwargs, module, path)
+        if attend:
+            return self._attend(module, path, args, kwargs)
+        if isinstance(module, nn.Einsum):
+            return self._einsum(module, path, args, kwargs)
+        if primitive_field is None:
             return next_fun(*args, **kwargs)
         field, default = primitive_field
-        path = self._path(module)
-        rule = rules.Backprop() if self._keeps_backprop(path, module) else self.owner.rule
+        rule, rule_name = self._layer_rule(path, module)
         cls_field = f"{field}_cls"
         impl_name = None
         if getattr(module, cls_field) is not None:
@@ -224,15 +370,54 @@ class _Session:
             primitive = default
         if not isinstance(module, nn.Conv):
             impl_name = None
-        record = LayerRecord(path, type(module).__name__, rule.name, True, impl_name)
-        self.converted.append(record)
-        if _recording.get() is not None:
-            _recording.get().append(record)
-        op = rule_op(rule, module.scope, primitive, module.param_dtype)
+        self._add_record(LayerRecord(path, type(module).__name__, rule_name, True, impl_name))
+        op = rule_op(rule, module.scope, primitive, module.param_dtype,
+                     dot_general_fan_in if field == "dot_general" else None)
         layer = module.clone(parent=module.scope, **{field: op, cls_field: None})
-        if isinstance(rule, rules.DirectFeedbackAlignment) and not rules.backprop_is_forced():
+        if isinstance(rule, rules.DirectFeedbackAlignment) and self._dfa_active():
             args = self._dfa_input(module, primitive, args)
         return layer(*args, **kwargs)
+
+    def _einsum(self, module: nn.Einsum, path: str, args, kwargs):
+        """An ``nn.Einsum`` run as :class:`RuleEinsum` on its own scope."""
+        rule, rule_name = self._layer_rule(path, module)
+        self._add_record(LayerRecord(path, type(module).__name__, rule_name, True))
+        fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(nn.Einsum)
+                  if f.init and f.name not in ("parent", "name")}
+        layer = RuleEinsum(**fields, rule=rule, parent=module.scope)
+        if isinstance(rule, rules.DirectFeedbackAlignment) and self._dfa_active():
+            args = self._dfa_input(module, None, args)
+        return layer(*args, **kwargs)
+
+    def _attend(self, module: nn.Embed, path: str, args, kwargs):
+        """``Embed.attend(query) = query @ embeddingᵀ``, a tied output projection, trained
+        by the rule like a Dense layer whose kernel is ``embeddingᵀ``: its backward kernel
+        has the embedding's shape (``feedback_kernel`` of the Embed) and the query
+        receives ``δ B``; the embedding gets this path's ``dW`` plus the lookup's."""
+        rule, rule_name = self._layer_rule(path, module)
+        self._add_record(LayerRecord(path, "Embed.attend", rule_name, True))
+        (query,) = args or (kwargs["query"],)
+        query, embedding = module.promote_dtype(query, module.embedding, dtype=module.dtype)
+        if isinstance(rule, rules.DirectFeedbackAlignment) and self._dfa_active():
+            (query,) = self._dfa_input(module, None, (query,))
+        return rule.linear(module.scope, _attend, query, embedding, module.param_dtype,
+                           embedding.shape[-1])
+
+    def _feedback_point(self, next_fun, args, kwargs, module: nn.Module, path: str):
+        """Runs a module matched by ``feedback_points`` with backprop inside it; its output
+        is recorded to receive the projected error and returned through ``stop_gradient``,
+        so nothing above reaches it but that projection."""
+        self.inside_point.append(path)
+        try:
+            output = next_fun(*args, **kwargs)
+        finally:
+            self.inside_point.pop()
+        if not isinstance(output, jax.Array):
+            raise ValueError(
+                f"DFA feedback point {path!r} returns {type(output).__name__}; a feedback "
+                "point must return one array, which receives the projected error.")
+        self.dfa_inputs.append((module, None, output, True))
+        return jax.lax.stop_gradient(output)
 
     def _dfa_input(self, module, primitive, args):
         """Records the layer's input for the error projection and cuts backprop into it
@@ -240,26 +425,39 @@ class _Session:
         if len(self.converted) == 1:
             return args
         x, *rest = args
-        self.dfa_inputs.append((module, primitive, x))
+        self.dfa_inputs.append((module, primitive, x, False))
         return (jax.lax.stop_gradient(x), *rest)
 
     def project_output_error(self, output: jax.Array) -> jax.Array:
-        """``output`` unchanged; its VJP adds ``e B_lᵀ`` to every recorded DFA input."""
-        if output.ndim != 2:
+        """``output`` unchanged; its VJP adds ``e B_lᵀ`` to every recorded DFA input, at
+        each position of a ``(batch, ..., n_outputs)`` output (token-wise)."""
+        if not isinstance(output, jax.Array) or output.ndim < 2:
             raise ValueError(
                 f"DFA sends the output error e to every layer, so the model's output must "
-                f"have shape (batch, n_outputs); this model returns shape {output.shape}.")
-        batch, n_outputs = output.shape
+                f"have shape (batch, n_outputs) or (batch, ..., n_outputs); this model "
+                f"returns {getattr(output, 'shape', type(output).__name__)}.")
+        lead, n_outputs = output.shape[:-1], output.shape[-1]
         inputs, matrices, projections = [], [], []
-        for module, primitive, x in self.dfa_inputs:
-            if x.shape[0] != batch:
+        for module, primitive, x, is_point in self.dfa_inputs:
+            what = "feedback point" if is_point else "layer"
+            reads = "returns" if is_point else "reads an input of"
+            if x.shape[:len(lead)] != lead:
                 raise ValueError(
-                    f"DFA: layer {self._path(module)!r} reads an input of shape {x.shape}, "
-                    f"whose leading axis is not the model's batch of {batch}.")
-            # a Conv layer's input by the rule's conv_feedback, any other layer's dense
-            feedback = (DFA_CONV_FEEDBACK[self.owner.rule.conv_feedback]
-                        if isinstance(module, nn.Conv) else dense_feedback)
-            shape, projection = feedback(module, self._path(module), primitive, x, n_outputs)
+                    f"DFA: {what} {self._path(module)!r} {reads} shape {x.shape}, whose "
+                    f"leading axes are not those of the model's output {output.shape} "
+                    f"(all but its last, {lead}): the error at each position of the output "
+                    "goes to the same position of every layer's input, so they must match.")
+            shared_kernel = (isinstance(module, nn.Conv) and not is_point
+                             and self.owner.rule.conv_feedback == "shared_kernel")
+            if shared_kernel and len(lead) == 1:
+                shape, projection = shared_kernel_feedback(
+                    module, self._path(module), primitive, x, n_outputs)
+            elif shared_kernel:
+                raise ValueError(
+                    f"DFA with conv_feedback='shared_kernel' needs a (batch, n_outputs) "
+                    f"output; this model returns {output.shape} (use conv_feedback='dense').")
+            else:
+                shape, projection = positionwise_feedback(x, n_outputs, len(lead))
             init = self.owner.rule.feedback_init
             scope = module.scope
             matrix = scope.variable(
@@ -298,14 +496,15 @@ def with_error_projection(output, inputs, matrices, projections):
 
 
 class Converted(nn.Module):
-    """``module`` with its ``nn.Dense`` and ``nn.Conv`` layers trained by ``rule``; made by
-    :func:`convert`. Same forward pass and ``'params'`` tree as ``module``; its arguments
-    (``train=`` included) are passed through."""
+    """``module`` with its linear layers (Dense, DenseGeneral, Conv, Einsum, Embed.attend)
+    trained by ``rule``; made by :func:`convert`. Same forward pass and ``'params'`` tree
+    as ``module``; its arguments (``train=`` included) are passed through."""
 
     module: nn.Module
     rule: rules.Rule
     keep_backprop: KeepBackprop = ()
     conv_impl: str = "xla"
+    feedback_points: tuple[str, ...] = ()
 
     def setup(self):
         nn.share_scope(self, self.module)
@@ -317,7 +516,13 @@ class Converted(nn.Module):
         if not session.converted:
             raise ValueError(
                 f"bioflax.convert: {type(self.module).__name__} called no nn.Dense or "
-                "nn.Conv layer, so there is nothing to train with a rule.")
+                "nn.Conv layer (nor DenseGeneral, Einsum or Embed.attend), so there is "
+                "nothing to train with a rule.")
+        for pattern in self.feedback_points:
+            if not any(fnmatch.fnmatchcase(path, pattern) for path in session.paths):
+                raise ValueError(
+                    f"bioflax.convert: feedback point {pattern!r} matches no module; the "
+                    f"module paths are {session.paths}.")
         if session.dfa_inputs:
             output = session.project_output_error(output)
         return output
@@ -325,8 +530,10 @@ class Converted(nn.Module):
 
 def convert(module: nn.Module, rule: Union[str, rules.Rule], *,
             keep_backprop: KeepBackprop = (), conv_impl: str = "xla",
-            **options: Any) -> Converted:
-    """``module`` with every ``nn.Dense`` and ``nn.Conv`` inside it trained by ``rule``.
+            feedback_points: Union[str, Sequence[str]] = (), **options: Any) -> Converted:
+    """``module`` with every ``nn.Dense``, ``nn.Conv``, ``nn.DenseGeneral`` (so every
+    projection of ``nn.MultiHeadDotProductAttention``), ``nn.Einsum`` and ``nn.Embed.attend``
+    inside it trained by ``rule``.
 
     Args:
       module: any Flax linen module (unbound).
@@ -339,12 +546,18 @@ def convert(module: nn.Module, rule: Union[str, rules.Rule], *,
         (:func:`bioflax.conv.conv_general_dilated`) or ``'auto'`` (banded on the CPU
         backend, else xla). Defaults to ``'xla'`` so that the forward pass is the
         original's bit for bit unless a faster one is asked for.
+      feedback_points: DFA only: glob patterns of module paths (``'Block_*'``) whose
+        outputs receive the projected error, everything inside them trained by backprop
+        of it (Launay et al.'s per-block DFA); converted layers outside them keep
+        per-layer DFA. A pattern that matches no module raises a ``ValueError`` at
+        ``init``.
       **options: the rule's options: ``feedback_init``, ``interpolation_factor``,
         ``conv_feedback`` (DFA).
 
-    Layers that are not ``nn.Dense``/``nn.Conv`` keep exact backprop; :func:`summary`
-    lists what was converted. Errors that only running the model can reveal (no Dense or
-    Conv inside; DFA on an output that is not ``(batch, n)``) surface at ``init``.
+    Other layers keep exact backprop (the lookup of ``nn.Embed`` too: the first layer of
+    its path); :func:`summary` lists what was converted. Errors that only running the
+    model can reveal (nothing to convert inside; DFA on an output whose leading axes are
+    not a layer input's) surface at ``init``.
     """
     if isinstance(rule, str):
         rule = rules.get_rule(rule, **options)
@@ -353,8 +566,13 @@ def convert(module: nn.Module, rule: Union[str, rules.Rule], *,
     if not callable(keep_backprop):
         keep_backprop = tuple([keep_backprop] if isinstance(keep_backprop, str)
                               else keep_backprop)
+    feedback_points = tuple([feedback_points] if isinstance(feedback_points, str)
+                            else feedback_points)
+    if feedback_points and not isinstance(rule, rules.DirectFeedbackAlignment):
+        raise ValueError(f"feedback_points are DFA's (per-block DFA); rule {rule.name!r} "
+                         "takes none.")
     return Converted(module=module, rule=rule, keep_backprop=keep_backprop,
-                     conv_impl=_check_conv_impl(conv_impl))
+                     conv_impl=_check_conv_impl(conv_impl), feedback_points=feedback_points)
 
 
 @contextlib.contextmanager
@@ -395,12 +613,22 @@ def layer_records(module: nn.Module, *args, **kwargs) -> list[LayerRecord]:
             and (r.converted or r.path not in converted_paths)]
 
 
+def _why_bp(record: LayerRecord) -> str:
+    if record.path == "(top)":
+        return "bp (the model's own parameters)"
+    if record.layer == "Embed":
+        return "bp (embedding lookup: first layer of its path)"
+    return "bp (not a converted layer class)"
+
+
 def summary(converted: Converted, *args, **kwargs) -> str:
     """A table of every parametrised layer and the rule that trains it (as biotorch
     prints after converting), from tracing ``init`` on ``args``; a converted Conv layer's
     class names its convolution (``Conv (xla)``, ``Conv (banded)``, or ``Conv (custom)``
     for a layer given its own)."""
-    records = layer_records(converted, *args, **kwargs)
+    records = [r if r.path else dataclasses.replace(  # the top module's own parameters
+        r, path="(top)", layer=type(converted.module).__name__)
+        for r in layer_records(converted, *args, **kwargs)]
     width = max([len(r.path) for r in records] + [5])
     classes = [r.layer if r.conv_impl is None else f"{r.layer} ({r.conv_impl})"
                for r in records]
@@ -408,9 +636,9 @@ def summary(converted: Converted, *args, **kwargs) -> str:
     lines = [f"{'layer':<{width}}  {'class':<{class_width}}  rule",
              "-" * (width + class_width + 28)]
     lines += [f"{r.path:<{width}}  {c:<{class_width}}  "
-              f"{r.rule if r.converted else 'bp (not a Dense or Conv)'}"
+              f"{r.rule if r.converted else _why_bp(r)}"
               for r, c in zip(records, classes)]
-    kept = sum(r.rule == "bp" for r in records)
+    kept = sum(r.rule == "bp" or not r.converted for r in records)
     lines.append(f"{len(records) - kept} layers trained by {converted.rule.name!r}, "
                  f"{kept} by backprop.")
     return "\n".join(lines)

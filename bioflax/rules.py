@@ -1,4 +1,5 @@
-"""The learning rules, each written once, for any linear map ``y = f(x, W)`` (Dense or Conv).
+"""The learning rules, each written once, for any linear map ``y = f(x, W)`` (Dense, Conv,
+DenseGeneral, Einsum, a tied embedding's ``attend``).
 
 A rule keeps the forward pass ``f(x, W)`` and the layer's own parameter gradient
 ``dW = VJP of f(x, ·) at δ``; it changes the signal sent to the layer below to the
@@ -18,8 +19,11 @@ rule                backward kernel ``B``                          gradient of `
 ``brsf``            ``|M| ⊙ sign(W)``, ``M`` redrawn every step     (no ``B``)
 ==================  =============================================  ==================
 
-``fan_in`` is the number of inputs of one output unit (``in`` for Dense, kernel height ×
-width × input channels per group for Conv), so ``c`` is the standard deviation of
+``fan_in`` is the number of inputs of one output unit, the size of the kernel axes the map
+contracts with its input (``in`` for Dense, kernel height × width × input channels per
+group for Conv, the ``axis`` dimensions of a DenseGeneral, the kernel axes an Einsum shares
+with its input and not with its output); the caller of :meth:`Rule.linear` passes it
+(:func:`fan_in` of the kernel's shape when it does not), so ``c`` is the standard deviation of
 LeCun-normal initialisation; a positive constant per layer scales the updates below it
 and does not change their direction. ``M`` is drawn with the layer's ``feedback_init``;
 brSF draws it from the RNG stream ``'feedback'`` (pass ``rngs={'feedback': key}`` to
@@ -40,7 +44,7 @@ import dataclasses
 import functools
 import math
 import threading
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -110,8 +114,13 @@ feedback_linear.defvjp(_feedback_linear_fwd, _feedback_linear_bwd)
 
 
 def fan_in(kernel_shape) -> int:
-    """Inputs per output unit: every axis of the kernel but the last (output) one."""
+    """Inputs per output unit of a Dense or Conv kernel: every axis of the kernel but the
+    last (output) one. Kernels of other layouts need their contracted axes counted by the
+    caller (``fan_in=`` of :meth:`Rule.linear`)."""
     return math.prod(kernel_shape[:-1])
+
+
+_kernel_fan_in = fan_in  # for the methods whose argument ``fan_in`` shadows it
 
 
 def _fixed(scope: flax_scope.Scope, name: str, init: Initializer, shape, dtype):
@@ -121,14 +130,17 @@ def _fixed(scope: flax_scope.Scope, name: str, init: Initializer, shape, dtype):
 
 
 class Rule(abc.ABC):
-    """How one Dense or Conv layer trains: ``linear(scope, f, x, kernel, param_dtype)``
+    """How one linear layer trains: ``linear(scope, f, x, kernel, param_dtype, fan_in)``
     returns ``f(x, kernel)`` with the rule's backward pass. ``scope`` is the layer's Flax
-    scope, where the rule keeps its feedback variables (of ``param_dtype``)."""
+    scope, where the rule keeps its feedback variables (of ``param_dtype``); ``fan_in``
+    is the number of inputs of one output unit of ``f`` (``None``: :func:`fan_in` of the
+    kernel's shape, right for Dense and Conv kernels)."""
 
     name: ClassVar[str]
 
     @abc.abstractmethod
-    def linear(self, scope: flax_scope.Scope, f: Linear, x, kernel, param_dtype) -> jax.Array:
+    def linear(self, scope: flax_scope.Scope, f: Linear, x, kernel, param_dtype,
+               fan_in: Optional[int] = None) -> jax.Array:
         ...
 
 
@@ -138,8 +150,8 @@ class Backprop(Rule):
 
     name: ClassVar[str] = "bp"
 
-    def linear(self, scope, f, x, kernel, param_dtype):
-        del scope, param_dtype
+    def linear(self, scope, f, x, kernel, param_dtype, fan_in=None):
+        del scope, param_dtype, fan_in
         return f(x, kernel)
 
 
@@ -152,11 +164,13 @@ class KernelReplacingRule(Rule):
 
     @abc.abstractmethod
     def backward_kernel(self, scope: flax_scope.Scope, kernel: jax.Array,
-                        param_dtype) -> jax.Array:
+                        param_dtype, fan_in: int) -> jax.Array:
         """The backward kernel ``B`` (creating its variables at ``init``)."""
 
-    def linear(self, scope, f, x, kernel, param_dtype):
-        backward = self.backward_kernel(scope, kernel, param_dtype)
+    def linear(self, scope, f, x, kernel, param_dtype, fan_in=None):
+        if fan_in is None:
+            fan_in = _kernel_fan_in(kernel.shape)
+        backward = self.backward_kernel(scope, kernel, param_dtype, int(fan_in))
         if backprop_is_forced():
             return f(x, kernel)
         return feedback_linear(f, x, kernel, backward.astype(kernel.dtype),
@@ -169,7 +183,7 @@ class FeedbackAlignment(KernelReplacingRule):
 
     name: ClassVar[str] = "fa"
 
-    def backward_kernel(self, scope, kernel, param_dtype):
+    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
         return _fixed(scope, FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
 
 
@@ -185,7 +199,7 @@ class KolenPollack(KernelReplacingRule):
     name: ClassVar[str] = "kp"
     learns_feedback: ClassVar[bool] = True
 
-    def backward_kernel(self, scope, kernel, param_dtype):
+    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
         return scope.param(FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
 
 
@@ -202,7 +216,7 @@ class InterpolateFABP(KernelReplacingRule):
                 f"interpolation_factor must lie in [0, 1] (1 = FA, 0 = BP), "
                 f"got {self.interpolation_factor}.")
 
-    def backward_kernel(self, scope, kernel, param_dtype):
+    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
         fixed = _fixed(scope, FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
         lam = float(self.interpolation_factor)
         return fixed if lam == 1.0 else lam * fixed + (1.0 - lam) * kernel
@@ -214,9 +228,9 @@ class UniformSignSymmetry(KernelReplacingRule):
 
     name: ClassVar[str] = "usf"
 
-    def backward_kernel(self, scope, kernel, param_dtype):
+    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
         del scope, param_dtype
-        return jnp.sign(kernel) / math.sqrt(fan_in(kernel.shape))
+        return jnp.sign(kernel) / math.sqrt(fan_in)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +240,7 @@ class FixedRandomSignSymmetry(KernelReplacingRule):
 
     name: ClassVar[str] = "frsf"
 
-    def backward_kernel(self, scope, kernel, param_dtype):
+    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
         magnitude = _fixed(scope, FEEDBACK_MAGNITUDE, self.feedback_init, kernel.shape,
                            param_dtype)
         return jnp.abs(magnitude) * jnp.sign(kernel)
@@ -239,7 +253,7 @@ class BatchRandomSignSymmetry(KernelReplacingRule):
 
     name: ClassVar[str] = "brsf"
 
-    def backward_kernel(self, scope, kernel, param_dtype):
+    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
         if not (scope.has_rng(FEEDBACK_RNG) or scope.is_mutable_collection("params")):
             raise ValueError(
                 "brSF draws a new feedback matrix at every step from the 'feedback' RNG "
@@ -261,7 +275,8 @@ class DirectFeedbackAlignment(Rule):
     The layer itself computes and differentiates as backprop does; the converter reads its
     input through ``stop_gradient`` and sends the output error ``e`` to that input through
     a fixed random ``B`` drawn with ``feedback_init``: ``e Bᵀ`` with ``B`` of shape
-    ``(size of the input, n_outputs)``, or at a Conv layer with
+    ``(size of the input, n_outputs)`` (token-wise, ``(features of the input, n_outputs)``
+    at every position, for a ``(batch, ..., n_outputs)`` output), or at a Conv layer with
     ``conv_feedback='shared_kernel'`` the transposed convolution with a kernel ``B`` of
     ``e`` repeated over the output map (:data:`bioflax.converter.DFA_CONV_FEEDBACK`).
     """
@@ -275,8 +290,8 @@ class DirectFeedbackAlignment(Rule):
             raise ValueError(f"Unknown conv_feedback {self.conv_feedback!r}; choose one of "
                              f"{list(DFA_CONV_FEEDBACK_KINDS)}.")
 
-    def linear(self, scope, f, x, kernel, param_dtype):
-        del scope, param_dtype
+    def linear(self, scope, f, x, kernel, param_dtype, fan_in=None):
+        del scope, param_dtype, fan_in
         return f(x, kernel)
 
 

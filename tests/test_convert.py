@@ -605,10 +605,10 @@ def test_other_layer_classes_stay_on_backprop():
     class Mixed(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.DenseGeneral(5)(x)
-            return nn.Dense(2)(x)
+            x = nn.ConvTranspose(5, (2,))(x)
+            return nn.Dense(2)(x.reshape((x.shape[0], -1)))
 
-    variables = convert(Mixed(), "fa").init(jax.random.key(0), jnp.zeros((1, 3)))
+    variables = convert(Mixed(), "fa").init(jax.random.key(0), jnp.zeros((1, 4, 3)))
     assert set(variables["feedback"]) == {"Dense_0"}
 
 
@@ -630,13 +630,22 @@ def test_module_without_dense_or_conv_is_refused_at_init():
 
 
 def test_dfa_refuses_an_output_that_is_not_batch_by_outputs():
-    class ImageOut(nn.Module):
+    class ImageOut(nn.Module):  # a (2, 3, 3, 2) map from a layer reading (2, 5, 5, 3)
         @nn.compact
         def __call__(self, x):
-            return nn.Conv(2, (3, 3))(nn.relu(nn.Conv(3, (3, 3))(x)))
+            return nn.Conv(2, (3, 3), strides=2)(nn.relu(nn.Conv(3, (3, 3))(x)))
 
-    with pytest.raises(ValueError, match=r"must have shape \(batch, n_outputs\)"):
+    class ScalarOut(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.relu(nn.Dense(3)(x)))[:, 0]
+
+    # an output with more axes is token-wise DFA when its leading axes are every input's
+    with pytest.raises(ValueError, match=r"leading axes are not those of the model's "
+                                         r"output \(2, 3, 3, 2\)"):
         convert(ImageOut(), "dfa").init(jax.random.key(0), jnp.zeros((2, 5, 5, 1)))
+    with pytest.raises(ValueError, match=r"must have shape \(batch, n_outputs\)"):
+        convert(ScalarOut(), "dfa").init(jax.random.key(0), jnp.zeros((2, 4)))
 
 
 def test_exact_backprop_gives_backprop_gradients_for_every_rule():

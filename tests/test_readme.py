@@ -58,7 +58,7 @@ def test_readme_convert_example_runs_and_trains_convs_by_kp(capsys):
     # every layer with parameters (Dropout has none), in call order
     # (columns: path, class with a Conv layer's convolution, rule)
     assert [re.split(r"\s{2,}", line.strip()) for line in summary[2:-1]] == [
-        ["Conv_0", "Conv (xla)", "kp"], ["BatchNorm_0", "BatchNorm", "bp (not a Dense or Conv)"],
+        ["Conv_0", "Conv (xla)", "kp"], ["BatchNorm_0", "BatchNorm", "bp (not a converted layer class)"],
         ["Dense_0", "Dense", "bp"]]
     grads, variables = namespace["grads"], namespace["variables"]
     # KP: B receives exactly W's update; the output layer has no B
