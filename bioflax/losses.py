@@ -29,16 +29,26 @@ def mean_squared_error(predictions, targets):
     return jnp.mean(jnp.square(predictions - targets), axis=-1)
 
 
+def token_cross_entropy(logits, labels):
+    """Per-example mean over positions of ``−log softmax(logits[t])[label[t]]``: logits
+    ``(batch, T, vocab)``, integer labels ``(batch, T)``, loss ``(batch,)``. Every example
+    has the same T, so the batch mean is the mean over all tokens."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=-1)
+
+
 # The losses each kind of task can train with, by name.
 LOSSES = {
     "classification": {"softmax_cross_entropy": softmax_cross_entropy,
                        "sigmoid_cross_entropy": sigmoid_cross_entropy,
                        "sigmoid_squared_error": sigmoid_squared_error},
     "regression": {"mean_squared_error": mean_squared_error},
+    # Next-token prediction on sequences: outputs (batch, T, vocab), targets (batch, T).
+    "language_modeling": {"softmax_cross_entropy": token_cross_entropy},
 }
 
 # The loss each kind of task trains with when none is named.
-DEFAULT_LOSS = {"classification": "softmax_cross_entropy", "regression": "mean_squared_error"}
+DEFAULT_LOSS = {"classification": "softmax_cross_entropy", "regression": "mean_squared_error",
+                "language_modeling": "softmax_cross_entropy"}
 
 
 def loss_for(task: str, name: str | None = None):

@@ -103,13 +103,18 @@ def test_an_unknown_optimizer_or_schedule_name_is_refused_not_replaced(field, re
     ("model.dfa_conv_feedback", converter.DFA_CONV_FEEDBACK),
     ("model.conv_impl", converter.CONV_IMPLS),
 ])
-def test_validation_allows_exactly_the_registered_names(field, registry, monkeypatch):
+def test_validation_allows_exactly_the_registered_names(field, registry, monkeypatch,
+                                                       tmp_path):
     section, name = field.split(".")
+    text = tmp_path / "text.txt"
+    text.write_text("a text long enough for a window of every split. " * 100)
     for choice in registry:
         config = default_config.get_config()
         config[section][name] = choice
         if choice in ("teacher", "sinreg"):
             config.data.input_dim = config.data.output_dim = 1
+        if choice == "text":  # a file, and a language model to train on it
+            config.data.text_path, config.model.name = str(text), "transformer_lm"
         config_validation.validate(config)
     config = default_config.get_config()
     config[section][name] = "registered_later"

@@ -1,5 +1,6 @@
 """Data sets: TFDS image classification (MNIST, Fashion-MNIST, CIFAR-10/100, SVHN), the
-teacher-student task and sine regression, chosen by name from :data:`DATASETS`.
+teacher-student task, sine regression and next-token prediction on a local text file
+(:class:`TextFile`), chosen by name from :data:`DATASETS`.
 
 :func:`load` returns each split as a pair of NumPy arrays
 (:class:`~bioflax.experiment.input_pipeline.Split`), already normalised, or, with
@@ -10,10 +11,11 @@ teacher-student task and sine regression, chosen by name from :data:`DATASETS`.
 Config fields read from ``config.data`` (see ``configs/default.py``): ``dataset``,
 ``data_dir``, ``batch_size``, ``eval_batch_size``, ``val_split``, ``normalize_mean``,
 ``normalize_std``, ``input_dim``, ``output_dim``, ``train_size``, ``test_size``,
-``teacher_hidden_layers``, ``teacher_activation`` and, optionally, ``download`` (default
-True: fetch a TFDS data set when no prepared copy is found and the network is reachable),
-``flatten`` (default True), ``random_crop_padding`` (default 0) and ``random_flip``
-(default False).
+``teacher_hidden_layers``, ``teacher_activation``, for ``'text'`` ``text_path``,
+``context_length``, ``text_tokens``, ``text_test_fraction``, ``text_stride`` and,
+optionally, ``download`` (default True: fetch a TFDS data set when no prepared copy is
+found and the network is reachable), ``flatten`` (default True), ``random_crop_padding``
+(default 0) and ``random_flip`` (default False).
 """
 
 import dataclasses
@@ -47,9 +49,9 @@ _AUGMENT_STREAM = 0x617567  # "aug"
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    task: str  # 'classification' or 'regression'
+    task: str  # 'classification', 'regression' or 'language_modeling'
     input_shape: tuple[int, ...]  # of one example after preprocessing, e.g. (784,)
-    num_outputs: int  # classes (10 for MNIST) or regression output dim
+    num_outputs: int  # classes (10 for MNIST), regression output dim or vocabulary size
 
 
 # ----------------------------------------------------------------------------- loading
@@ -66,10 +68,14 @@ def load(data_config: ml_collections.ConfigDict,
         raise ValueError(f"Unknown data.dataset {name!r}; choose one of {list(DATASETS)}.")
     val_split = check_val_split(data_config.val_split or 0.0)
 
-    info, train, test = DATASETS[name].load(data_config, seed)
-    splits = {"train": train, "test": test}
-    if val_split > 0:
-        splits["train"], splits["validation"] = train.hold_out(val_split, seed)
+    spec = DATASETS[name]
+    if hasattr(spec, "load_splits"):  # a data set that holds out its own validation split
+        info, splits = spec.load_splits(data_config, seed)
+    else:
+        info, train, test = spec.load(data_config, seed)
+        splits = {"train": train, "test": test}
+        if val_split > 0:
+            splits["train"], splits["validation"] = train.hold_out(val_split, seed)
     augmentation = Augmentation.from_config(data_config)
     if augmentation is not None:
         splits["train"] = dataclasses.replace(splits["train"], augmentation=augmentation)
@@ -310,6 +316,112 @@ def _make_sinreg(cfg, seed: int) -> tuple[DatasetInfo, Split, Split]:
     return info, draw(train_size), draw(test_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class TextFile:
+    """Next-token prediction on a local UTF-8 text file (``data.dataset = 'text'``).
+
+    ``data.text_path`` names the file; ``data.text_tokens`` says what a token is:
+    ``'bytes'`` (the file's bytes, a vocabulary of 256, any file) or ``'characters'``
+    (its Unicode code points, the vocabulary the sorted distinct characters of the whole
+    file). The token stream is cut into three contiguous parts, in order: training, then
+    validation (the last ``data.val_split`` of what precedes the test part; none when 0),
+    then test (the last ``data.text_test_fraction`` of the file): held-out tails, never
+    random windows, so no evaluated text was trained on. Each part becomes windows of
+    ``data.context_length`` = T tokens starting every ``data.text_stride`` tokens (None: T,
+    windows that do not overlap) from the part's start: inputs ``part[s:s+T]``, targets
+    ``part[s+1:s+T+1]`` (int32 ``(N, T)`` both); the tail that fills no whole window is
+    dropped."""
+
+    task = "language_modeling"
+    token_kinds = ("bytes", "characters")
+
+    @staticmethod
+    def check_path(path) -> str:
+        """``data.text_path`` with ``~`` expanded; ValueError unless it names a file."""
+        if path is None or not os.path.isfile(os.path.expanduser(str(path))):
+            raise ValueError("data.dataset='text' reads a local UTF-8 text file: pass "
+                             "--config.data.text_path=FILE of an existing file")
+        return os.path.expanduser(str(path))
+
+    @staticmethod
+    def check_fraction(value) -> float:
+        """``data.text_test_fraction`` as a float; ValueError unless it lies in (0, 1)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"data.text_test_fraction must lie in (0, 1), got {value!r}")
+        return float(value)
+
+    @classmethod
+    def read(cls, data_config) -> tuple[np.ndarray, int]:
+        """The file's tokens (int32) and the vocabulary size."""
+        path = cls.check_path(data_config.text_path)
+        kind = data_config.get("text_tokens", "bytes")
+        if kind not in cls.token_kinds:
+            raise ValueError(f"data.text_tokens must be one of {list(cls.token_kinds)}, got "
+                             f"{kind!r}")
+        with open(path, "rb") as f:
+            raw = f.read()
+        if kind == "bytes":
+            return np.frombuffer(raw, np.uint8).astype(np.int32), 256
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data.text_path={path!r} is not UTF-8 ({e}); use "
+                             "data.text_tokens='bytes' for any file.") from e
+        codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        vocabulary = np.unique(codes)
+        return np.searchsorted(vocabulary, codes).astype(np.int32), len(vocabulary)
+
+    @staticmethod
+    def parts(num_tokens: int, data_config) -> dict[str, tuple[int, int]]:
+        """``{split: (start, stop)}`` of the token stream: ``'train'``, ``'validation'``
+        (when ``data.val_split > 0``) and ``'test'``."""
+        fraction = TextFile.check_fraction(data_config.text_test_fraction)
+        test_start = num_tokens - int(round(fraction * num_tokens))
+        val_split = float(data_config.val_split or 0.0)
+        val_start = test_start - int(round(val_split * test_start))
+        parts = {"train": (0, val_start), "test": (test_start, num_tokens)}
+        if val_split > 0:
+            parts["validation"] = (val_start, test_start)
+        return parts
+
+    @staticmethod
+    def windows(tokens: np.ndarray, length: int, stride: int) -> Split:
+        """Inputs ``tokens[s:s+length]`` and targets ``tokens[s+1:s+length+1]`` for
+        ``s = 0, stride, 2·stride, …`` while a whole target window fits."""
+        starts = np.arange(0, len(tokens) - length, stride)
+        index = starts[:, None] + np.arange(length)[None, :]
+        return Split(tokens[index].astype(np.int32), tokens[index + 1].astype(np.int32))
+
+    def num_outputs(self, data_config) -> int:
+        if data_config.get("text_tokens", "bytes") == "bytes":
+            return 256
+        return self.read(data_config)[1]
+
+    def check_windows(self, data_config, tokens: Optional[np.ndarray] = None) -> None:
+        """ValueError unless every split of the file holds a window of
+        ``data.context_length`` + 1 tokens (``tokens``: the file's, when already read)."""
+        tokens = self.read(data_config)[0] if tokens is None else tokens
+        length = data_config.context_length
+        for name, (start, stop) in self.parts(len(tokens), data_config).items():
+            if stop - start < length + 1:
+                raise ValueError(
+                    f"the {name} split of data.text_path ({len(tokens)} tokens in all) holds "
+                    f"{stop - start} tokens, fewer than a window of context_length + 1: use "
+                    "a longer text or a shorter context")
+
+    def load_splits(self, data_config, seed: int) -> tuple[DatasetInfo, dict[str, Split]]:
+        """The info and every split (the validation split is a tail of the text, so this
+        data set makes it itself; ``seed`` is unused)."""
+        del seed
+        tokens, vocabulary = self.read(data_config)
+        self.check_windows(data_config, tokens)
+        length = int(data_config.context_length)
+        stride = int(data_config.get("text_stride") or length)
+        splits = {name: self.windows(tokens[start:stop], length, stride)
+                  for name, (start, stop) in self.parts(len(tokens), data_config).items()}
+        return DatasetInfo(self.task, (length,), vocabulary), splits
+
+
 # Every data set by name. The mean and std of a TFDS entry are per channel, over all pixels
 # of its training split scaled to [0, 1]. MNIST's are the values of the PyTorch MNIST example
 # (tests/test_data.py recomputes them from the prepared copy); the others are the values
@@ -327,9 +439,10 @@ DATASETS = {
                                (0.1980, 0.2010, 0.1970)),
     "teacher": Synthetic("regression", _make_teacher),
     "sinreg": Synthetic("regression", _make_sinreg),
+    "text": TextFile(),
 }
-# Each data set's kind of task ("classification" or "regression"), which decides the
-# metrics and the losses it can train with.
+# Each data set's kind of task ("classification", "regression" or "language_modeling"),
+# which decides the metrics and the losses it can train with.
 DATASET_TASKS = {name: spec.task for name, spec in DATASETS.items()}
 
 

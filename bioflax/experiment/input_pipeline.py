@@ -82,9 +82,11 @@ def _check_steps(n: int, batch_size: int, start_step: int, num_steps: Optional[i
 
 @dataclasses.dataclass(frozen=True)
 class Split(ArrayData):
-    """One split held in memory: ``inputs`` float32 ``(N, *input_shape)``, preprocessed;
-    ``targets`` int32 ``(N,)`` (classification) or float32 ``(N, num_outputs)``; the
-    training split's ``augmentation``, if any (applied by :meth:`train_batches` only)."""
+    """One split held in memory: ``inputs`` float32 ``(N, *input_shape)``, preprocessed, or
+    int32 tokens ``(N, T)`` (language modelling); ``targets`` int32 ``(N,)``
+    (classification), float32 ``(N, num_outputs)`` (regression) or int32 ``(N, T)`` (the
+    next tokens); the training split's ``augmentation``, if any (applied by
+    :meth:`train_batches` only). Every dtype is kept as given."""
 
     augmentation: Optional[Any] = None
 

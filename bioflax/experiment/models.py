@@ -40,9 +40,12 @@ def _mlp(model_config, num_outputs: int) -> nn.Module:
 def _converted_zoo_model(name: str, model_config, num_outputs: int) -> nn.Module:
     """The zoo's ``name`` with every Dense and Conv trained by ``rule``
     (``bioflax.convert``), ``keep_backprop`` layers excepted, its convolutions run by
-    ``conv_impl``."""
+    ``conv_impl``; a language model's output tied to its embedding as
+    ``tie_embeddings`` says."""
+    options = ({"tie_embeddings": model_config.tie_embeddings}
+               if name in zoo.LANGUAGE_MODELS else {})
     model = zoo.get_model(name, num_classes=num_outputs, kernel_init=initializers.get(
-        model_config.kernel_init, model_config.kernel_init_scale))
+        model_config.kernel_init, model_config.kernel_init_scale), **options)
     return converter.convert(model, _rule(model_config),
                              keep_backprop=tuple(model_config.keep_backprop),
                              conv_impl=model_config.conv_impl)

@@ -90,9 +90,15 @@ def save_figures(figures: Mapping[str, object], directory: str, writer=None,
     return paths
 
 
+# The kinds of task with a figure of test predictions; the others ('language_modeling')
+# get the alignment figures only, and need no outputs.
+PREDICTION_TASKS = ("classification", "regression")
+
+
 def run_figures(scalars: Curves, task: str, inputs: np.ndarray, targets: np.ndarray,
-                outputs: np.ndarray) -> dict[str, object]:
-    """The figures of one run, from its scalars and its outputs on (a sample of) test data."""
+                outputs: np.ndarray | None) -> dict[str, object]:
+    """The figures of one run, from its scalars and its outputs on (a sample of) test data
+    (None for a task not in :data:`PREDICTION_TASKS`)."""
     figures = {}
     if any(tag.startswith("alignment/grad_angle/") for tag in scalars):
         figures["grad_angle"] = curves_figure(
@@ -100,6 +106,8 @@ def run_figures(scalars: Curves, task: str, inputs: np.ndarray, targets: np.ndar
     if any(tag.startswith("alignment/weight_cosine/") for tag in scalars):
         figures["weight_alignment"] = curves_figure(
             scalars, "alignment/weight_cosine/", "alignment of W and B", "cosine")
+    if task not in PREDICTION_TASKS:
+        return figures
     if task == "classification" and int(round(np.sqrt(inputs[0].size))) ** 2 == inputs[0].size:
         figures["test_predictions"] = image_grid_figure(inputs[:32], outputs[:32].argmax(-1),
                                                         targets[:32])

@@ -20,6 +20,7 @@ from bioflax.experiment import datasets, models, optimizers, plots, validate
 from bioflax.experiment import workdir as workdir_lib
 from bioflax.experiment.input_pipeline import TFData
 from bioflax.experiment.tensorboard_reader import read_scalars
+from bioflax.trainer import metrics as metrics_lib
 from bioflax.trainer import (Durations, InMemory, Task, Trainer, make_mesh,
                              resolve_durations)
 
@@ -60,7 +61,6 @@ def build_task(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
                alignment_every_steps: int, sample_input) -> Task:
     """The task of ``config``; ``sample_input`` (one example, batched) finds the output
     layer, whose angle the alignment metric's mean over hidden layers leaves out."""
-    classification = info.task == "classification"
     module = build_model(config.model, info)
     step_metrics = ([alignment.Alignment(
         alignment_every_steps,
@@ -70,8 +70,7 @@ def build_task(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
         module=module,
         loss=losses.loss_for(info.task, config.model.loss),
         optimizer=functools.partial(optimizers.build, config.optimizer),
-        metrics=(trainer_lib.ClassificationMetrics if classification
-                 else trainer_lib.RegressionMetrics),
+        metrics=metrics_lib.COLLECTIONS[info.task],
         step_metrics=step_metrics)
 
 
@@ -182,11 +181,13 @@ def _write_plots(workdir, writer, step, trainer, task, state, info, test):
     Every process computes the predictions (one program over all devices); process 0 draws.
     """
     sample = test.head(1000)
-    outputs = trainer.predict(task, state, sample.inputs)
+    outputs = None
+    if info.task in plots.PREDICTION_TASKS:
+        outputs = trainer.predict(task, state, sample.inputs)
+        if trainer.num_seeds > 1:
+            outputs = outputs[0]  # the first seed's predictions
     if jax.process_index() > 0:
         return
-    if trainer.num_seeds > 1:
-        outputs = outputs[0]  # the first seed's predictions
     figures = plots.run_figures(read_scalars(workdir), info.task, sample.inputs,
                                 sample.targets, outputs)
     plots.save_figures(figures, os.path.join(workdir, "plots"), writer, step)

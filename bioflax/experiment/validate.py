@@ -10,7 +10,7 @@ import numbers
 import jax
 import ml_collections
 
-from bioflax import converter, losses, rules
+from bioflax import converter, losses, rules, zoo
 from bioflax import models as bio_models
 from bioflax.errors import ConfigError
 from bioflax.experiment import datasets as data
@@ -183,7 +183,7 @@ def _validate_data(config) -> None:
         if not images or config.data.streaming:
             raise ConfigError("data.image_size", config.data.image_size,
                               "resizing applies to TFDS images loaded whole (not streamed)")
-    if config.model.name != "mlp" and config.data.flatten:
+    if images and config.model.name != "mlp" and config.data.flatten:
         raise ConfigError("data.flatten", True, f"model.name = {config.model.name!r} takes "
                           "images (N, H, W, C): set data.flatten = False")
     if config.data.streaming and not images:
@@ -201,6 +201,29 @@ def _validate_data(config) -> None:
         _library(config, field, lambda: data.check_sinreg_dims(config.data.input_dim,
                                                                config.data.output_dim))
     _library(config, "data.val_split", lambda: data.check_val_split(config.data.val_split))
+    _validate_text(config)
+
+
+def _validate_text(config) -> None:
+    """The text data set and the language models: one needs the other; the file exists and
+    each of its splits holds a window."""
+    text = config.data.dataset == "text"
+    if (config.model.name in zoo.LANGUAGE_MODELS) != text:
+        raise ConfigError("model.name", config.model.name,
+                          f"data.dataset = 'text' trains a language model, one of "
+                          f"{list(zoo.LANGUAGE_MODELS)}, and they train only on it")
+    if not text:
+        return
+    spec = data.DATASETS["text"]
+    _library(config, "data.text_path", lambda: spec.check_path(config.data.text_path))
+    _choice(config, "data.text_tokens", spec.token_kinds)
+    _positive(config, "data.context_length")
+    if config.data.text_stride is not None:
+        _positive(config, "data.text_stride")
+    _library(config, "data.text_test_fraction",
+             lambda: spec.check_fraction(config.data.text_test_fraction))
+    _library(config, "data.text_path", lambda: spec.read(config.data))  # UTF-8 characters
+    _library(config, "data.context_length", lambda: spec.check_windows(config.data))
 
 
 def _validate_devices(config, num_devices: int | None) -> None:

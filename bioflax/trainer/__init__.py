@@ -22,13 +22,15 @@ from bioflax.trainer.console import Console, ReportProgress
 from bioflax.trainer.data_sources import DataSource, InMemory
 from bioflax.trainer.durations import Durations, resolve as resolve_durations
 from bioflax.trainer.loop import FitResult, Trainer
-from bioflax.trainer.metrics import ClassificationMetrics, RegressionMetrics
+from bioflax.trainer.metrics import (ClassificationMetrics, LanguageModelingMetrics,
+                                     RegressionMetrics)
 from bioflax.trainer.placement import make_mesh
 from bioflax.trainer.task import Task, TrainState
 
 __all__ = [
     "ArrayData", "Callback", "CheckpointCallback", "ClassificationMetrics", "Console",
     "DataSource", "Durations", "EarlyStopping", "FitResult", "InMemory",
+    "LanguageModelingMetrics",
     "LearningRateMonitor", "ModelCheckpoint", "RegressionMetrics", "ReportProgress", "Task",
     "TrainState", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "make_mesh",
     "resolve_durations",

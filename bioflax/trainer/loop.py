@@ -278,8 +278,12 @@ class Trainer:
         """The module's outputs for ``inputs`` (``(batch, ...)``, or ``(seeds, batch, ...)``
         with several seeds), in evaluation mode, in padded, sharded batches."""
         check_batch_size(batch_size, self.mesh.size)
-        data = ArrayData(inputs=np.asarray(inputs, np.float32),
-                         targets=np.zeros(len(inputs), np.int32))
+        # The inputs keep their dtype (a language model takes int32 tokens); float64 becomes
+        # float32 unless JAX runs in 64 bits, as JAX would make it.
+        inputs = np.asarray(inputs)
+        if inputs.dtype == np.float64 and not jax.config.jax_enable_x64:
+            inputs = inputs.astype(np.float32)
+        data = ArrayData(inputs=inputs, targets=np.zeros(len(inputs), np.int32))
         apply = self.programs(task).predict()
         outputs = []
         for batch in data.eval_batches(batch_size, process_index=jax.process_index(),
@@ -288,7 +292,9 @@ class Trainer:
             outputs.append(np.asarray(out))
         # Whole global batches in order, padded at the end: the first len(inputs) rows are real
         # (the mask of a batch holds only this process's rows).
-        return np.concatenate(outputs, axis=-2)[..., :len(inputs), :]
+        batch_axis = 0 if self.num_seeds == 1 else 1  # outputs of any rank: (…, T, vocab)
+        real = (slice(None),) * batch_axis + (slice(len(inputs)),)
+        return np.concatenate(outputs, axis=batch_axis)[real]
 
 
 def _check_finite(losses: np.ndarray, params_finite: bool, step: int) -> None:

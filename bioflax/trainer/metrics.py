@@ -29,6 +29,33 @@ class RegressionMetrics(clu_metrics.Collection):
     loss: clu_metrics.Average.from_output("loss")
 
 
+@flax.struct.dataclass
+class TokenAccuracy(clu_metrics.Average):
+    """The fraction of positions whose argmax is the label, from ``logits=`` ``(batch, T,
+    vocab)`` and integer ``labels=`` ``(batch, T)``; ``mask=`` ``(batch,)`` drops whole
+    examples (the padding of an evaluation batch). Every example has T positions, so the
+    mean over examples of their per-position accuracy is the accuracy over tokens."""
+
+    @classmethod
+    def from_model_output(cls, *, logits, labels, mask=None, **_):
+        correct = (logits.argmax(axis=-1) == labels).astype(jnp.float32)
+        return super().from_model_output(values=correct.mean(axis=-1), mask=mask)
+
+
+@flax.struct.dataclass
+class LanguageModelingMetrics(clu_metrics.Collection):
+    """Loss (mean next-token cross-entropy, from ``loss=`` per example) and token
+    accuracy, for sequence outputs ``(batch, T, vocab)`` and labels ``(batch, T)``."""
+
+    loss: clu_metrics.Average.from_output("loss")
+    accuracy: TokenAccuracy
+
+
+# The metric collection of each kind of task.
+COLLECTIONS = {"classification": ClassificationMetrics, "regression": RegressionMetrics,
+               "language_modeling": LanguageModelingMetrics}
+
+
 def averages(values: Mapping[str, jax.Array], weight) -> dict[str, clu_metrics.Average]:
     """Each scalar as a clu ``Average`` counted ``weight`` (0 or 1) times."""
     return {name: clu_metrics.Average(total=jnp.asarray(value, jnp.float32) * weight,

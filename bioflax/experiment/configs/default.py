@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = data = ml_collections.ConfigDict()
     # A TFDS image-classification data set, 'mnist', 'fashion_mnist', 'cifar10', 'cifar100'
-    # or 'svhn_cropped'; or 'teacher' (teacher-student regression) or 'sinreg'.
+    # or 'svhn_cropped'; or 'teacher' (teacher-student regression) or 'sinreg'; or 'text'
+    # (next-token prediction on the local UTF-8 file data.text_path, for model.name =
+    # 'transformer_lm').
     data.dataset = "mnist"
     # TFDS data directory; None: TFDS's default, or $TFDS_DATA_DIR when set.
     data.data_dir = ml_collections.config_dict.placeholder(str)
@@ -42,6 +44,15 @@ def get_config() -> ml_collections.ConfigDict:
     data.test_size = 2_000  # teacher and sinreg: number of test examples
     data.teacher_hidden_layers = ()  # hidden widths of the teacher network
     data.teacher_activation = "identity"  # activation after every teacher layer
+    # 'text': the file; its last text_test_fraction is the test split and, before it, the
+    # last val_split of the rest the validation split (contiguous tails, not random windows).
+    data.text_path = ml_collections.config_dict.placeholder(str)
+    data.text_tokens = "bytes"  # 'text': 'bytes' (vocabulary 256) or 'characters' (the file's)
+    data.context_length = 64  # 'text': tokens per example (inputs and next-token targets)
+    data.text_test_fraction = 0.1  # 'text': the tail of the file held out as the test split
+    # 'text': tokens between the starts of consecutive windows; None: context_length (windows
+    # that do not overlap).
+    data.text_stride = ml_collections.config_dict.placeholder(int)
     data.in_memory = True  # hold the training split on the device (fast path) or use tf.data
     # TFDS data sets: read the splits from their files as training goes, each process its own
     # shard, instead of loading them whole into memory (for data sets larger than memory;
@@ -52,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = model = ml_collections.ConfigDict()
     # 'mlp' (BioNeuralNetwork: hidden_layers, activations), or a model of bioflax/zoo.py
     # trained through bioflax.convert: 'lenet5' (32x32x1 input), 'lenet_cifar', 'resnet20',
-    # 'resnet32', 'resnet44', 'resnet56', 'resnet110' (these take images: data.flatten=False)
+    # 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'vit_mnist' (a small Vision
+    # Transformer, 28x28x1) (these take images: data.flatten=False), or 'transformer_lm' (a
+    # causal Transformer language model, for data.dataset = 'text')
     model.name = "mlp"
     # The learning rule (bioflax/rules.py): 'bp', 'fa', 'kp', 'dfa', 'interpolate_fa_bp',
     # 'usf', 'frsf' or 'brsf'
@@ -61,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.mode = ml_collections.config_dict.placeholder(str)
     # Zoo models: Dense/Conv layers kept on backprop, glob patterns of their paths ('fc2')
     model.keep_backprop = ()
+    # transformer_lm: the output projection is the token embedding's transpose (tied) instead
+    # of its own Dense layer
+    model.tie_embeddings = False
     model.interpolation_factor = 0.5  # λ of interpolate_fa_bp: 1 = FA, 0 = BP
     # dfa, zoo models: B at a conv layer's input, 'dense' ((H·W·C, n_outputs)) or
     # 'shared_kernel' ((kh, kw, C, n_outputs), biotorch's); see bioflax/converter.py
