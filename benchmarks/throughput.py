@@ -45,8 +45,8 @@ def mnist_shaped(n: int = 60_000, seed: int = 0) -> Split:
                       rng.integers(0, 10, n).astype(np.int32))
 
 
-def make_task(mode: str, width: int, alignment_every: int = 0) -> Task:
-    return Task(module=BioNeuralNetwork((width, width), ("relu", "relu"), 10, mode),
+def make_task(rule: str, width: int, alignment_every: int = 0) -> Task:
+    return Task(module=BioNeuralNetwork((width, width), ("relu", "relu"), 10, rule),
                 loss=losses.softmax_cross_entropy, optimizer=optax.sgd(0.01),
                 metrics=ClassificationMetrics,
                 step_metrics=[alignment.Alignment(alignment_every)] if alignment_every else [])

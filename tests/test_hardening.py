@@ -59,7 +59,7 @@ def wait_for_checkpoint(process: subprocess.Popen, workdir, at_least: int = 1,
     ("model.input_layer_kernel_init", "ones", "choose one of ['lecun_normal',"),
     ("training.early_stopping_mode", "up", "choose one of ['min', 'max']"),
     ("data.dataset", "imagenet2012", "choose one of ['mnist', 'fashion_mnist', 'cifar10', "
-                                     "'cifar100', 'svhn_cropped', 'teacher', 'sinreg']"),
+                                     "'cifar100', 'svhn_cropped', 'teacher', 'sinreg', 'text']"),
     ("data.random_flip", True, "augmentation runs in the tf.data pipeline: set "
                                "data.in_memory = False"),
     ("data.random_crop_padding", -1, "data.random_crop_padding = -1 is invalid"),

@@ -122,7 +122,7 @@ NETWORKS = {
                                          in_shape=(2, 2), n_out=3, loss="xent"),
 }
 
-RULES = {  # BioNeuralNetwork mode -> (reference rule, λ)
+RULES = {  # BioNeuralNetwork's rule -> (reference rule, λ)
     "bp": ("bp", None),
     "fa": ("fa", None),
     "kp": ("kp", None),
@@ -131,8 +131,8 @@ RULES = {  # BioNeuralNetwork mode -> (reference rule, λ)
 }
 
 
-def build_bio(mode, net, seed=0, interpolation_factor=0.5):
-    model = BioNeuralNetwork(net["hidden"], net["acts"], net["n_out"], rule=mode,
+def build_bio(network_rule, net, seed=0, interpolation_factor=0.5):
+    model = BioNeuralNetwork(net["hidden"], net["acts"], net["n_out"], rule=network_rule,
                              interpolation_factor=interpolation_factor)
     x, t = make_data(seed, 6, net["in_shape"], net["n_out"], net["loss"])
     variables = randomize(abstract_init(model, jnp.asarray(x)), seed + 100)
@@ -148,12 +148,12 @@ def numpy_params(variables, names, kp):
 
 
 @pytest.mark.parametrize("net_name", list(NETWORKS))
-@pytest.mark.parametrize("mode", list(RULES))
-def test_bio_network_gradients_match_hand_derived_reference(mode, net_name):
+@pytest.mark.parametrize("network_rule", list(RULES))
+def test_bio_network_gradients_match_hand_derived_reference(network_rule, net_name):
     net = NETWORKS[net_name]
-    rule, lam = RULES[mode]
-    model, variables, names, x, t = build_bio(mode, net, interpolation_factor=lam or 0.5)
-    kp = mode == "kp"
+    rule, lam = RULES[network_rule]
+    model, variables, names, x, t = build_bio(network_rule, net, interpolation_factor=lam or 0.5)
+    kp = network_rule == "kp"
     kernels, biases, feedbacks = numpy_params(variables, names, kp)
     x_flat = x.reshape(x.shape[0], -1)
     lambdas = [lam] * len(names)
@@ -443,10 +443,10 @@ def test_kp_weight_decay_shrinks_kernel_feedback_gap_geometrically():
 # =========================================================================================
 
 
-@pytest.mark.parametrize("mode", ["fa", "dfa", "interpolate_fa_bp"])
-def test_fixed_feedback_receives_zero_gradient(mode):
+@pytest.mark.parametrize("network_rule", ["fa", "dfa", "interpolate_fa_bp"])
+def test_fixed_feedback_receives_zero_gradient(network_rule):
     net = NETWORKS["xent_relu_tanh_sigmoid_image"]
-    model, variables, names, x, t = build_bio(mode, net, seed=13)
+    model, variables, names, x, t = build_bio(network_rule, net, seed=13)
     assert "feedback" in variables
     _, _, grads, _ = jax_grads(model, variables, x, t, net["loss"])
     assert set(grads["feedback"]) == set(variables["feedback"])
@@ -488,17 +488,17 @@ def test_interpolation_endpoints(net_name):
         assert_close(g0["params"][name]["kernel"], d_w[index], f"λ=0 dW {name}")
         assert_close(g0["params"][name]["bias"], d_b[index], f"λ=0 db {name}")
         assert_close(g0["params"][name]["kernel"], np.asarray(g_bp["params"][name]["kernel"]),
-                     f"λ=0 vs bp mode {name}")
+                     f"λ=0 vs bp {name}")
     assert_close(gx0.reshape(dx.shape), dx, "λ=0 dx")
-    assert_close(gx0, np.asarray(gx_bp), "λ=0 dx vs bp mode")
+    assert_close(gx0, np.asarray(gx_bp), "λ=0 dx vs bp")
 
     # λ = 1 against the NumPy FA reference and against the FA layer
     _, _, fa_ref = np_reference("fa", x_flat, kernels, biases, feedbacks, net["acts"], t, loss)
     check_grads(g1, gx1, names, fa_ref)
     for index, name in enumerate(names):
         assert_close(g1["params"][name]["kernel"], np.asarray(g_fa["params"][name]["kernel"]),
-                     f"λ=1 vs fa mode {name}")
-    assert_close(gx1, np.asarray(gx_fa), "λ=1 dx vs fa mode")
+                     f"λ=1 vs fa {name}")
+    assert_close(gx1, np.asarray(gx_fa), "λ=1 dx vs fa")
 
 
 def test_interpolation_factor_out_of_range_raises():
@@ -602,11 +602,11 @@ def test_dfa_hidden_needs_final_output_dim_but_no_width():
 
 
 @pytest.mark.parametrize("net_name", list(NETWORKS))
-@pytest.mark.parametrize("mode", list(RULES))
-def test_exact_backprop_gives_true_gradients(mode, net_name):
+@pytest.mark.parametrize("network_rule", list(RULES))
+def test_exact_backprop_gives_true_gradients(network_rule, net_name):
     net = NETWORKS[net_name]
-    model, variables, names, x, t = build_bio(mode, net, seed=19)
-    kp = mode == "kp"
+    model, variables, names, x, t = build_bio(network_rule, net, seed=19)
+    kp = network_rule == "kp"
     kernels, biases, feedbacks = numpy_params(variables, names, kp)
     x_flat = x.reshape(x.shape[0], -1)
     _, _, (d_w, d_b, _, dx) = np_reference("bp", x_flat, kernels, biases, feedbacks,
@@ -621,7 +621,7 @@ def test_exact_backprop_gives_true_gradients(mode, net_name):
 
     # leaving the block restores the rule (for every non-BP rule the gradients differ)
     _, _, after, _ = jax_grads(model, variables, x, t, net["loss"])
-    if mode != "bp":
+    if network_rule != "bp":
         assert not np.allclose(after["params"]["layer_0"]["kernel"], d_w[0], rtol=1e-3)
 
 
