@@ -21,3 +21,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.update({"JAX_COMPILATION_CACHE_DIR": _CACHE,
                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"})
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that read the whole real MNIST (the ``mnist`` fixture of test_data.py) are
+    end-to-end tests of the harness's data: ``pytest -m "not e2e"`` leaves them out."""
+    import pytest  # pylint: disable=import-outside-toplevel
+    for item in items:
+        if "mnist" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
