@@ -58,7 +58,7 @@ instead. A layer input whose leading axes are not the output's, or an output wit
 than two axes, raises a ``ValueError`` at ``init``.
 
 **Per-block DFA** (Launay et al.'s "macro" DFA): ``convert(model, 'dfa',
-feedback_points=['Block_*'])``, glob patterns of module paths. The output of each
+feedback_points=['block*'])``, glob patterns of module paths. The output of each
 matched module (a single array) receives ``e B_bᵀ`` (``B_b`` shaped as above, stored as
 ``output_feedback`` at that module's path) and is passed on through ``stop_gradient``,
 so nothing from above reaches it; everything inside it trains by exact backprop of that
@@ -546,7 +546,7 @@ def convert(module: nn.Module, rule: Union[str, rules.Rule], *,
         (:func:`bioflax.conv.conv_general_dilated`) or ``'auto'`` (banded on the CPU
         backend, else xla). Defaults to ``'xla'`` so that the forward pass is the
         original's bit for bit unless a faster one is asked for.
-      feedback_points: DFA only: glob patterns of module paths (``'Block_*'``) whose
+      feedback_points: DFA only: glob patterns of module paths (``'block*'``) whose
         outputs receive the projected error, everything inside them trained by backprop
         of it (Launay et al.'s per-block DFA); converted layers outside them keep
         per-layer DFA. A pattern that matches no module raises a ``ValueError`` at

@@ -1,44 +1,10 @@
-"""The errors a user can cause and fix: each message names the problem and the fix.
-
-The command line (:mod:`bioflax.experiment.main`) prints any :class:`BioflaxError` as one
-line, with the flag that fixes it, and exits non-zero, without a traceback; everything else
-is a bug and keeps its traceback.
-"""
+"""The errors a user of the library can cause and fix: each message names the problem,
+the Python parameter and the fix. Everything else is a bug."""
 
 
 class BioflaxError(Exception):
-    """Base of the errors caused by input (config, data, workdir), not by bioflax."""
-
-
-class ConfigError(BioflaxError, ValueError):
-    """A config field holds a value that bioflax cannot use."""
-
-    def __init__(self, field: str, value, allowed: str):
-        super().__init__(f"config field {field} = {value!r} is invalid: {allowed}.")
-        self.field, self.value = field, value
-
-
-class ConfigFileError(BioflaxError, OSError):
-    """The config file named on the command line cannot be loaded."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"the config file {path} cannot be loaded: {reason}. Pass "
-                         "--config=PATH of an existing config file, e.g. "
-                         "--config=configs/kp_mnist.py (the configs are in configs/).")
-        self.path = path
-
-
-class WorkdirError(BioflaxError, OSError):
-    """The workdir cannot be created or is not a directory."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"the workdir {path} {reason}. Choose a directory that you can "
-                         "write to (a new one, or the workdir of a run to resume).")
-        self.path = path
-
-
-class DataNotFoundError(BioflaxError, RuntimeError):
-    """A data set could not be found, downloaded or read."""
+    """Base of the errors caused by input (a parameter, data, a checkpoint, and the
+    experiment harness's config and workdir), not by bioflax."""
 
 
 class TrainingDivergedError(BioflaxError, RuntimeError):
@@ -52,11 +18,7 @@ class TrainingDivergedError(BioflaxError, RuntimeError):
 
 
 class CheckpointError(BioflaxError, RuntimeError):
-    """The workdir's checkpoints cannot be used for this run."""
-
-
-class WorkdirLockedError(BioflaxError, RuntimeError):
-    """Another live run is using the same workdir."""
+    """The checkpoints in a directory cannot be used for this run."""
 
 
 class TrainingInterrupted(BioflaxError):

@@ -201,12 +201,8 @@ class RandomDenseLinearFA(_RuleDenseBase):
 
 
 class RandomDenseLinearKP(_RuleDenseBase):
-    """Kolen-Pollack: like FA, but ``B`` is a parameter that receives ``W``'s gradient.
-
-    Train it with weight decay on both, applied before the update
-    (``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))``): then
-    ``W − B`` shrinks by ``(1 − lr·wd)`` every SGD step and ``B`` converges to ``W``.
-    """
+    """Kolen-Pollack: like FA, but ``B`` is a parameter that receives ``W``'s gradient
+    (train it with weight decay as :class:`bioflax.rules.KolenPollack` says)."""
 
     def _rule(self):
         return rules.KolenPollack(self.feedback_init)

@@ -5,6 +5,7 @@ parameters of an FA network and of its backprop twin have the same tree; the bac
 reference of any network is the same ``apply`` inside :func:`bioflax.layers.exact_backprop`.
 """
 
+import warnings
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -23,8 +24,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "softplus": nn.softplus,
     "silu": nn.silu,
 }
-
-RULES = tuple(rules.RULES)
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -45,6 +44,8 @@ class BioNeuralNetwork(nn.Module):
     ``interpolate_fa_bp`` (1 = FA, 0 = BP); ``feedback_init`` draws every rule's ``B``.
     ``input_layer_kernel_init``, when given, initialises ``layer_0``'s W instead of
     ``kernel_init`` (Nøkland's FA starts the input layer random and the others at zero).
+    ``mode`` is the deprecated old name of ``rule``: when given, it is the rule (with a
+    warning).
     """
 
     hidden_layers: Sequence[int]
@@ -55,6 +56,7 @@ class BioNeuralNetwork(nn.Module):
     kernel_init: layers.Initializer = layers.default_kernel_init
     feedback_init: layers.Initializer = layers.default_kernel_init
     input_layer_kernel_init: Optional[layers.Initializer] = None
+    mode: Optional[str] = None
 
     def _kernel_init(self, index: int) -> layers.Initializer:
         if index == 0 and self.input_layer_kernel_init is not None:
@@ -62,15 +64,18 @@ class BioNeuralNetwork(nn.Module):
         return self.kernel_init
 
     def _rule(self) -> rules.Rule:
-        options = {} if self.rule == "bp" else {"feedback_init": self.feedback_init}
-        if self.rule == "interpolate_fa_bp":
+        name = self.rule
+        if self.mode is not None:
+            warnings.warn("BioNeuralNetwork(mode=...) is deprecated: use rule=...",
+                          DeprecationWarning, stacklevel=3)
+            name = self.mode
+        options = {} if name == "bp" else {"feedback_init": self.feedback_init}
+        if name == "interpolate_fa_bp":
             options["interpolation_factor"] = self.interpolation_factor
-        return rules.get_rule(self.rule, **options)
+        return rules.get_rule(name, **options)
 
     @nn.compact
     def __call__(self, x):
-        if self.rule not in RULES:
-            raise ValueError(f"Unknown rule {self.rule!r}; choose one of {list(RULES)}.")
         if len(self.hidden_layers) != len(self.activations):
             raise ValueError(
                 f"hidden_layers {tuple(self.hidden_layers)} and activations "

@@ -230,10 +230,8 @@ class VisionTransformer(nn.Module):
     parameters for 10 classes (patch conv 3,200; class token 64; positions 17·64 = 1,088;
     per block 33,472 = two LayerNorms 256 + q, k, v, out 4·(64·64 + 64) + MLP
     64·128 + 128 + 128·64 + 64; final LayerNorm 128; head 650), about 2 M multiply-adds
-    per image in the forward pass: backprop trained 23 steps/s at batch 128 on two CPU
-    cores (one measurement, 200 steps), about 20 s per MNIST epoch. Nakajima et al. 2022
-    (Nat. Commun. 13, Table 2) report 98.23 % (BP) for their "ViT-3" on MNIST; its sizes
-    were not found, so this model is this project's choice, not a reproduction of theirs.
+    per image in the forward pass. The sizes are this project's choice, not a reproduction
+    of Nakajima et al. 2022's "ViT-3", whose sizes were not found.
     """
 
     num_classes: int = 10

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bioflax.experiment import validate as config_validation
-from bioflax.errors import ConfigError
+from bioflax.experiment.errors import ConfigError
 from bioflax.experiment.tensorboard_reader import read_scalars
 from bioflax.experiment.configs import default as default_config
 from e2e import (checkpoint_steps, environment, flat_arrays, load_checkpoint, main_command,

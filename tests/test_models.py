@@ -12,7 +12,7 @@ import pytest
 from bioflax import BioNeuralNetwork
 from bioflax.experiment.datasets import TeacherNetwork
 from bioflax.models import ACTIVATIONS
-from bioflax.rules import RULES as MODES
+from bioflax.rules import RULES
 from float64 import ATOL, RTOL, abstract_init, float64_only, randomize  # noqa: F401
 
 
@@ -47,8 +47,8 @@ ACTS = ("tanh", "sigmoid", "relu")
 N_OUT = 3
 
 
-def _init(mode, x, **kwargs):
-    model = BioNeuralNetwork(HIDDEN, ACTS, N_OUT, rule=mode, **kwargs)
+def _init(rule, x, **kwargs):
+    model = BioNeuralNetwork(HIDDEN, ACTS, N_OUT, rule=rule, **kwargs)
     return model, abstract_init(model, jnp.asarray(x))
 
 
@@ -70,14 +70,14 @@ def test_kernel_and_bias_tree_identical_across_modes():
         "layer_3": {"kernel": (4, 3), "bias": (3,)},
     }
     assert kernel_bias_tree(reference) == expected
-    assert set(MODES) == {"bp", "fa", "kp", "dfa", "interpolate_fa_bp", "usf", "frsf", "brsf"}
-    for mode in MODES:
-        _, variables = _init(mode, x)
-        assert kernel_bias_tree(variables) == expected, mode
+    assert set(RULES) == {"bp", "fa", "kp", "dfa", "interpolate_fa_bp", "usf", "frsf", "brsf"}
+    for rule in RULES:
+        _, variables = _init(rule, x)
+        assert kernel_bias_tree(variables) == expected, rule
         # and nothing else in 'params' but KP's feedback kernels
         for layer, leaves in variables["params"].items():
             extra = set(leaves) - {"kernel", "bias"}
-            assert extra == ({"feedback_kernel"} if mode == "kp" else set()), (mode, layer)
+            assert extra == ({"feedback_kernel"} if rule == "kp" else set()), (rule, layer)
 
 
 def test_feedback_variables_per_mode():
@@ -86,8 +86,8 @@ def test_feedback_variables_per_mode():
     assert set(bp) == {"params"}
     _, kp = _init("kp", x)
     assert set(kp) == {"params"}
-    for mode in ("fa", "interpolate_fa_bp"):
-        _, v = _init(mode, x)
+    for rule in ("fa", "interpolate_fa_bp"):
+        _, v = _init(rule, x)
         assert {k: leaf["feedback_kernel"].shape for k, leaf in v["feedback"].items()} == {
             "layer_0": (7, 6), "layer_1": (6, 5), "layer_2": (5, 4), "layer_3": (4, 3)}
     _, dfa = _init("dfa", x)
@@ -96,10 +96,10 @@ def test_feedback_variables_per_mode():
         "layer_0": (6, 3), "layer_1": (5, 3), "layer_2": (4, 3)}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("hidden", [HIDDEN, ()])
-def test_input_layer_kernel_init_sets_only_the_first_layers_w(mode, hidden):
-    model = BioNeuralNetwork(hidden, ACTS[:len(hidden)], N_OUT, rule=mode,
+def test_input_layer_kernel_init_sets_only_the_first_layers_w(rule, hidden):
+    model = BioNeuralNetwork(hidden, ACTS[:len(hidden)], N_OUT, rule=rule,
                              kernel_init=jax.nn.initializers.zeros,
                              input_layer_kernel_init=jax.nn.initializers.ones)
     params = model.init(jax.random.PRNGKey(0), jnp.ones((2, 7)))["params"]
@@ -110,8 +110,8 @@ def test_input_layer_kernel_init_sets_only_the_first_layers_w(mode, hidden):
 
 def test_no_hidden_layers_is_a_linear_model():
     x = np.random.default_rng(0).normal(size=(4, 5))
-    for mode in MODES:
-        model = BioNeuralNetwork((), (), 2, rule=mode)
+    for rule in RULES:
+        model = BioNeuralNetwork((), (), 2, rule=rule)
         variables = randomize(abstract_init(model, jnp.asarray(x)), 1)
         assert set(variables["params"]) == {"layer_0"}
         (kernel, bias), = layers_of(variables["params"], ["layer_0"])
@@ -130,22 +130,22 @@ def test_forward_matches_numpy_in_every_mode_with_shared_weights():
     params = randomize(reference, 2)["params"]
     names = [f"layer_{i}" for i in range(4)]
     expected = np_mlp(x, layers_of(params, names), ACTS)
-    for mode in MODES:
-        model, variables = _init(mode, x)
+    for rule in RULES:
+        model, variables = _init(rule, x)
         variables = randomize(variables, 3)  # fresh feedback matrices
         for name in names:  # ... with the shared kernels and biases
             variables["params"][name]["kernel"] = params[name]["kernel"]
             variables["params"][name]["bias"] = params[name]["bias"]
         out = model.apply(variables, jnp.asarray(x), rngs=FEEDBACK_RNGS)
         assert out.shape == (5, N_OUT)
-        np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL, err_msg=mode)
+        np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL, err_msg=rule)
 
 
-@pytest.mark.parametrize("mode", ["bp", "fa", "dfa"])
-def test_image_shaped_input_is_flattened(mode):
+@pytest.mark.parametrize("rule", ["bp", "fa", "dfa"])
+def test_image_shaped_input_is_flattened(rule):
     rng = np.random.default_rng(4)
     images = rng.normal(size=(3, 2, 3, 2))  # batch of 2x3 images with 2 channels
-    model, variables = _init(mode, images)
+    model, variables = _init(rule, images)
     assert variables["params"]["layer_0"]["kernel"].shape == (12, HIDDEN[0])
     variables = randomize(variables, 5)
     out = model.apply(variables, jnp.asarray(images))
@@ -176,14 +176,14 @@ def test_activations_follow_their_hidden_layer_and_output_is_linear():
 # --- errors ---------------------------------------------------------------------------
 
 
-def test_unknown_mode_raises_with_choices():
+def test_unknown_rule_raises_with_choices():
     model = BioNeuralNetwork((4,), ("relu",), 2, rule="feedback_alignment")
     with pytest.raises(ValueError) as info:
         abstract_init(model, jnp.ones((1, 3)))
     message = str(info.value)
     assert "feedback_alignment" in message
-    for mode in MODES:
-        assert mode in message
+    for rule in RULES:
+        assert rule in message
 
 
 def test_unknown_activation_raises_with_choices():
@@ -196,9 +196,9 @@ def test_unknown_activation_raises_with_choices():
         abstract_init(TeacherNetwork((3,), 2, activation="swishy"), jnp.ones((1, 3)))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_mismatched_lengths_raise(mode):
-    model = BioNeuralNetwork((4, 4), ("relu",), 2, rule=mode)
+@pytest.mark.parametrize("rule", RULES)
+def test_mismatched_lengths_raise(rule):
+    model = BioNeuralNetwork((4, 4), ("relu",), 2, rule=rule)
     with pytest.raises(ValueError, match="same length") as info:
         abstract_init(model, jnp.ones((1, 3)))
     assert "(4, 4)" in str(info.value) and "relu" in str(info.value)
@@ -283,3 +283,13 @@ def test_linear_teacher_is_an_affine_map():
     c = (b1 @ w2 + b2) @ w3 + b3
     np.testing.assert_allclose(teacher.apply(variables, jnp.asarray(x)), x @ t_matrix + c,
                                rtol=RTOL, atol=ATOL)
+
+
+def test_mode_is_the_deprecated_name_of_rule():
+    x = jnp.ones((2, 3))
+    old = BioNeuralNetwork((4,), ("tanh",), 2, mode="fa")
+    with pytest.warns(DeprecationWarning, match="rule="):
+        variables = old.init(jax.random.key(0), x)
+    assert "feedback" in variables  # FA's fixed B, not backprop's nothing
+    new = BioNeuralNetwork((4,), ("tanh",), 2, rule="fa")
+    np.testing.assert_array_equal(new.apply(variables, x), old.apply(variables, x))

@@ -64,6 +64,42 @@ def test_importing_the_library_and_trainer_loads_no_harness_module():
     assert [name for name in loaded if _is_harness(name)] == []
 
 
+_LIBRARY_ONLY_TRAINING = """
+import json, sys
+import numpy as np, optax
+from flax import linen as nn
+import bioflax
+from bioflax import alignment, losses
+from bioflax.trainer import (ArrayData, ClassificationMetrics, EarlyStopping,
+                             ModelCheckpoint, Task, Trainer)
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(nn.relu(nn.Dense(8)(x)))
+
+x = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+data = ArrayData(x, (x[:, 0] > 0).astype(np.int32))
+task = Task(bioflax.convert(MLP(), "kp"), losses.softmax_cross_entropy, optax.sgd(0.1),
+            ClassificationMetrics, step_metrics=[alignment.Alignment(2)])
+trainer = Trainer(max_epochs=2, log_every_steps=2, progress_bar=False,
+                  callbacks=[EarlyStopping("val/loss"), ModelCheckpoint(sys.argv[1])])
+result = trainer.fit(task, data, data, batch_size=16)
+assert len(result.history) == 2 and "val/accuracy" in result.history[-1]
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_training_with_the_library_alone_loads_no_harness_module(tmp_path):
+    """fit, evaluation, checkpoints, early stopping, alignment and the progress report run
+    without TensorFlow, TensorBoard or the configs (a plain ``pip install .``)."""
+    loaded = json.loads(subprocess.run(
+        [sys.executable, "-c", _LIBRARY_ONLY_TRAINING, str(tmp_path / "checkpoints")],
+        cwd=REPO, check=True, capture_output=True, text=True).stdout)
+    assert "orbax.checkpoint" in loaded and "clu.metrics" in loaded
+    assert [name for name in loaded if _is_harness(name)] == []
+
+
 def _name(requirement: str) -> str:
     return re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 

@@ -11,7 +11,7 @@ from bioflax import converter, losses, rules
 from bioflax.experiment import datasets as data
 from bioflax.experiment import initializers, models, optimizers
 from bioflax.experiment import validate as config_validation
-from bioflax.errors import ConfigError
+from bioflax.experiment.errors import ConfigError
 from bioflax.experiment.configs import default as default_config
 
 

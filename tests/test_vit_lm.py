@@ -12,7 +12,7 @@ import pytest
 from flax import linen as nn
 
 from bioflax import losses, zoo
-from bioflax.errors import ConfigError
+from bioflax.experiment.errors import ConfigError
 from bioflax.experiment import datasets, validate
 from bioflax.experiment.configs import text_lm, vit_mnist
 from bioflax.trainer import Task, Trainer

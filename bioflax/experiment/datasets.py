@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from bioflax.errors import DataNotFoundError
+from bioflax.experiment.errors import DataNotFoundError
 from bioflax.experiment.input_pipeline import Split, StreamedSplit, tensorflow
 from bioflax.models import get_activation
 from bioflax.trainer.arrays import random_stream

@@ -34,9 +34,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bioflax import distributed
-from bioflax.errors import (BioflaxError, CheckpointError, ConfigError, ConfigFileError,
-                            TrainingDivergedError, TrainingInterrupted, WorkdirError)
+from bioflax.errors import (BioflaxError, CheckpointError, TrainingDivergedError,
+                            TrainingInterrupted)
 from bioflax.experiment import configs
+from bioflax.experiment.errors import ConfigError, ConfigFileError, WorkdirError
 from bioflax.experiment import run as run_lib
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -82,7 +83,7 @@ def parse_flags(argv):
         overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
         named = [o for o in overrides if missing and o.endswith(f".{missing[-1]}")] or overrides
         _fail(f"{', '.join(named)}: the config has no such field ({error}). The fields and "
-              "their meaning are listed in configs/default.py.", 2)
+              "their meaning are listed in bioflax/experiment/configs/default.py.", 2)
 
 
 def with_shipped_configs(argv: list[str]) -> list[str]:

@@ -48,7 +48,8 @@ def _converted_zoo_model(name: str, model_config, num_outputs: int) -> nn.Module
         model_config.kernel_init, model_config.kernel_init_scale), **options)
     return converter.convert(model, _rule(model_config),
                              keep_backprop=tuple(model_config.keep_backprop),
-                             conv_impl=model_config.conv_impl)
+                             conv_impl=model_config.conv_impl,
+                             feedback_points=tuple(model_config.feedback_points))
 
 
 # The models a config names (``model.name``): builders of ``(model config, outputs)``.

@@ -12,7 +12,7 @@ import ml_collections
 
 from bioflax import converter, losses, rules, zoo
 from bioflax import models as bio_models
-from bioflax.errors import ConfigError
+from bioflax.experiment.errors import ConfigError
 from bioflax.experiment import datasets as data
 from bioflax.experiment import models
 from bioflax.trainer import EarlyStopping, arrays, make_mesh
@@ -63,6 +63,9 @@ def apply_deprecated_mode(config: ml_collections.ConfigDict) -> None:
     mode = config.model.get("mode")
     if mode is None:
         return
+    if config.model.rule not in ("bp", mode):
+        raise ConfigError("model.mode", mode, f"it is the deprecated name of model.rule, which "
+                          f"says {config.model.rule!r}: set only model.rule")
     logging.warning("model.mode is deprecated: set model.rule = %r instead.", mode)
     config.model.rule, config.model.mode = mode, None
 
@@ -112,6 +115,10 @@ def _validate_model(config) -> None:
     for index, width in enumerate(hidden):
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width <= 0:
             raise ConfigError(f"model.hidden_layers[{index}]", width, "must be an integer > 0")
+    if config.model.feedback_points and config.model.rule != "dfa":
+        raise ConfigError("model.feedback_points", tuple(config.model.feedback_points),
+                          "feedback points are DFA's (per-block DFA): set model.rule = 'dfa' "
+                          "or leave them empty")
     _library(config, "model.interpolation_factor", lambda: rules.InterpolateFABP(
         interpolation_factor=config.model.interpolation_factor))
     for field in ("model.kernel_init_scale", "model.feedback_init_scale"):

@@ -6,7 +6,7 @@ import fcntl
 import os
 import socket
 
-from bioflax.errors import WorkdirError, WorkdirLockedError
+from bioflax.experiment.errors import WorkdirError, WorkdirLockedError
 
 LOCK_FILE = ".lock"
 RESULT_FILE = "result.json"  # written last, by a run that finished

@@ -90,17 +90,18 @@ class ArrayData:
 
     def _eval_batches(self, batch_size: int, columns: slice) -> Iterator[dict]:
         n = len(self)
+        inputs, targets = np.asarray(self.inputs), np.asarray(self.targets)
         for start in range(0, n, batch_size):
             index = np.arange(start + columns.start, start + columns.stop)
             real = index < n
             index = np.where(real, index, 0)
 
             def pick(array):
-                values = np.asarray(array)[index]
+                values = array[index]
                 keep = real.reshape((-1,) + (1,) * (values.ndim - 1))
                 return np.where(keep, values, np.zeros((), values.dtype))
 
-            yield {"input": pick(self.inputs), "target": pick(self.targets),
+            yield {"input": pick(inputs), "target": pick(targets),
                    "mask": real.astype(np.float32)}
 
 

@@ -3,6 +3,7 @@ throughput in TensorBoard. Every scalar also goes to the metric writer."""
 
 import logging
 import sys
+import time
 from typing import Callable, Mapping, Optional
 
 from bioflax.trainer.callback import Callback
@@ -61,15 +62,37 @@ class Console(Callback):
         self.on_fit_end(trainer, None)
 
 
+class LoggingWriter:
+    """A metric writer that logs every scalar at DEBUG: the trainer's default without a
+    workdir (clu's writers import TensorFlow)."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        logger.debug("step %d: %s", step,
+                     "  ".join(f"{name} {value:.6g}" for name, value in scalars.items()))
+
+    def flush(self) -> None:
+        pass
+
+
 class ReportProgress(Callback):
-    """Steps/s and the time left, written to the trainer's metric writer every 30 s
-    (``clu.periodic_actions.ReportProgress``)."""
+    """``steps_per_sec`` written to the trainer's metric writer, and the time left logged,
+    at most every ``every_secs`` seconds (as ``clu.periodic_actions.ReportProgress``)."""
+
+    def __init__(self, every_secs: float = 30.0):
+        self.every_secs = every_secs
+        self._last: Optional[tuple[float, int]] = None
 
     def on_fit_start(self, trainer, state) -> None:
-        from clu import periodic_actions  # pylint: disable=import-outside-toplevel
-        self._report = periodic_actions.ReportProgress(
-            num_train_steps=trainer.durations.total_steps, writer=trainer.writer,
-            every_secs=30.0)
+        self._last = (time.monotonic(), int(state.step))
 
     def on_train_chunk_end(self, trainer, state, step, logs) -> None:
-        self._report(step)
+        now = time.monotonic()
+        since, first = self._last
+        if now - since < self.every_secs or step <= first:
+            return
+        rate = (step - first) / (now - since)
+        self._last = (now, step)
+        trainer.writer.write_scalars(step, {"steps_per_sec": rate})
+        left = (trainer.durations.total_steps - step) / rate
+        logger.info("step %d/%d, %.1f steps/s, %.0f min left", step,
+                    trainer.durations.total_steps, rate, left / 60)

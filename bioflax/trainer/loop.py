@@ -19,7 +19,7 @@ from bioflax.trainer import durations as durations_lib
 from bioflax.trainer import metrics as metrics_lib
 from bioflax.trainer.arrays import ArrayData, check_batch_size
 from bioflax.trainer.callback import Callback, CheckpointCallback
-from bioflax.trainer.console import Console, ReportProgress
+from bioflax.trainer.console import Console, LoggingWriter, ReportProgress
 from bioflax.trainer.data_sources import DataSource, InMemory
 from bioflax.trainer.placement import Placement, make_mesh
 from bioflax.trainer.programs import Programs, plan, scalars
@@ -42,7 +42,8 @@ class Trainer:
     """Trains a :class:`Task` data-parallel over a device mesh.
 
     Args:
-      workdir: where TensorBoard event files go when no ``writer`` is given (none: logs).
+      workdir: where TensorBoard event files go when no ``writer`` is given (this needs
+        TensorFlow, the ``[experiment]`` extra; none: scalars logged at DEBUG).
       max_epochs: epochs to train; ``max_steps`` caps the total instead, when given.
       log_every_steps: steps per compiled program and per logged training average.
       callbacks: :class:`Callback` objects, run in order (checkpoint callbacks last).
@@ -83,12 +84,7 @@ class Trainer:
         self.placement = Placement(mesh or make_mesh(), num_seeds)
         self.num_seeds = num_seeds
         self.compiler_options = compiler_options
-        if writer is None:
-            # clu's writers import TensorFlow (for TensorBoard files): only when needed.
-            from clu import metric_writers  # pylint: disable=import-outside-toplevel
-            writer = metric_writers.create_default_writer(
-                workdir, just_logging=jax.process_index() > 0 or workdir is None)
-        self.writer = writer
+        self.writer = writer if writer is not None else _default_writer(workdir)
         console = [Console(progress_bar, epoch_summary)]
         console += [ReportProgress()] if report_progress else []
         user = list(callbacks)
@@ -269,17 +265,22 @@ class Trainer:
                 break
             metrics = evaluate(state, self.placement.to_global(batch, self.placement.inputs))
             total = metrics if total is None else total.merge(metrics)
+        if total is None:
+            raise ValueError("evaluate got no examples: pass data with at least one.")
         values = metrics_lib.compute_collection(jax.device_get(total))
         return scalars({prefix + name: value for name, value in values.items()},
                        self.num_seeds)
 
     def predict(self, task: Task, state: TrainState, inputs: np.ndarray, *,
                 batch_size: int = 1000) -> np.ndarray:
-        """The module's outputs for ``inputs`` (``(batch, ...)``, or ``(seeds, batch, ...)``
-        with several seeds), in evaluation mode, in padded, sharded batches."""
+        """The module's outputs for ``inputs`` ``(batch, ...)``, in evaluation mode, in
+        padded, sharded batches: ``(batch, ...)``, or ``(seeds, batch, ...)`` with several
+        seeds. The inputs keep their dtype (integer tokens stay integers), but float64
+        becomes float32 unless JAX runs in 64 bits."""
         check_batch_size(batch_size, self.mesh.size)
-        # The inputs keep their dtype (a language model takes int32 tokens); float64 becomes
-        # float32 unless JAX runs in 64 bits, as JAX would make it.
+        if not len(inputs):
+            raise ValueError("predict got no inputs: pass an array of shape (batch, ...) "
+                             "with batch >= 1.")
         inputs = np.asarray(inputs)
         if inputs.dtype == np.float64 and not jax.config.jax_enable_x64:
             inputs = inputs.astype(np.float32)
@@ -295,6 +296,21 @@ class Trainer:
         batch_axis = 0 if self.num_seeds == 1 else 1  # outputs of any rank: (…, T, vocab)
         real = (slice(None),) * batch_axis + (slice(len(inputs)),)
         return np.concatenate(outputs, axis=batch_axis)[real]
+
+
+def _default_writer(workdir: Optional[str]):
+    """TensorBoard files in ``workdir`` (process 0; clu's writer, which needs TensorFlow:
+    ``pip install 'bioflax[experiment]'``), else scalars logged at DEBUG."""
+    if workdir is None or jax.process_index() > 0:
+        return LoggingWriter()
+    try:
+        from clu import metric_writers  # pylint: disable=import-outside-toplevel
+    except ImportError as error:
+        raise ImportError(
+            f"Trainer(workdir={workdir!r}) writes TensorBoard files, which needs TensorFlow "
+            "(pip install 'bioflax[experiment]'); or pass writer= a clu MetricWriter, or "
+            "leave workdir unset.") from error
+    return metric_writers.create_default_writer(workdir)
 
 
 def _check_finite(losses: np.ndarray, params_finite: bool, step: int) -> None:

@@ -14,6 +14,8 @@ def resolve(argument: str) -> str:
     if os.path.exists(path):
         return argument
     parts = pathlib.PurePath(path).parts
+    if ".." in parts or pathlib.PurePath(path).is_absolute():
+        return argument
     inside = parts[1:] if parts[:1] == ("configs",) else parts
     candidate = DIRECTORY.joinpath(*inside) if inside else None
     if candidate is not None and candidate.is_file():

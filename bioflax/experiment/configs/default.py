@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.mode = ml_collections.config_dict.placeholder(str)
     # Zoo models: Dense/Conv layers kept on backprop, glob patterns of their paths ('fc2')
     model.keep_backprop = ()
+    # DFA per block (Launay et al.): glob patterns of module paths (the zoo's Transformer
+    # blocks are 'block0', 'block1', ...: ('block*',)) whose outputs receive the projected
+    # error, backprop inside; only with model.rule = 'dfa'.
+    model.feedback_points = ()
     # transformer_lm: the output projection is the token embedding's transpose (tied) instead
     # of its own Dense layer
     model.tie_embeddings = False
