@@ -216,7 +216,7 @@ def smoothed_stop_run(directory, *extra):
                       report_progress=False,
                       callbacks=[stop, callbacks.ModelCheckpoint(directory, every_n_steps=40),
                                  *extra])
-    return trainer.fit(linear_task(), linear_split(), batch_size=32)
+    return trainer.fit(linear_task(), linear_split(), batch_size=32, resume=True)
 
 
 def test_a_run_killed_after_its_first_checkpoint_stops_where_an_uninterrupted_one_does(

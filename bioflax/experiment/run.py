@@ -141,7 +141,7 @@ def _train_and_evaluate(config, workdir, info, splits):
     source = (InMemory if config.data.in_memory else TFData)(splits["train"])
     task = build_task(config, info, every["alignment"], source.sample_input())
     fit = trainer.fit(task, source, splits.get("validation"), batch_size=config.data.batch_size,
-                      eval_batch_size=config.data.eval_batch_size)
+                      eval_batch_size=config.data.eval_batch_size, resume=True)
     test = trainer.evaluate(task, fit.state, splits["test"],
                             batch_size=config.data.eval_batch_size, prefix="test/")
     step = int(fit.state.step)

@@ -140,12 +140,13 @@ class Trainer:
     def fit(self, task: Task, train: Union[DataSource, ArrayData],
             val: Optional[ArrayData] = None, *, batch_size: int,
             eval_batch_size: int = 1000, state: Optional[TrainState] = None,
-            resume: bool = True) -> FitResult:
+            resume: bool = False) -> FitResult:
         """Trains ``task`` on ``train`` (a :class:`DataSource`; an :class:`ArrayData` is held
         in memory), evaluating on ``val`` (anything :meth:`evaluate` takes) after each epoch.
 
-        Starts from ``state`` when given, else from a fresh state, or with ``resume`` from
-        the newest checkpoint of a :class:`CheckpointCallback` (its callbacks' states too).
+        Starts from ``state`` when given, else from a fresh state, or, with ``resume=True``
+        (opt-in, as Lightning's ``ckpt_path``), from the newest checkpoint of a
+        :class:`CheckpointCallback` (its callbacks' states too).
         """
         source = train if isinstance(train, DataSource) else InMemory(train)
         if self.num_seeds > 1 and not source.supports_seeds:
