@@ -252,13 +252,16 @@ def peer_main(steps: int) -> None:
 
 
 class Peers:
-    """The peer process: ``round(r)`` returns the peers' rates for round ``r``."""
+    """A peer process, ``python script --peer_only *args``, driven round by round:
+    ``round(r)`` returns its rates for round ``r``; ``info`` is its first line (JSON, with
+    at least ``version``)."""
 
-    def __init__(self, python: str, steps: int):
+    def __init__(self, python: str, script: str, *args: str):
         self.process = subprocess.Popen(
-            [python, os.path.abspath(__file__), "--peer_only", "--steps", str(steps)],
+            [python, os.path.abspath(script), "--peer_only", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.version = json.loads(self._line())["version"]
+        self.info = json.loads(self._line())
+        self.version = self.info["version"]
 
     def _line(self) -> str:
         line = self.process.stdout.readline()
@@ -276,11 +279,11 @@ class Peers:
         self.process.wait()
 
 
-def peer_python_ok(python: str) -> str:
-    """'' when ``python`` can import torch and biotorch, else why not."""
+def peer_python_ok(python: str, imports: str = "torch, biotorch.module.biomodule") -> str:
+    """'' when ``python`` can import ``imports``, else why not."""
     if not python:
         return "no --peer-python given"
-    check = subprocess.run([python, "-c", "import torch, biotorch.module.biomodule"],
+    check = subprocess.run([python, "-c", f"import {imports}"],
                            capture_output=True, text=True, check=False)
     return "" if check.returncode == 0 else check.stderr.strip().splitlines()[-1]
 
@@ -350,7 +353,7 @@ def main():
         print(f"  {name}: compiled and warmed up in {time.perf_counter() - start:.0f} s",
               flush=True)
     why_not = peer_python_ok(args.peer_python)
-    peers = Peers(args.peer_python, args.steps) if not why_not else None
+    peers = Peers(args.peer_python, __file__, "--steps", str(args.steps)) if not why_not else None
     print(f"peers: {peers.version}" if peers else f"peers skipped: {why_not}")
 
     rates, loads, before = {name: [] for name in timers}, [], cpu_times()

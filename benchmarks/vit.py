@@ -53,7 +53,7 @@ import time
 
 import numpy as np
 
-from lenet import cpu_times, noise_report  # benchmarks/lenet.py, beside this script
+from lenet import Peers, cpu_times, noise_report, peer_python_ok  # beside this script
 
 BATCH, NUM_EXAMPLES, NUM_CLASSES, IMAGE = 128, 60_000, 10, 28
 RULE_NAMES = ("bp", "fa", "kp", "dfa", "usf", "brsf", "frsf")
@@ -271,41 +271,6 @@ def peer_main(spec: dict) -> None:
         print(json.dumps({"plain PyTorch": run(int(line))}), flush=True)
 
 
-class Peer:
-    """The peer process: ``round(r)`` returns its rates for round ``r``."""
-
-    def __init__(self, python: str, spec: dict):
-        self.process = subprocess.Popen(
-            [python, os.path.abspath(__file__), "--peer_only", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        first = json.loads(self._line())
-        self.version, self.parameters = first["version"], first["parameters"]
-
-    def _line(self) -> str:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the peer process ended (exit code {self.process.wait()})")
-        return line
-
-    def round(self, round_: int) -> dict:
-        self.process.stdin.write(f"{round_}\n")
-        self.process.stdin.flush()
-        return json.loads(self._line())
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait()
-
-
-def peer_python_ok(python: str) -> str:
-    """'' when ``python`` can import torch, else why not."""
-    if not python:
-        return "no --peer-python given"
-    check = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True,
-                           check=False)
-    return "" if check.returncode == 0 else check.stderr.strip().splitlines()[-1]
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -335,11 +300,11 @@ def main():
           f"float32; alignment metric {'every 100 steps' if args.alignment else 'off'}; "
           f"{args.steps} steps per figure, median of {args.repeats} interleaved rounds")
     timers, parameters, spec = flax_timers(rules, args.steps, args.alignment)
-    why_not = peer_python_ok(args.peer_python)
-    peer = Peer(args.peer_python, spec) if not why_not else None
+    why_not = peer_python_ok(args.peer_python, "torch")
+    peer = Peers(args.peer_python, __file__, json.dumps(spec)) if not why_not else None
     print(f"parameters: flax {parameters:,}"
-          + (f"; PyTorch {peer.parameters:,}" if peer else ""))
-    if peer and peer.parameters != parameters:
+          + (f"; PyTorch {peer.info['parameters']:,}" if peer else ""))
+    if peer and peer.info['parameters'] != parameters:
         print("error: the PyTorch ViT's parameter count differs from the Flax one's")
     print(f"peer: {peer.version}" if peer else f"peer skipped: {why_not}")
 
