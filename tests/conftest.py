@@ -6,6 +6,8 @@ import pathlib
 import shutil
 import tempfile
 
+import pytest
+
 # Use the offline TFDS copy next to the repository (../shared/data/tensorflow_datasets)
 # unless the environment already names a TFDS data dir.
 _SHARED_TFDS = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tensorflow_datasets"
@@ -26,7 +28,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 def pytest_collection_modifyitems(items):
     """Tests that read the whole real MNIST (the ``mnist`` fixture of test_data.py) are
     end-to-end tests of the harness's data: ``pytest -m "not e2e"`` leaves them out."""
-    import pytest  # pylint: disable=import-outside-toplevel
     for item in items:
         if "mnist" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.e2e)
