@@ -21,8 +21,11 @@ SANFIZ := $(foreach rule,$(SANFIZ_RULES),configs/paper/sanfiz2021.py:mnist_lenet
 SANFIZ_LRS := 0.1 0.03 0.01 0.003 0.001 0.0003 0.0001
 SANFIZ_DFA := configs/paper/sanfiz2021.py:mnist_lenet5_dfa
 DFA_SHARED := --override model.dfa_conv_feedback=shared_kernel
+VIT_SETTINGS := bp fa kp dfa dfa_block usf brsf frsf head_only
+VIT := $(foreach setting,$(VIT_SETTINGS),configs/paper/vit_mnist.py:$(setting))
+VIT_LRS ?= 0.0003 0.001 0.003
 
-.PHONY: setup train test benchmark paper sanfiz2021-lr sanfiz2021-ablations
+.PHONY: setup train test benchmark paper sanfiz2021-lr sanfiz2021-ablations vit-mnist vit-mnist-lr
 
 setup: $(VENV)/.installed
 
@@ -88,3 +91,20 @@ sanfiz2021-ablations: setup
 	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/sanfiz2021_mnist_lenet5_dfa \
 		$(PAPER_ROOT)/ablation_dfa_shared/sanfiz2021_mnist_lenet5_dfa \
 		--out $(PAPER_ROOT)/report/sanfiz2021_dfa_ablation
+
+# The ViT on MNIST for every rule (docs/results.md), 3 seeds at the chosen learning rates.
+vit-mnist: setup
+	$(PY) -m bioflax.experiment.sweep $(VIT) --seeds=$(PAPER_SEEDS) --root=$(PAPER_ROOT)
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/vit_mnist_* --out $(PAPER_ROOT)/report/vit_mnist
+
+# How configs/paper/vit_mnist.py's learning rates were chosen: 3-epoch runs, seed 0, each
+# setting at each rate of VIT_LRS (KP also at weight decay 1), compared on the validation
+# split only; `make vit-mnist-lr VIT_LRS=...` extends the grid.
+vit-mnist-lr: setup
+	for lr in $(VIT_LRS); do \
+		$(PY) -m bioflax.experiment.sweep $(VIT) --seeds=0 --root=$(PAPER_ROOT)/vit_mnist_lr/lr_$$lr \
+			--override optimizer.learning_rate=$$lr --override training.epochs=3 || exit 1; \
+		$(PY) -m bioflax.experiment.sweep configs/paper/vit_mnist.py:kp --seeds=0 \
+			--root=$(PAPER_ROOT)/vit_mnist_lr/lr_$$lr/wd_1 --override optimizer.learning_rate=$$lr \
+			--override training.epochs=3 --override optimizer.weight_decay=1.0 || exit 1; \
+	done

@@ -156,7 +156,7 @@ def einsum_fan_in(einsum_str: str, x, kernel) -> int:
                      if c in lhs and c not in result)
 
 
-def rule_op(rule: rules.Rule, scope: Any, primitive: Callable[..., jax.Array],
+def rule_op(rule: rules.Rule, store: rules.Store, primitive: Callable[..., jax.Array],
             param_dtype, fan_in_of: Optional[Callable] = None) -> Callable[..., jax.Array]:
     """A drop-in for ``lax.dot_general`` / ``lax.conv_general_dilated`` (``primitive``)
     that computes the same value and trains its kernel (the second argument) by ``rule``;
@@ -164,7 +164,7 @@ def rule_op(rule: rules.Rule, scope: Any, primitive: Callable[..., jax.Array],
     contracted inputs (``None``: :func:`bioflax.rules.fan_in`, right for Dense and Conv)."""
     def op(lhs, rhs, *args, **kwargs):
         fan_in = None if fan_in_of is None else fan_in_of(rhs, args, kwargs)
-        return rule.linear(scope, lambda x, w: primitive(x, w, *args, **kwargs), lhs, rhs,
+        return rule.linear(store, lambda x, w: primitive(x, w, *args, **kwargs), lhs, rhs,
                            param_dtype, fan_in)
     return mark_rule_op(op)
 
@@ -198,8 +198,8 @@ class RuleEinsum(nn.Einsum):
             return jnp.einsum(einsum_str, x, w, precision=self.precision,
                               preferred_element_type=self.preferred_element_type)
 
-        y = self.rule.linear(self.scope, einsum, inputs, kernel, self.param_dtype,
-                             einsum_fan_in(einsum_str, inputs, kernel))
+        y = self.rule.linear(rules.LinenStore(self.scope), einsum, inputs, kernel,
+                             self.param_dtype, einsum_fan_in(einsum_str, inputs, kernel))
         if bias is not None:
             y += jnp.reshape(bias, broadcast_shape)
         return y
@@ -371,7 +371,7 @@ class _Session:
         if not isinstance(module, nn.Conv):
             impl_name = None
         self._add_record(LayerRecord(path, type(module).__name__, rule_name, True, impl_name))
-        op = rule_op(rule, module.scope, primitive, module.param_dtype,
+        op = rule_op(rule, rules.LinenStore(module.scope), primitive, module.param_dtype,
                      dot_general_fan_in if field == "dot_general" else None)
         layer = module.clone(parent=module.scope, **{field: op, cls_field: None})
         if isinstance(rule, rules.DirectFeedbackAlignment) and self._dfa_active():
@@ -400,8 +400,8 @@ class _Session:
         query, embedding = module.promote_dtype(query, module.embedding, dtype=module.dtype)
         if isinstance(rule, rules.DirectFeedbackAlignment) and self._dfa_active():
             (query,) = self._dfa_input(module, None, (query,))
-        return rule.linear(module.scope, _attend, query, embedding, module.param_dtype,
-                           embedding.shape[-1])
+        return rule.linear(rules.LinenStore(module.scope), _attend, query, embedding,
+                           module.param_dtype, embedding.shape[-1])
 
     def _feedback_point(self, next_fun, args, kwargs, module: nn.Module, path: str):
         """Runs a module matched by ``feedback_points`` with backprop inside it; its output

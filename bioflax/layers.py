@@ -134,8 +134,8 @@ class _RuleDenseBase(_FeedbackDenseBase):
         kernel, bias = self._kernel_and_bias(x)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if not isinstance(rule, rules.DirectFeedbackAlignment):
-            return activation(rule.linear(self.scope, _matmul, x, kernel, self.param_dtype)
-                              + bias)
+            return activation(rule.linear(rules.LinenStore(self.scope), _matmul, x, kernel,
+                                          self.param_dtype) + bias)
         output = activation(x @ kernel + bias)
         if self._final_output_dim() > 0:
             return self._dfa_hidden(output, rule)

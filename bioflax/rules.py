@@ -44,7 +44,7 @@ import dataclasses
 import functools
 import math
 import threading
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -123,23 +123,57 @@ def fan_in(kernel_shape) -> int:
 _kernel_fan_in = fan_in  # for the methods whose argument ``fan_in`` shadows it
 
 
-def _fixed(scope: flax_scope.Scope, name: str, init: Initializer, shape, dtype):
-    """A variable of the ``'feedback'`` collection, drawn once at ``init``."""
-    return scope.variable(FEEDBACK_COLLECTION, name,
-                          lambda: init(scope.make_rng("params"), shape, dtype)).value
+class Store(Protocol):
+    """Where a layer's rule keeps its variables and draws its randomness: a Linen scope
+    (:class:`LinenStore`) or an NNX layer (:class:`bioflax.nnx.NnxStore`). Each method
+    returns the variable ``name``, creating it with ``init(key, shape, dtype)`` when the
+    layer is being initialised."""
+
+    def fixed(self, name: str, init: Initializer, shape, dtype) -> jax.Array:
+        """A fixed feedback variable, which no optimizer updates."""
+
+    def param(self, name: str, init: Initializer, shape, dtype) -> jax.Array:
+        """A trained parameter beside the layer's kernel."""
+
+    def rng(self, stream: str) -> jax.Array:
+        """A new key of the RNG stream ``stream``; ValueError naming how to supply it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinenStore:
+    """A :class:`Store` on a Linen scope: fixed variables in the ``'feedback'`` collection,
+    parameters in ``'params'``, keys from the ``apply`` call's ``rngs``."""
+
+    scope: flax_scope.Scope
+
+    def fixed(self, name, init, shape, dtype):
+        return self.scope.variable(FEEDBACK_COLLECTION, name,
+                                   lambda: init(self.scope.make_rng("params"), shape, dtype)
+                                   ).value
+
+    def param(self, name, init, shape, dtype):
+        return self.scope.param(name, init, shape, dtype)
+
+    def rng(self, stream):
+        if not (self.scope.has_rng(stream) or self.scope.is_mutable_collection("params")):
+            raise ValueError(
+                f"This rule draws a new feedback matrix at every step from the {stream!r} "
+                f"RNG stream: call apply(..., rngs={{{stream!r}: key}}) with a new key per "
+                "step.")
+        return self.scope.make_rng(stream)  # at init without it: from 'params'
 
 
 class Rule(abc.ABC):
-    """How one linear layer trains: ``linear(scope, f, x, kernel, param_dtype, fan_in)``
-    returns ``f(x, kernel)`` with the rule's backward pass. ``scope`` is the layer's Flax
-    scope, where the rule keeps its feedback variables (of ``param_dtype``); ``fan_in``
-    is the number of inputs of one output unit of ``f`` (``None``: :func:`fan_in` of the
-    kernel's shape, right for Dense and Conv kernels)."""
+    """How one linear layer trains: ``linear(store, f, x, kernel, param_dtype, fan_in)``
+    returns ``f(x, kernel)`` with the rule's backward pass. ``store`` (a :class:`Store`)
+    is where the rule keeps the layer's feedback variables (of ``param_dtype``);
+    ``fan_in`` is the number of inputs of one output unit of ``f`` (``None``:
+    :func:`fan_in` of the kernel's shape, right for Dense and Conv kernels)."""
 
     name: ClassVar[str]
 
     @abc.abstractmethod
-    def linear(self, scope: flax_scope.Scope, f: Linear, x, kernel, param_dtype,
+    def linear(self, store: Store, f: Linear, x, kernel, param_dtype,
                fan_in: Optional[int] = None) -> jax.Array:
         ...
 
@@ -150,8 +184,8 @@ class Backprop(Rule):
 
     name: ClassVar[str] = "bp"
 
-    def linear(self, scope, f, x, kernel, param_dtype, fan_in=None):
-        del scope, param_dtype, fan_in
+    def linear(self, store, f, x, kernel, param_dtype, fan_in=None):
+        del store, param_dtype, fan_in
         return f(x, kernel)
 
 
@@ -163,14 +197,14 @@ class KernelReplacingRule(Rule):
     learns_feedback: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def backward_kernel(self, scope: flax_scope.Scope, kernel: jax.Array,
-                        param_dtype, fan_in: int) -> jax.Array:
+    def backward_kernel(self, store: Store, kernel: jax.Array, param_dtype,
+                        fan_in: int) -> jax.Array:
         """The backward kernel ``B`` (creating its variables at ``init``)."""
 
-    def linear(self, scope, f, x, kernel, param_dtype, fan_in=None):
+    def linear(self, store, f, x, kernel, param_dtype, fan_in=None):
         if fan_in is None:
             fan_in = _kernel_fan_in(kernel.shape)
-        backward = self.backward_kernel(scope, kernel, param_dtype, int(fan_in))
+        backward = self.backward_kernel(store, kernel, param_dtype, int(fan_in))
         if backprop_is_forced():
             return f(x, kernel)
         return feedback_linear(f, x, kernel, backward.astype(kernel.dtype),
@@ -183,8 +217,8 @@ class FeedbackAlignment(KernelReplacingRule):
 
     name: ClassVar[str] = "fa"
 
-    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
-        return _fixed(scope, FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
+    def backward_kernel(self, store, kernel, param_dtype, fan_in):
+        return store.fixed(FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +233,8 @@ class KolenPollack(KernelReplacingRule):
     name: ClassVar[str] = "kp"
     learns_feedback: ClassVar[bool] = True
 
-    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
-        return scope.param(FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
+    def backward_kernel(self, store, kernel, param_dtype, fan_in):
+        return store.param(FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +250,8 @@ class InterpolateFABP(KernelReplacingRule):
                 f"interpolation_factor must lie in [0, 1] (1 = FA, 0 = BP), "
                 f"got {self.interpolation_factor}.")
 
-    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
-        fixed = _fixed(scope, FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
+    def backward_kernel(self, store, kernel, param_dtype, fan_in):
+        fixed = store.fixed(FEEDBACK_KERNEL, self.feedback_init, kernel.shape, param_dtype)
         lam = float(self.interpolation_factor)
         return fixed if lam == 1.0 else lam * fixed + (1.0 - lam) * kernel
 
@@ -228,8 +262,8 @@ class UniformSignSymmetry(KernelReplacingRule):
 
     name: ClassVar[str] = "usf"
 
-    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
-        del scope, param_dtype
+    def backward_kernel(self, store, kernel, param_dtype, fan_in):
+        del store, param_dtype
         return jnp.sign(kernel) / math.sqrt(fan_in)
 
 
@@ -240,9 +274,9 @@ class FixedRandomSignSymmetry(KernelReplacingRule):
 
     name: ClassVar[str] = "frsf"
 
-    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
-        magnitude = _fixed(scope, FEEDBACK_MAGNITUDE, self.feedback_init, kernel.shape,
-                           param_dtype)
+    def backward_kernel(self, store, kernel, param_dtype, fan_in):
+        magnitude = store.fixed(FEEDBACK_MAGNITUDE, self.feedback_init, kernel.shape,
+                                param_dtype)
         return jnp.abs(magnitude) * jnp.sign(kernel)
 
 
@@ -253,13 +287,8 @@ class BatchRandomSignSymmetry(KernelReplacingRule):
 
     name: ClassVar[str] = "brsf"
 
-    def backward_kernel(self, scope, kernel, param_dtype, fan_in):
-        if not (scope.has_rng(FEEDBACK_RNG) or scope.is_mutable_collection("params")):
-            raise ValueError(
-                "brSF draws a new feedback matrix at every step from the 'feedback' RNG "
-                "stream: call apply(..., rngs={'feedback': key}) with a new key per step.")
-        magnitude = self.feedback_init(scope.make_rng(FEEDBACK_RNG), kernel.shape,
-                                       param_dtype)
+    def backward_kernel(self, store, kernel, param_dtype, fan_in):
+        magnitude = self.feedback_init(store.rng(FEEDBACK_RNG), kernel.shape, param_dtype)
         return jnp.abs(magnitude) * jnp.sign(kernel)
 
 
@@ -290,8 +319,8 @@ class DirectFeedbackAlignment(Rule):
             raise ValueError(f"Unknown conv_feedback {self.conv_feedback!r}; choose one of "
                              f"{list(DFA_CONV_FEEDBACK_KINDS)}.")
 
-    def linear(self, scope, f, x, kernel, param_dtype, fan_in=None):
-        del scope, param_dtype, fan_in
+    def linear(self, store, f, x, kernel, param_dtype, fan_in=None):
+        del store, param_dtype, fan_in
         return f(x, kernel)
 
 

@@ -1,19 +1,36 @@
 """Optimizers and learning-rate schedules, chosen by name from :data:`OPTIMIZERS` and
 :data:`SCHEDULES`; :func:`build` makes the optimizer a ``config.optimizer`` describes."""
 
+import fnmatch
+import functools
 from typing import Callable
 
+import flax
 import ml_collections
 import optax
 
-# name → (config.optimizer, learning rate or schedule) → the update rule.
+
+def _l2(config: ml_collections.ConfigDict,
+        update: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``update`` of the gradient plus ``weight_decay · w`` (L2 decay, PyTorch's form)."""
+    if not config.weight_decay:
+        return update
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), update)
+
+
+# name → (config.optimizer, learning rate or schedule) → the update rule, weight decay
+# included.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": lambda config, learning_rate: optax.sgd(learning_rate,
-                                                   momentum=config.momentum or None),
+    "sgd": lambda config, learning_rate: _l2(
+        config, optax.sgd(learning_rate, momentum=config.momentum or None)),
     # PyTorch's and Torch7's form: g / (√ν + ε).
-    "rmsprop": lambda config, learning_rate: optax.rmsprop(
-        learning_rate, decay=config.rmsprop_decay, eps=1e-8, eps_in_sqrt=False),
-    "adam": lambda config, learning_rate: optax.adam(learning_rate),
+    "rmsprop": lambda config, learning_rate: _l2(config, optax.rmsprop(
+        learning_rate, decay=config.rmsprop_decay, eps=1e-8, eps_in_sqrt=False)),
+    "adam": lambda config, learning_rate: _l2(config, optax.adam(learning_rate)),
+    # Decoupled decay: w ← w − lr·(adam(g) + wd·w), so equal gradients keep KP's W − B
+    # shrinking by (1 − lr·wd) per step.
+    "adamw": lambda config, learning_rate: optax.adamw(
+        learning_rate, weight_decay=config.weight_decay),
 }
 
 def _multistep(config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
@@ -43,8 +60,9 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> optax.Gradient
     """The optimizer ``config`` (a ``config.optimizer``) names, its learning rate injected
     (so it can be logged); ValueError for an unknown optimizer or schedule name.
 
-    Weight decay comes first in the chain, ``w ← w − lr·(u + wd·w)``, which makes
-    Kolen-Pollack's ``W − B`` shrink by ``(1 − lr·wd)`` per plain SGD step.
+    Weight decay comes first in the chain but for ``adamw``, ``w ← w − lr·(u + wd·w)``,
+    which makes Kolen-Pollack's ``W − B`` shrink by ``(1 − lr·wd)`` per plain SGD step.
+    With ``trainable`` patterns, parameters whose path matches none get no update.
     """
     update_rule = _choose(OPTIMIZERS, config.name, "optimizer.name")
     schedule = _choose(SCHEDULES, config.schedule, "optimizer.schedule")(
@@ -54,10 +72,22 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> optax.Gradient
             [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps), schedule],
             [config.warmup_steps])
 
-    def make(learning_rate):
-        update = update_rule(config, learning_rate)
-        if config.weight_decay:
-            return optax.chain(optax.add_decayed_weights(config.weight_decay), update)
-        return update
+    optimizer = optax.inject_hyperparams(
+        lambda learning_rate: update_rule(config, learning_rate))(learning_rate=schedule)
+    if not config.trainable:
+        return optimizer
+    return optax.multi_transform({True: optimizer, False: optax.set_to_zero()},
+                                 functools.partial(trainable, tuple(config.trainable)))
 
-    return optax.inject_hyperparams(make)(learning_rate=schedule)
+
+def trainable(patterns: tuple[str, ...], params):
+    """``params``' tree of booleans: whether each path (``'head/kernel'``) matches a glob of
+    ``patterns``; ValueError for a pattern that matches no parameter."""
+    paths = ["/".join(path) for path in flax.traverse_util.flatten_dict(params)]
+    for pattern in patterns:
+        if not fnmatch.filter(paths, pattern):
+            raise ValueError(f"optimizer.trainable pattern {pattern!r} matches no parameter; the "
+                             f"parameters are {paths}.")
+    return flax.traverse_util.path_aware_map(
+        lambda path, _: any(fnmatch.fnmatchcase("/".join(path), pattern)
+                            for pattern in patterns), params)

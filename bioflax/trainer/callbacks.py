@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional
 import flax
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
@@ -231,11 +232,13 @@ class EarlyStopping(Callback):
 
 
 class LearningRateMonitor(Callback):
-    """Logs ``learning_rate`` from an optimizer built with ``optax.inject_hyperparams``."""
+    """Logs ``learning_rate`` from an optimizer built with ``optax.inject_hyperparams``,
+    wherever it sits in the optimizer's state."""
 
     def on_train_chunk_end(self, trainer: Trainer, state: TrainState, step: int,
                            logs: Mapping[str, float]) -> None:
-        learning_rate = getattr(state.opt_state, "hyperparams", {}).get("learning_rate")
+        learning_rate = optax.tree_utils.tree_get(state.opt_state, "hyperparams", {}).get(
+            "learning_rate")
         if learning_rate is not None:
             # The same for every seed when several are trained at once.
             trainer.writer.write_scalars(

@@ -111,12 +111,17 @@ def get_config() -> ml_collections.ConfigDict:
     model.loss = ml_collections.config_dict.placeholder(str)
 
     config.optimizer = optimizer = ml_collections.ConfigDict()
-    optimizer.name = "sgd"  # 'sgd' (with momentum), 'rmsprop' or 'adam'
+    # 'sgd' (with momentum), 'rmsprop', 'adam' or 'adamw' (Adam with decoupled decay)
+    optimizer.name = "sgd"
     optimizer.learning_rate = 0.05
     optimizer.momentum = 0.9  # sgd only; 0 for plain SGD
     optimizer.rmsprop_decay = 0.99  # rmsprop only: ν ← decay·ν + (1 − decay)·g²
-    # wd * W is added to the gradient of W (and of KP's B) before the optimizer: L2 decay.
+    # wd * W is added to the gradient of W (and of KP's B) before the optimizer: L2 decay;
+    # adamw: subtracted as lr * wd * W after it (decoupled).
     optimizer.weight_decay = 0.0
+    # Glob patterns of parameter paths ('head/*'); when set, every parameter matching none
+    # stays at its initial value (e.g. the last-layer-only control). (): all train.
+    optimizer.trainable = ()
     # 'constant', 'cosine' (decays to 0 over the run) or 'multistep' (× decay_factor at
     # each fraction decay_at of the run's steps)
     optimizer.schedule = "constant"
