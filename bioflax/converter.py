@@ -86,6 +86,7 @@ import jax
 import jax.numpy as jnp
 import opt_einsum
 from flax import linen as nn
+from flax import nnx
 from flax.linen import module as flax_module
 
 from bioflax import conv as conv_lib
@@ -205,7 +206,8 @@ class RuleEinsum(nn.Einsum):
         return y
 
 
-def _attend(query, embedding):
+def attend(query, embedding):
+    """``Embed.attend``'s map: ``query @ embeddingᵀ``."""
     return jnp.dot(query, embedding.T)
 
 
@@ -400,7 +402,7 @@ class _Session:
         query, embedding = module.promote_dtype(query, module.embedding, dtype=module.dtype)
         if isinstance(rule, rules.DirectFeedbackAlignment) and self._dfa_active():
             (query,) = self._dfa_input(module, None, (query,))
-        return rule.linear(rules.LinenStore(module.scope), _attend, query, embedding,
+        return rule.linear(rules.LinenStore(module.scope), attend, query, embedding,
                            module.param_dtype, embedding.shape[-1])
 
     def _feedback_point(self, next_fun, args, kwargs, module: nn.Module, path: str):
@@ -429,45 +431,67 @@ class _Session:
         return (jax.lax.stop_gradient(x), *rest)
 
     def project_output_error(self, output: jax.Array) -> jax.Array:
-        """``output`` unchanged; its VJP adds ``e B_lᵀ`` to every recorded DFA input, at
-        each position of a ``(batch, ..., n_outputs)`` output (token-wise)."""
-        if not isinstance(output, jax.Array) or output.ndim < 2:
+        """``output`` unchanged; its VJP adds ``e B_lᵀ`` to every recorded DFA input."""
+        return project_output_error(output, [
+            DfaInput(self._path(module), x, is_point, rules.LinenStore(module.scope),
+                     self._feedback(module, primitive, is_point))
+            for module, primitive, x, is_point in self.dfa_inputs], self.owner.rule)
+
+    def _feedback(self, module: nn.Module, primitive, is_point: bool) -> Callable:
+        """How DFA's ``B`` at this input is shaped: ``(x, n_outputs, n_position_axes) →
+        (shape of B, p)``."""
+        if not (isinstance(module, nn.Conv) and not is_point
+                and self.owner.rule.conv_feedback == "shared_kernel"):
+            return positionwise_feedback
+
+        def shared_kernel(x, n_outputs, n_position_axes):
+            if n_position_axes > 1:
+                raise ValueError(
+                    "DFA with conv_feedback='shared_kernel' needs a (batch, n_outputs) "
+                    "output; this model's has more axes (use conv_feedback='dense').")
+            return shared_kernel_feedback(module, self._path(module), primitive, x, n_outputs)
+        return shared_kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class DfaInput:
+    """A tensor that receives DFA's projected error: a converted layer's input or a
+    feedback point's output, at ``path``, its ``B`` kept in ``store`` and shaped by
+    ``feedback(x, n_outputs, n_position_axes) → (shape of B, p)``."""
+
+    path: str
+    x: jax.Array
+    is_point: bool
+    store: rules.Store
+    feedback: Callable[[jax.Array, int, int], tuple]
+
+
+def project_output_error(output: jax.Array, inputs: Sequence[DfaInput],
+                         rule: rules.DirectFeedbackAlignment) -> jax.Array:
+    """``output`` unchanged; its VJP adds ``e B_lᵀ`` to every input of ``inputs``, at each
+    position of a ``(batch, ..., n_outputs)`` output (token-wise); each ``B_l`` is the
+    fixed variable ``output_feedback`` of its store, drawn with ``rule.feedback_init``."""
+    if not isinstance(output, jax.Array) or output.ndim < 2:
+        raise ValueError(
+            f"DFA sends the output error e to every layer, so the model's output must "
+            f"have shape (batch, n_outputs) or (batch, ..., n_outputs); this model "
+            f"returns {getattr(output, 'shape', type(output).__name__)}.")
+    lead, n_outputs = output.shape[:-1], output.shape[-1]
+    matrices, projections = [], []
+    for item in inputs:
+        if item.x.shape[:len(lead)] != lead:
+            what = "feedback point" if item.is_point else "layer"
+            reads = "returns" if item.is_point else "reads an input of"
             raise ValueError(
-                f"DFA sends the output error e to every layer, so the model's output must "
-                f"have shape (batch, n_outputs) or (batch, ..., n_outputs); this model "
-                f"returns {getattr(output, 'shape', type(output).__name__)}.")
-        lead, n_outputs = output.shape[:-1], output.shape[-1]
-        inputs, matrices, projections = [], [], []
-        for module, primitive, x, is_point in self.dfa_inputs:
-            what = "feedback point" if is_point else "layer"
-            reads = "returns" if is_point else "reads an input of"
-            if x.shape[:len(lead)] != lead:
-                raise ValueError(
-                    f"DFA: {what} {self._path(module)!r} {reads} shape {x.shape}, whose "
-                    f"leading axes are not those of the model's output {output.shape} "
-                    f"(all but its last, {lead}): the error at each position of the output "
-                    "goes to the same position of every layer's input, so they must match.")
-            shared_kernel = (isinstance(module, nn.Conv) and not is_point
-                             and self.owner.rule.conv_feedback == "shared_kernel")
-            if shared_kernel and len(lead) == 1:
-                shape, projection = shared_kernel_feedback(
-                    module, self._path(module), primitive, x, n_outputs)
-            elif shared_kernel:
-                raise ValueError(
-                    f"DFA with conv_feedback='shared_kernel' needs a (batch, n_outputs) "
-                    f"output; this model returns {output.shape} (use conv_feedback='dense').")
-            else:
-                shape, projection = positionwise_feedback(x, n_outputs, len(lead))
-            init = self.owner.rule.feedback_init
-            scope = module.scope
-            matrix = scope.variable(
-                rules.FEEDBACK_COLLECTION, DFA_FEEDBACK,
-                lambda s=scope, shape=shape, dt=x.dtype: init(
-                    s.make_rng("params"), shape, dt)).value
-            inputs.append(x)
-            matrices.append(matrix)
-            projections.append(projection)
-        return with_error_projection(output, inputs, matrices, projections)
+                f"DFA: {what} {item.path!r} {reads} shape {item.x.shape}, whose "
+                f"leading axes are not those of the model's output {output.shape} "
+                f"(all but its last, {lead}): the error at each position of the output "
+                "goes to the same position of every layer's input, so they must match.")
+        shape, projection = item.feedback(item.x, n_outputs, len(lead))
+        matrices.append(item.store.fixed(DFA_FEEDBACK, rule.feedback_init, shape,
+                                         item.x.dtype))
+        projections.append(projection)
+    return with_error_projection(output, [item.x for item in inputs], matrices, projections)
 
 
 def with_error_projection(output, inputs, matrices, projections):
@@ -528,15 +552,19 @@ class Converted(nn.Module):
         return output
 
 
-def convert(module: nn.Module, rule: Union[str, rules.Rule], *,
+def convert(module: Union[nn.Module, nnx.Module], rule: Union[str, rules.Rule], *,
             keep_backprop: KeepBackprop = (), conv_impl: str = "xla",
-            feedback_points: Union[str, Sequence[str]] = (), **options: Any) -> Converted:
+            feedback_points: Union[str, Sequence[str]] = (),
+            rngs: Optional[nnx.Rngs] = None, example: Any = None, **options: Any):
     """``module`` with every ``nn.Dense``, ``nn.Conv``, ``nn.DenseGeneral`` (so every
     projection of ``nn.MultiHeadDotProductAttention``), ``nn.Einsum`` and ``nn.Embed.attend``
-    inside it trained by ``rule``.
+    inside it trained by ``rule``; for a Flax NNX model, every ``nnx.Linear``,
+    ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Einsum`` and ``nnx.Embed.attend``
+    (:mod:`bioflax.nnx_converter`).
 
     Args:
-      module: any Flax linen module (unbound).
+      module: any Flax linen module (unbound), returning a :class:`Converted` module; or an
+        ``nnx.Module``, returning a :class:`bioflax.nnx_converter.Converted` copy of it.
       rule: a name of :data:`bioflax.rules.RULES` (``'bp'``, ``'fa'``, ``'kp'``, ``'dfa'``,
         ``'usf'``, ``'brsf'``, ``'frsf'``, ``'interpolate_fa_bp'``) or a ``Rule``.
       keep_backprop: layers kept on backprop: glob patterns of their paths in the
@@ -551,6 +579,11 @@ def convert(module: nn.Module, rule: Union[str, rules.Rule], *,
         of it (Launay et al.'s per-block DFA); converted layers outside them keep
         per-layer DFA. A pattern that matches no module raises a ``ValueError`` at
         ``init``.
+      rngs: NNX only: the ``nnx.Rngs`` that draws feedback weights (stream
+        ``'feedback'``, else its default), needed by every rule with random ``B``; a Linen
+        model draws them at ``init``.
+      example: NNX with DFA only: a batch of inputs (or a tuple of the model's arguments)
+        that shapes DFA's ``B_l``; a Linen model shapes them at ``init``.
       **options: the rule's options: ``feedback_init``, ``interpolation_factor``,
         ``conv_feedback`` (DFA).
 
@@ -571,6 +604,18 @@ def convert(module: nn.Module, rule: Union[str, rules.Rule], *,
     if feedback_points and not isinstance(rule, rules.DirectFeedbackAlignment):
         raise ValueError(f"feedback_points are DFA's (per-block DFA); rule {rule.name!r} "
                          "takes none.")
+    _check_conv_impl(conv_impl)
+    if isinstance(module, nnx.Module):
+        from bioflax import nnx_converter  # it builds on this module
+        return nnx_converter.convert(module, rule, rngs=rngs, example=example,
+                                     keep_backprop=keep_backprop, conv_impl=conv_impl,
+                                     feedback_points=feedback_points)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"bioflax.convert takes a flax.linen.Module or a flax.nnx.Module, "
+                        f"not {type(module).__name__}.")
+    if rngs is not None or example is not None:
+        raise ValueError("bioflax.convert: rngs= and example= are for NNX models; a Linen "
+                         "model draws and shapes its feedback weights at init.")
     return Converted(module=module, rule=rule, keep_backprop=keep_backprop,
                      conv_impl=_check_conv_impl(conv_impl), feedback_points=feedback_points)
 

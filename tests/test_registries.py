@@ -20,7 +20,39 @@ def optimizer_config(**fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "name": "sgd", "learning_rate": 0.05, "momentum": 0.0, "rmsprop_decay": 0.99,
         "weight_decay": 0.0, "schedule": "constant", "decay_at": (0.5, 0.75),
-        "decay_factor": 0.1, "warmup_steps": 0, **fields})
+        "decay_factor": 0.1, "warmup_steps": 0, "trainable": (), **fields})
+
+
+def test_adamw_decays_after_the_adam_step_so_equal_gradients_keep_the_difference_shrinking():
+    """KP under Adam: W and B with equal gradients move by the same Adam step, and the
+    decoupled decay multiplies W − B by (1 − lr·wd) every step."""
+    config = optimizer_config(name="adamw", learning_rate=0.01, weight_decay=2.0)
+    optimizer = optimizers.build(config, total_steps=10)
+    params = {"w": np.array([1.0, -0.5], np.float32), "b": np.array([0.2, 0.3], np.float32)}
+    state = optimizer.init(params)
+    for gradient in (np.array([0.5, -1.0]), np.array([-2.0, 0.1])):
+        grads = {"w": gradient.astype(np.float32), "b": gradient.astype(np.float32)}
+        difference = params["w"] - params["b"]
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(params["w"] - params["b"], difference * (1 - 0.01 * 2.0),
+                                   rtol=1e-5)
+
+
+def test_trainable_patterns_freeze_every_other_parameter_and_refuse_a_pattern_matching_none():
+    config = optimizer_config(learning_rate=0.1, weight_decay=0.5, trainable=("head/*",))
+    optimizer = optimizers.build(config, total_steps=10)
+    params = {"head": {"kernel": np.ones(2, np.float32)},
+              "body": {"kernel": np.ones(2, np.float32)}}
+    state = optimizer.init(params)
+    grads = jax.tree_util.tree_map(np.ones_like, params)
+    updates, _ = optimizer.update(grads, state, params)
+    np.testing.assert_allclose(updates["head"]["kernel"], -0.1 * (1 + 0.5))  # SGD, L2 decay
+    np.testing.assert_array_equal(updates["body"]["kernel"], 0.0)
+    config.trainable = ("Head/*",)
+    with pytest.raises(ValueError, match="optimizer.trainable pattern 'Head/\\*' matches no "
+                                         "parameter.*head/kernel"):
+        optimizers.build(config, total_steps=10).init(params)
 
 
 def test_unscaled_initializers_refuse_a_scale_instead_of_ignoring_it():

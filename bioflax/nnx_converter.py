@@ -1,0 +1,332 @@
+"""``convert(model, rule)`` for Flax NNX models: the NNX plumbing of the rules of
+:mod:`bioflax.rules` (each written once, for both APIs) and of DFA as
+:mod:`bioflax.converter` defines it for Linen.
+
+``convert`` returns a :class:`Converted` NNX module holding a copy of the model
+(``nnx.clone``: the original is left as it was) in which every ``nnx.Linear``,
+``nnx.LinearGeneral`` (so the projections of ``nnx.MultiHeadAttention``), ``nnx.Conv``,
+``nnx.Einsum`` and ``nnx.Embed.attend`` trains by the rule. Each such layer becomes an
+instance of a subclass of its own class (``RuleLinear`` of ``nnx.Linear``; a user's
+subclass keeps its methods) whose ``dot_general`` / ``conv_general_dilated`` /
+``einsum_op`` is the rule's operation on the layer's current variables, so the forward
+pass is the original's and ``nnx.split`` / ``nnx.merge`` / ``nnx.jit`` carry the
+conversion. Every other module keeps exact backprop.
+
+State: fixed matrices (FA's and frSF's ``B``, DFA's ``B_l``) are :class:`Feedback`
+variables beside the layer's kernel (``feedback_kernel``, ``feedback_magnitude``,
+``output_feedback``), so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never updates them;
+KP's ``B`` is the ``nnx.Param`` ``feedback_kernel``; brSF draws ``M`` at every call from
+the ``'feedback'`` stream of the ``rngs`` given to ``convert`` (kept by each layer as
+``feedback_rngs``), reproducibly. DFA's ``B_l`` are shaped by the model's output and each
+layer's input, so ``convert(model, 'dfa', rngs=..., example=x)`` traces the model once
+on ``x`` (abstractly: no statistics or RNG state of the model change).
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+import fnmatch
+import functools
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bioflax import converter, rules
+
+RULE = "bioflax_rule"  # the rule of a converted layer (a static attribute)
+PATH = "bioflax_path"  # its path in the converted model, for errors and the summary
+FEEDBACK_RNGS = "feedback_rngs"  # the nnx.Rngs a layer draws per-call feedback from
+
+
+class Feedback(nnx.Variable):
+    """A fixed feedback matrix: a Variable type of its own, so no optimizer built with
+    ``wrt=nnx.Param`` (nor its weight decay) reaches it and ``nnx.state(model, Feedback)``
+    reads every one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxStore:
+    """A :class:`bioflax.rules.Store` on an NNX layer: its variables are attributes of the
+    layer, created (drawn from ``rngs``) only while ``convert`` runs."""
+
+    layer: nnx.Module
+    rngs: Optional[nnx.Rngs] = None
+
+    def fixed(self, name, init, shape, dtype):
+        return self._variable(Feedback, name, init, shape, dtype)
+
+    def param(self, name, init, shape, dtype):
+        return self._variable(nnx.Param, name, init, shape, dtype)
+
+    def _variable(self, kind, name, init, shape, dtype):
+        if name not in vars(self.layer):
+            setattr(self.layer, name, kind(init(self._rngs().feedback(), shape, dtype)))
+        return getattr(self.layer, name)[...]
+
+    def rng(self, stream):
+        if FEEDBACK_RNGS not in vars(self.layer):
+            setattr(self.layer, FEEDBACK_RNGS, self._rngs())
+        return getattr(getattr(self.layer, FEEDBACK_RNGS), stream)()
+
+    def _rngs(self) -> nnx.Rngs:
+        if self.rngs is None:
+            raise ValueError(
+                f"bioflax.convert: layer {vars(self.layer).get(PATH, '')!r} draws feedback "
+                "weights: pass rngs=nnx.Rngs(feedback=seed) to bioflax.convert.")
+        return self.rngs
+
+
+# --- the converted layers ------------------------------------------------------------------
+
+
+def _einsum_op(rule, store, primitive, param_dtype):
+    def op(einsum_str, x, kernel, **kwargs):
+        return rule.linear(store, lambda x, w: primitive(einsum_str, x, w, **kwargs), x,
+                           kernel, param_dtype, converter.einsum_fan_in(einsum_str, x, kernel))
+    return op
+
+
+def _dot_general_op(rule, store, primitive, param_dtype):
+    return converter.rule_op(rule, store, primitive, param_dtype,
+                             converter.dot_general_fan_in)
+
+
+def _conv_op(rule, store, primitive, param_dtype):
+    return converter.rule_op(rule, store, primitive, param_dtype)
+
+
+# Each convertible class: the field holding its primitive, the primitive its field holds
+# by default, and how the rule's operation is built around it.
+_LAYERS: dict[type, tuple[str, Callable, Callable]] = {
+    nnx.Linear: ("dot_general", jax.lax.dot_general, _dot_general_op),
+    nnx.LinearGeneral: ("dot_general", jax.lax.dot_general, _dot_general_op),
+    nnx.Conv: ("conv_general_dilated", jax.lax.conv_general_dilated, _conv_op),
+    nnx.Einsum: ("einsum_op", jnp.einsum, _einsum_op),
+}
+CONVERTIBLE = (*_LAYERS, nnx.Embed)
+
+
+def _own_primitive(layer: nnx.Module, field: str, default: Callable) -> Callable:
+    """The primitive the layer would call unconverted (its ``*_cls`` wins, as in flax)."""
+    state = vars(layer)
+    if state.get(f"{field}_cls") is not None:
+        return state[f"{field}_cls"]()
+    return state[field] or default
+
+
+def _layer_input(layer: nnx.Module, x):
+    session = _SESSION.get()
+    return x if session is None else session.layer_input(layer, x)
+
+
+@functools.cache
+def _rule_class(cls: type) -> type:
+    """The converted twin of the layer class ``cls``: its primitive field reads as the
+    rule's operation, and its input passes through the DFA session."""
+    if issubclass(cls, nnx.Embed):
+        def attend(self, query):
+            query, embedding = self.promote_dtype((query, self.embedding[...]),
+                                                  dtype=self.dtype)
+            return vars(self)[RULE].linear(
+                NnxStore(self), converter.attend, _layer_input(self, query), embedding,
+                self.param_dtype, embedding.shape[-1])
+        return type(f"Rule{cls.__name__}", (cls,), {"attend": attend})
+
+    base = next(layer for layer in _LAYERS if issubclass(cls, layer))
+    field, default, build = _LAYERS[base]
+
+    def stored(name):
+        return property(lambda self: vars(self).get(name),
+                        lambda self, value: vars(self).__setitem__(name, value))
+
+    def primitive(self):
+        return build(vars(self)[RULE], NnxStore(self), _own_primitive(self, field, default),
+                     self.param_dtype)
+
+    def __call__(self, x, *args, **kwargs):
+        return cls.__call__(self, _layer_input(self, x), *args, **kwargs)
+
+    namespace = {field: property(primitive, stored(field).fset), "__call__": __call__}
+    if base is nnx.LinearGeneral:  # its dot_general_cls would win over dot_general
+        namespace["dot_general_cls"] = property(lambda self: None,
+                                                stored("dot_general_cls").fset)
+    return type(f"Rule{cls.__name__}", (cls,), namespace)
+
+
+@functools.cache
+def _point_class(cls: type) -> type:
+    """A feedback point's twin of ``cls``: its output receives DFA's projected error."""
+
+    def __call__(self, *args, **kwargs):
+        session = _SESSION.get()
+        if session is None or not session.dfa_active() or session.inside_point:
+            return cls.__call__(self, *args, **kwargs)
+        return session.feedback_point(self, lambda: cls.__call__(self, *args, **kwargs))
+
+    return type(f"FeedbackPoint{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+# --- one call of a converted model -----------------------------------------------------------
+
+
+class _Session:
+    """The layers one call runs and, for DFA, the tensors that receive the projected
+    error (as :class:`bioflax.converter._Session` for Linen)."""
+
+    def __init__(self, rule: rules.Rule, store: Callable[[nnx.Module], rules.Store]):
+        self.rule = rule
+        self.store = store
+        self.calls = 0
+        self.dfa_inputs: list[converter.DfaInput] = []
+        self.inside_point: list[str] = []
+
+    def dfa_active(self) -> bool:
+        return (isinstance(self.rule, rules.DirectFeedbackAlignment)
+                and not rules.backprop_is_forced())
+
+    def layer_input(self, layer: nnx.Module, x):
+        """``x``, or under DFA ``stop_gradient(x)`` recorded for the projection (but for
+        the first converted layer and inside a feedback point)."""
+        self.calls += 1
+        if (self.calls == 1 or self.inside_point or not self.dfa_active()
+                or not isinstance(vars(layer)[RULE], rules.DirectFeedbackAlignment)):
+            return x
+        self.dfa_inputs.append(converter.DfaInput(
+            vars(layer)[PATH], x, False, self.store(layer), converter.positionwise_feedback))
+        return jax.lax.stop_gradient(x)
+
+    def feedback_point(self, module: nnx.Module, run: Callable):
+        path = vars(module)[PATH]
+        self.inside_point.append(path)
+        try:
+            output = run()
+        finally:
+            self.inside_point.pop()
+        if not isinstance(output, jax.Array):
+            raise ValueError(
+                f"DFA feedback point {path!r} returns {type(output).__name__}; a feedback "
+                "point must return one array, which receives the projected error.")
+        self.dfa_inputs.append(converter.DfaInput(path, output, True, self.store(module),
+                                                  converter.positionwise_feedback))
+        return jax.lax.stop_gradient(output)
+
+
+_SESSION: contextvars.ContextVar[Optional[_Session]] = contextvars.ContextVar(
+    "bioflax_nnx_session", default=None)
+
+
+@contextlib.contextmanager
+def _session(session: _Session):
+    token = _SESSION.set(session)
+    try:
+        yield session
+    finally:
+        _SESSION.reset(token)
+
+
+class Converted(nnx.Module):
+    """An NNX model whose linear layers train by ``rule``; made by :func:`convert`. Its
+    call is the model's (same arguments, same outputs); ``.module`` is the model."""
+
+    def __init__(self, module: nnx.Module, rule: rules.Rule):
+        self.module = module
+        self.rule = rule
+
+    def __call__(self, *args, **kwargs):
+        return self.run(NnxStore, *args, **kwargs)
+
+    def run(self, store: Callable[[nnx.Module], rules.Store], *args, **kwargs):
+        with _session(_Session(self.rule, store)) as session:
+            output = self.module(*args, **kwargs)
+        if session.dfa_inputs:
+            output = converter.project_output_error(output, session.dfa_inputs, self.rule)
+        return output
+
+
+def _paths(model: nnx.Module) -> dict[str, nnx.Module]:
+    """Every module of ``model`` by its first path (``'blocks/0/attention/query'``)."""
+    modules: dict[str, nnx.Module] = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module):
+            modules.setdefault("/".join(map(str, path)), node)
+    return modules
+
+
+def _kernel(layer: nnx.Module) -> jax.Array:
+    return (layer.embedding if isinstance(layer, nnx.Embed) else layer.kernel)[...]
+
+
+def convert(module: nnx.Module, rule: rules.Rule, *, rngs: Optional[nnx.Rngs] = None,
+            example: Any = None, keep_backprop: converter.KeepBackprop = (),
+            conv_impl: str = "xla", feedback_points: Sequence[str] = ()) -> Converted:
+    """A :class:`Converted` copy of the NNX ``module`` trained by ``rule`` (see the module
+    docstring; :func:`bioflax.convert` documents the arguments). ``rngs`` draws the
+    feedback weights (and brSF's per-call ones); ``example`` (an input array or a tuple of
+    the model's arguments) is needed by DFA only."""
+    if rule.name == "dfa" and rule.conv_feedback != "dense":
+        raise ValueError("bioflax.convert: NNX models take DFA with conv_feedback='dense' "
+                         f"only, not {rule.conv_feedback!r}.")
+    model = nnx.clone(module)
+    modules = _paths(model)
+    layers = {path: layer for path, layer in modules.items()
+              if isinstance(layer, CONVERTIBLE) and path}
+    if not layers:
+        raise ValueError(
+            f"bioflax.convert: {type(module).__name__} holds no nnx.Linear, "
+            "nnx.LinearGeneral, nnx.Conv, nnx.Einsum or nnx.Embed, so there is nothing to "
+            "train with a rule.")
+    for pattern in feedback_points:
+        if not fnmatch.filter(modules, pattern):
+            raise ValueError(f"bioflax.convert: feedback point {pattern!r} matches no "
+                             f"module; the module paths are {[p for p in modules if p]}.")
+    for path, layer in layers.items():
+        keep = (keep_backprop(path, layer) if callable(keep_backprop)
+                else any(fnmatch.fnmatchcase(path, p) for p in keep_backprop))
+        object.__setattr__(layer, "__class__", _rule_class(type(layer)))
+        setattr(layer, RULE, rules.Backprop() if keep else rule)
+        setattr(layer, PATH, path)
+        if isinstance(layer, nnx.Conv) and vars(layer)["conv_general_dilated"] is \
+                jax.lax.conv_general_dilated:
+            layer.conv_general_dilated = converter.CONV_IMPLS[conv_impl]()[1]
+        layer_rule = vars(layer)[RULE]
+        if isinstance(layer_rule, rules.KernelReplacingRule):  # draw B now, not in a trace
+            layer_rule.backward_kernel(NnxStore(layer, rngs), _kernel(layer),
+                                       layer.param_dtype, 1)
+    for path, point in modules.items():
+        if any(fnmatch.fnmatchcase(path, p) for p in feedback_points):
+            object.__setattr__(point, "__class__", _point_class(type(point)))
+            setattr(point, PATH, path)
+    converted = Converted(model, rule)
+    if isinstance(rule, rules.DirectFeedbackAlignment):
+        _draw_dfa_feedback(converted, rngs, example)
+    return converted
+
+
+@dataclasses.dataclass
+class _ShapeRecorder:
+    """A store that records the feedback matrices a DFA call needs, returning zeros."""
+
+    module: nnx.Module
+    needed: list
+
+    def fixed(self, name, init, shape, dtype):
+        self.needed.append((vars(self.module)[PATH], name, shape, dtype))
+        return jnp.zeros(shape, dtype)
+
+
+def _draw_dfa_feedback(converted: Converted, rngs: Optional[nnx.Rngs], example: Any):
+    """Draws every DFA ``B_l`` of ``converted``, shaped by an abstract call on ``example``."""
+    if example is None:
+        raise ValueError(
+            "bioflax.convert: DFA's feedback matrices are shaped by the model's output and "
+            "each layer's input: pass example=x (a batch of inputs, or a tuple of the "
+            "model's arguments).")
+    args = example if isinstance(example, tuple) else (example,)
+    needed: list = []
+    nnx.eval_shape(lambda model: model.run(
+        lambda module: _ShapeRecorder(module, needed), *args), nnx.clone(converted))
+    modules = _paths(converted.module)
+    for path, name, shape, dtype in needed:
+        NnxStore(modules[path], rngs).fixed(name, converted.rule.feedback_init, shape, dtype)
