@@ -12,11 +12,13 @@ from bioflax.layers import (
     exact_backprop,
 )
 from bioflax.models import BioNeuralNetwork
+from bioflax.nnx_converter import Feedback
 from bioflax.zoo import ZOO
 
 __all__ = [
     "BioNeuralNetwork",
     "Converted",
+    "Feedback",
     "RandomDenseLinearDFAHidden",
     "RandomDenseLinearDFAOutput",
     "RandomDenseLinearFA",

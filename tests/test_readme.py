@@ -5,6 +5,8 @@ import re
 
 import jax
 import numpy as np
+import optax
+from flax import nnx
 
 import bioflax
 
@@ -64,3 +66,41 @@ def test_readme_convert_example_runs_and_trains_convs_by_kp(capsys):
     # KP: B receives exactly W's update; the output layer has no B
     np.testing.assert_array_equal(grads["Conv_0"]["feedback_kernel"], grads["Conv_0"]["kernel"])
     assert set(variables["params"]["Dense_0"]) == {"kernel", "bias"}
+
+
+def nnx_example() -> str:
+    section = README.read_text().split("## Flax NNX models", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_nnx_example_trains_the_conv_by_the_error_sent_through_b(capsys):
+    """The conv's FA gradient, by hand: the linear layer's input receives δ Bᵀ, pulled back
+    through the plain forward pass of max-pool, ReLU, BatchNorm and the convolution."""
+    namespace: dict = {}
+    exec(compile(nnx_example(), str(README), "exec"), namespace)  # pylint: disable=exec-used
+    losses = [float(line.rsplit(maxsplit=1)[-1]) for line in capsys.readouterr().out.splitlines()]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    model, x, labels = namespace["model"], namespace["x"], namespace["labels"]
+    model.eval()  # dropout off, BatchNorm on its running statistics: deterministic
+    inner = model.module
+    kernel, bias = inner.linear.kernel[...], inner.linear.bias[...]
+    feedback = inner.linear.feedback_kernel[...]
+
+    def features(conv_kernel):
+        y = jax.lax.conv_general_dilated(x, conv_kernel, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = nnx.max_pool(nnx.relu(inner.norm(y + inner.conv.bias[...])), (2, 2), (2, 2))
+        return y.reshape((x.shape[0], -1))
+
+    def cross_entropy(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    h, pull_back = jax.vjp(features, inner.conv.kernel[...])
+    delta = jax.grad(cross_entropy)(h @ kernel + bias)
+    (expected,) = pull_back(delta @ feedback.T)
+    grads = nnx.grad(lambda m: cross_entropy(m(x)))(model)
+    np.testing.assert_allclose(grads["module"]["conv"]["kernel"][...], expected,
+                               rtol=1e-4, atol=1e-6)
+    with bioflax.exact_backprop():
+        backprop = nnx.grad(lambda m: cross_entropy(m(x)))(model)
+    assert not np.allclose(backprop["module"]["conv"]["kernel"][...], expected, atol=1e-6)
