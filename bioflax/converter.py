@@ -666,24 +666,32 @@ def _why_bp(record: LayerRecord) -> str:
     return "bp (not a converted layer class)"
 
 
-def summary(converted: Converted, *args, **kwargs) -> str:
+def summary(converted, *args, **kwargs) -> str:
     """A table of every parametrised layer and the rule that trains it (as biotorch
     prints after converting), from tracing ``init`` on ``args``; a converted Conv layer's
     class names its convolution (``Conv (xla)``, ``Conv (banded)``, or ``Conv (custom)``
-    for a layer given its own)."""
+    for a layer given its own). For a converted NNX model (``args`` optional) see
+    :func:`bioflax.nnx_converter.summary`."""
+    from bioflax import nnx_converter  # it builds on this module
+    if isinstance(converted, nnx_converter.Converted):
+        return nnx_converter.summary(converted, *args, **kwargs)
     records = [r if r.path else dataclasses.replace(  # the top module's own parameters
         r, path="(top)", layer=type(converted.module).__name__)
         for r in layer_records(converted, *args, **kwargs)]
-    width = max([len(r.path) for r in records] + [5])
-    classes = [r.layer if r.conv_impl is None else f"{r.layer} ({r.conv_impl})"
-               for r in records]
-    class_width = max([len(c) for c in classes] + [12])
+    return summary_table(
+        [(r.path, r.layer if r.conv_impl is None else f"{r.layer} ({r.conv_impl})",
+          r.rule if r.converted else _why_bp(r), r.rule == "bp" or not r.converted)
+         for r in records], converted.rule.name)
+
+
+def summary_table(rows: Sequence[tuple[str, str, str, bool]], rule_name: str) -> str:
+    """The summary's table of ``(path, class, rule, trained by backprop)`` rows."""
+    width = max([len(path) for path, *_ in rows] + [5])
+    class_width = max([len(layer) for _, layer, *_ in rows] + [12])
     lines = [f"{'layer':<{width}}  {'class':<{class_width}}  rule",
              "-" * (width + class_width + 28)]
-    lines += [f"{r.path:<{width}}  {c:<{class_width}}  "
-              f"{r.rule if r.converted else _why_bp(r)}"
-              for r, c in zip(records, classes)]
-    kept = sum(r.rule == "bp" or not r.converted for r in records)
-    lines.append(f"{len(records) - kept} layers trained by {converted.rule.name!r}, "
-                 f"{kept} by backprop.")
+    lines += [f"{path:<{width}}  {layer:<{class_width}}  {rule}"
+              for path, layer, rule, _ in rows]
+    kept = sum(backprop for *_, backprop in rows)
+    lines.append(f"{len(rows) - kept} layers trained by {rule_name!r}, {kept} by backprop.")
     return "\n".join(lines)

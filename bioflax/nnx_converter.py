@@ -10,7 +10,8 @@ instance of a subclass of its own class (``RuleLinear`` of ``nnx.Linear``; a use
 subclass keeps its methods) whose ``dot_general`` / ``conv_general_dilated`` /
 ``einsum_op`` is the rule's operation on the layer's current variables, so the forward
 pass is the original's and ``nnx.split`` / ``nnx.merge`` / ``nnx.jit`` carry the
-conversion. Every other module keeps exact backprop.
+conversion (the model itself converts too, when it is such a layer). Every other module
+keeps exact backprop; :func:`summary` lists which rule trains each layer.
 
 State: fixed matrices (FA's and frSF's ``B``, DFA's ``B_l``) are :class:`Feedback`
 variables beside the layer's kernel (``feedback_kernel``, ``feedback_magnitude``,
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bioflax import conv as conv_lib
 from bioflax import converter, rules
 
 RULE = "bioflax_rule"  # the rule of a converted layer (a static attribute)
@@ -71,11 +73,21 @@ class NnxStore:
         return getattr(getattr(self.layer, FEEDBACK_RNGS), stream)()
 
     def _rngs(self) -> nnx.Rngs:
-        if self.rngs is None:
+        if self.rngs is None or not _has_stream(self.rngs, rules.FEEDBACK_RNG):
+            given = "" if self.rngs is None else ", with a 'feedback' or 'default' stream"
             raise ValueError(
                 f"bioflax.convert: layer {vars(self.layer).get(PATH, '')!r} draws feedback "
-                "weights: pass rngs=nnx.Rngs(feedback=seed) to bioflax.convert.")
+                f"weights: pass rngs=nnx.Rngs(feedback=seed){given} to bioflax.convert.")
         return self.rngs
+
+
+def _has_stream(rngs: nnx.Rngs, stream: str) -> bool:
+    """Whether ``rngs`` draws ``stream`` (its own, or its ``'default'`` one)."""
+    try:
+        getattr(rngs, stream)
+    except AttributeError:
+        return False
+    return True
 
 
 # --- the converted layers ------------------------------------------------------------------
@@ -117,8 +129,17 @@ def _own_primitive(layer: nnx.Module, field: str, default: Callable) -> Callable
 
 
 def _layer_input(layer: nnx.Module, x):
+    calls = _CALLS.get()
+    if calls is not None:
+        calls.append(vars(layer)[PATH])
     session = _SESSION.get()
     return x if session is None else session.layer_input(layer, x)
+
+
+# The paths of the converted layers a traced call runs, for the summary (None: not traced).
+_CALLS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
+    "bioflax_nnx_calls", default=None)
+_GENERATED = "_bioflax_generated"  # marks the classes made here: "rule" or "point"
 
 
 @functools.cache
@@ -126,13 +147,13 @@ def _rule_class(cls: type) -> type:
     """The converted twin of the layer class ``cls``: its primitive field reads as the
     rule's operation, and its input passes through the DFA session."""
     if issubclass(cls, nnx.Embed):
-        def attend(self, query):
+        def attend(self, query, out_sharding=None):
             query, embedding = self.promote_dtype((query, self.embedding[...]),
                                                   dtype=self.dtype)
             return vars(self)[RULE].linear(
-                NnxStore(self), converter.attend, _layer_input(self, query), embedding,
-                self.param_dtype, embedding.shape[-1])
-        return type(f"Rule{cls.__name__}", (cls,), {"attend": attend})
+                NnxStore(self), lambda q, e: jnp.dot(q, e.T, out_sharding=out_sharding),
+                _layer_input(self, query), embedding, self.param_dtype, embedding.shape[-1])
+        return type(f"Rule{cls.__name__}", (cls,), {"attend": attend, _GENERATED: "rule"})
 
     base = next(layer for layer in _LAYERS if issubclass(cls, layer))
     field, default, build = _LAYERS[base]
@@ -148,7 +169,8 @@ def _rule_class(cls: type) -> type:
     def __call__(self, x, *args, **kwargs):
         return cls.__call__(self, _layer_input(self, x), *args, **kwargs)
 
-    namespace = {field: property(primitive, stored(field).fset), "__call__": __call__}
+    namespace = {field: property(primitive, stored(field).fset), "__call__": __call__,
+                 _GENERATED: "rule"}
     if base is nnx.LinearGeneral:  # its dot_general_cls would win over dot_general
         namespace["dot_general_cls"] = property(lambda self: None,
                                                 stored("dot_general_cls").fset)
@@ -165,7 +187,8 @@ def _point_class(cls: type) -> type:
             return cls.__call__(self, *args, **kwargs)
         return session.feedback_point(self, lambda: cls.__call__(self, *args, **kwargs))
 
-    return type(f"FeedbackPoint{cls.__name__}", (cls,), {"__call__": __call__})
+    return type(f"FeedbackPoint{cls.__name__}", (cls,),
+                {"__call__": __call__, _GENERATED: "point"})
 
 
 # --- one call of a converted model -----------------------------------------------------------
@@ -271,14 +294,14 @@ def convert(module: nnx.Module, rule: rules.Rule, *, rngs: Optional[nnx.Rngs] = 
     model = nnx.clone(module)
     modules = _paths(model)
     layers = {path: layer for path, layer in modules.items()
-              if isinstance(layer, CONVERTIBLE) and path}
+              if isinstance(layer, CONVERTIBLE)}
     if not layers:
         raise ValueError(
             f"bioflax.convert: {type(module).__name__} holds no nnx.Linear, "
             "nnx.LinearGeneral, nnx.Conv, nnx.Einsum or nnx.Embed, so there is nothing to "
             "train with a rule.")
     for pattern in feedback_points:
-        if not fnmatch.filter(modules, pattern):
+        if not fnmatch.filter([path for path in modules if path], pattern):
             raise ValueError(f"bioflax.convert: feedback point {pattern!r} matches no "
                              f"module; the module paths are {[p for p in modules if p]}.")
     for path, layer in layers.items():
@@ -295,7 +318,7 @@ def convert(module: nnx.Module, rule: rules.Rule, *, rngs: Optional[nnx.Rngs] = 
             layer_rule.backward_kernel(NnxStore(layer, rngs), _kernel(layer),
                                        layer.param_dtype, 1)
     for path, point in modules.items():
-        if any(fnmatch.fnmatchcase(path, p) for p in feedback_points):
+        if path and any(fnmatch.fnmatchcase(path, p) for p in feedback_points):
             object.__setattr__(point, "__class__", _point_class(type(point)))
             setattr(point, PATH, path)
     converted = Converted(model, rule)
@@ -330,3 +353,78 @@ def _draw_dfa_feedback(converted: Converted, rngs: Optional[nnx.Rngs], example: 
     modules = _paths(converted.module)
     for path, name, shape, dtype in needed:
         NnxStore(modules[path], rngs).fixed(name, converted.rule.feedback_init, shape, dtype)
+
+
+# --- the summary ---------------------------------------------------------------------------
+
+
+def _original_class(module: nnx.Module) -> type:
+    """The model's own class of ``module`` (the one its conversion subclassed)."""
+    return next(c for c in type(module).__mro__ if _GENERATED not in vars(c))
+
+
+def _conv_impl(layer: nnx.Conv) -> str:
+    state = vars(layer)
+    if state.get("conv_general_dilated_cls") is not None:
+        return "custom"
+    return {jax.lax.conv_general_dilated: "xla",
+            conv_lib.conv_general_dilated: "banded"}.get(state["conv_general_dilated"],
+                                                         "custom")
+
+
+def summary(converted: Converted, *args, **kwargs) -> str:
+    """The table of :func:`bioflax.converter.summary` for a converted NNX model: every
+    module that owns ``nnx.Param`` variables, in NNX's graph order (parents first,
+    attributes by name), its class (a Conv's with its convolution, a converted Embed's as
+    ``Embed.attend``) and the rule that trains it: ``bp`` for a layer of
+    ``keep_backprop``, ``dfa (backprop inside 'p')`` for one inside the DFA feedback point
+    ``p``, ``bp (...)`` with the reason for the modules that keep backprop. Given the
+    model's arguments, its call is traced abstractly (the model is left as it was) and an
+    Embed whose ``attend`` the call does not run is listed as the lookup it is (backprop)."""
+    modules: dict[tuple, nnx.Module] = {}
+    for path, node in nnx.iter_graph(converted.module):
+        if isinstance(node, nnx.Module):
+            modules.setdefault(tuple(path), node)
+    order = sorted(modules, key=lambda path: [(isinstance(k, str), k) for k in path])
+    names = {path: "/".join(map(str, path)) for path in order}
+    points = [names[path] for path in order  # outermost first
+              if path and vars(type(modules[path])).get(_GENERATED) == "point"]
+    called = None
+    if args or kwargs:
+        called = []
+        token = _CALLS.set(called)
+        try:
+            nnx.eval_shape(lambda model: model(*args, **kwargs), nnx.clone(converted))
+        finally:
+            _CALLS.reset(token)
+    rows = []
+    for path in order:
+        module, name = modules[path], names[path]
+        if not any(isinstance(v, nnx.Param) for v in vars(module).values()):
+            continue
+        layer, rule = _original_class(module).__name__, vars(module).get(RULE)
+        shown = name or "(top)"
+        if rule is None:
+            rows.append((shown, layer, "bp (the model's own parameters)" if not name
+                         else "bp (not a converted layer class)", True))
+            continue
+        if isinstance(module, nnx.Embed):
+            if called is not None and name not in called:
+                rows.append((shown, layer, "bp (embedding lookup: first layer of its path)",
+                             True))
+                continue
+            layer = f"{layer}.attend"
+        if isinstance(module, nnx.Conv):
+            layer = f"{layer} ({_conv_impl(module)})"
+        point = next((p for p in points if name == p or name.startswith(p + "/")), None)
+        if isinstance(rule, rules.Backprop):
+            rows.append((shown, layer, "bp", True))
+        elif point is not None:
+            rows.append((shown, layer, f"{rule.name} (backprop inside {point!r})", False))
+        else:
+            rows.append((shown, layer, rule.name, False))
+    return converter.summary_table(rows, converted.rule.name)
+
+
+# Feedback variables form the 'feedback' collection, as a Linen model's fixed matrices do.
+nnx.register_variable_name(rules.FEEDBACK_COLLECTION, Feedback)
