@@ -66,12 +66,12 @@ class EpochTimer:
     """A trainer and task, compiled and warmed up, that times one more epoch per call."""
 
     def __init__(self, task: Task, split: Split, batch: int, in_memory: bool = True,
-                 num_seeds: int = 1):
+                 num_seeds: int = 1, compiler_options: dict | None = None):
         self.task, self.split, self.batch, self.num_seeds = task, split, batch, num_seeds
         self.source = (InMemory if in_memory else TFData)(split)
         self.trainer = Trainer(max_epochs=1, log_every_steps=100, progress_bar=False,
                                report_progress=False, writer=SilentWriter(),
-                               num_seeds=num_seeds)
+                               num_seeds=num_seeds, compiler_options=compiler_options)
         self.state = self.trainer.fit(task, self.source, batch_size=batch).state
         self.rates: list[float] = []
 

@@ -1,14 +1,16 @@
 """How closely a rule follows backprop: gradient angles and feedback-weight alignment."""
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import nnx
 from flax import traverse_util
 
 from bioflax import converter, layers
+from bioflax.trainer.nnx_adapter import NnxAdapter
 
 
 def _leaves(tree) -> list[jax.Array]:
@@ -59,15 +61,42 @@ def kernel_layers(tree: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
     return {name: leaves for name, leaves in found.items() if "kernel" in leaves}
 
 
-def layers_in_call_order(module: nn.Module, *args, **kwargs) -> list[str]:
+def layers_in_call_order(module: Union[nn.Module, nnx.Module], *args, **kwargs) -> list[str]:
     """The paths (as :func:`kernel_layers` keys them) of ``module``'s layers that own a
-    ``kernel``, in the order the forward pass first calls them: the paths of
-    :func:`bioflax.converter.layer_records` (which traces ``init`` on ``args``, no
-    computation). The last is the model's output layer in a feed-forward net."""
+    ``kernel``, in the order the forward pass first calls them: for a Linen module the
+    paths of :func:`bioflax.converter.layer_records` (which traces ``init`` on ``args``),
+    for an NNX model those of an abstract call on ``args`` (no computation either; the
+    keys of :class:`bioflax.trainer.nnx_adapter.NnxAdapter`). The last is the model's
+    output layer in a feed-forward net."""
+    if isinstance(module, nnx.Module):
+        return _nnx_layers_in_call_order(module, *args, **kwargs)
     records = converter.layer_records(module, *args, **kwargs)
     kernels = kernel_layers(jax.eval_shape(
         lambda: module.init(jax.random.key(0), *args, **kwargs)).get("params", {}))
     return list(dict.fromkeys(r.path for r in records if r.path in kernels))
+
+
+def _nnx_layers_in_call_order(model: nnx.Module, *args, **kwargs) -> list[str]:
+    """:func:`layers_in_call_order` of an NNX model: a copy whose layers with a kernel
+    record their calls, called abstractly in evaluation mode."""
+    adapter, model = NnxAdapter(model), nnx.clone(model)
+    kernels = kernel_layers(adapter.variables().get("params", {}))
+    called: list[str] = []
+    for path, layer in nnx.iter_graph(model):
+        if isinstance(layer, nnx.Module) and adapter.key(path) in kernels:
+            object.__setattr__(layer, "__class__", _recording(type(layer), adapter.key(path),
+                                                              called))
+    model.eval()
+    nnx.eval_shape(lambda model, *args: model(*args, **kwargs), model, *args)
+    return list(dict.fromkeys(called))
+
+
+def _recording(cls: type, key: str, called: list[str]) -> type:
+    """A subclass of ``cls`` whose call appends ``key`` to ``called``."""
+    def __call__(self, *args, **kwargs):
+        called.append(key)
+        return cls.__call__(self, *args, **kwargs)
+    return type(cls.__name__, (cls,), {"__call__": __call__})
 
 
 def _with_feedback(params, model_state):

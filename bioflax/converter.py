@@ -491,32 +491,38 @@ def project_output_error(output: jax.Array, inputs: Sequence[DfaInput],
         matrices.append(item.store.fixed(DFA_FEEDBACK, rule.feedback_init, shape,
                                          item.x.dtype))
         projections.append(projection)
-    return with_error_projection(output, [item.x for item in inputs], matrices, projections)
+    return with_error_projection(output, [item.x for item in inputs], matrices, projections,
+                                 rule.projected, rule.source(output))
 
 
-def with_error_projection(output, inputs, matrices, projections):
-    """``output`` unchanged; its VJP sends the transpose of ``p_l(·, B_l)`` applied to the
-    error to each input ``x_l`` (and nothing to the fixed ``B_l``)."""
+def with_error_projection(output, inputs, matrices, projections,
+                          projected: Callable = lambda error, source: error, source=None):
+    """``output`` unchanged; its VJP sends the transpose of ``p_l(·, B_l)`` applied to
+    ``projected(error, source)`` (the error itself by default) to each input ``x_l``, and
+    nothing to the fixed ``B_l`` or to ``source``."""
     avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs]
 
     @jax.custom_vjp
-    def project(output, inputs, matrices):
-        del inputs, matrices
+    def project(output, inputs, matrices, source):
+        del inputs, matrices, source
         return output
 
-    def fwd(output, inputs, matrices):
+    def fwd(output, inputs, matrices, source):
         del inputs
-        return output, matrices
+        return output, (matrices, source)
 
-    def bwd(matrices, error):
+    def bwd(residuals, error):
+        matrices, source = residuals
+        signal = projected(error, source)
         to_inputs = [
             jax.linear_transpose(
-                lambda x, p=p, m=m: p(x, m.astype(x.dtype)), aval)(error.astype(aval.dtype))[0]
+                lambda x, p=p, m=m: p(x, m.astype(x.dtype)), aval)(signal.astype(aval.dtype))[0]
             for p, m, aval in zip(projections, matrices, avals)]
-        return error, to_inputs, [jnp.zeros_like(m) for m in matrices]
+        return (error, to_inputs, [jnp.zeros_like(m) for m in matrices],
+                jax.tree.map(jnp.zeros_like, source))
 
     project.defvjp(fwd, bwd)
-    return project(output, inputs, matrices)
+    return project(output, inputs, matrices, source)
 
 
 class Converted(nn.Module):

@@ -288,7 +288,7 @@ def convert(module: nnx.Module, rule: rules.Rule, *, rngs: Optional[nnx.Rngs] = 
     docstring; :func:`bioflax.convert` documents the arguments). ``rngs`` draws the
     feedback weights (and brSF's per-call ones); ``example`` (an input array or a tuple of
     the model's arguments) is needed by DFA only."""
-    if rule.name == "dfa" and rule.conv_feedback != "dense":
+    if isinstance(rule, rules.DirectFeedbackAlignment) and rule.conv_feedback != "dense":
         raise ValueError("bioflax.convert: NNX models take DFA with conv_feedback='dense' "
                          f"only, not {rule.conv_feedback!r}.")
     model = nnx.clone(module)

@@ -295,6 +295,24 @@ class BatchRandomSignSymmetry(KernelReplacingRule):
 # The ways DFA's ``B`` at a Conv layer's input may be shaped (the converter's
 # ``bioflax.converter.DFA_CONV_FEEDBACK`` builds them).
 DFA_CONV_FEEDBACK_KINDS = ("dense", "shared_kernel")
+# What DFA's matrices project, from the output error ``e``: ``e`` itself (Nøkland 2016) or
+# its sign (sDFA, Frenkel, Lefebvre & Bol 2021).
+DFA_SIGNALS: dict[str, Callable[[jax.Array], jax.Array]] = {"error": lambda e: e,
+                                                            "sign": jnp.sign}
+
+_targets = threading.local()
+
+
+@contextlib.contextmanager
+def targets(values):
+    """Makes the batch's targets (class labels) visible to rules traced inside the block,
+    as DRTP needs; the trainer's training step runs its model inside it."""
+    previous = getattr(_targets, "values", None)
+    _targets.values = values
+    try:
+        yield
+    finally:
+        _targets.values = previous
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,33 +326,83 @@ class DirectFeedbackAlignment(Rule):
     at every position, for a ``(batch, ..., n_outputs)`` output), or at a Conv layer with
     ``conv_feedback='shared_kernel'`` the transposed convolution with a kernel ``B`` of
     ``e`` repeated over the output map (:data:`bioflax.converter.DFA_CONV_FEEDBACK`).
+    ``signal='sign'`` projects ``sign(e)`` instead (sDFA).
     """
 
     name: ClassVar[str] = "dfa"
     feedback_init: Initializer = default_kernel_init
     conv_feedback: str = "dense"
+    signal: str = "error"
 
     def __post_init__(self):
         if self.conv_feedback not in DFA_CONV_FEEDBACK_KINDS:
             raise ValueError(f"Unknown conv_feedback {self.conv_feedback!r}; choose one of "
                              f"{list(DFA_CONV_FEEDBACK_KINDS)}.")
+        if self.signal not in DFA_SIGNALS:
+            raise ValueError(f"Unknown signal {self.signal!r}; choose one of "
+                             f"{list(DFA_SIGNALS)}.")
 
     def linear(self, store, f, x, kernel, param_dtype, fan_in=None):
         del store, param_dtype, fan_in
         return f(x, kernel)
 
+    def source(self, output: jax.Array) -> Optional[jax.Array]:
+        """What the projection needs beyond the error, read at the forward pass (DRTP's
+        target); None."""
+        del output
+        return None
+
+    def projected(self, error: jax.Array, source: Optional[jax.Array]) -> jax.Array:
+        """What the matrices ``B_l`` project, from the output error (at the backward pass)."""
+        del source
+        return DFA_SIGNALS[self.signal](error)
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectRandomTargetProjection(DirectFeedbackAlignment):
+    """DRTP (Frenkel, Lefebvre & Bol 2021): DFA's wiring with the one-hot target ``y*``
+    projected in place of the error, ``δ_l = φ'(a_l) ⊙ (y* B_lᵀ)``, summed over the batch
+    as the reference code does; the output layer keeps its true gradient. The targets are
+    class labels, read from :func:`targets` (the trainer's step provides them)."""
+
+    name: ClassVar[str] = "drtp"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.signal != "error":
+            raise ValueError("DRTP projects the target, so it takes no signal option.")
+
+    def source(self, output):
+        labels = getattr(_targets, "values", None)
+        if labels is None:
+            return None
+        if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != output.shape[:-1]:
+            raise ValueError(
+                f"DRTP projects the one-hot class label: its targets must be integer labels "
+                f"of shape {output.shape[:-1]} (the model's output {output.shape} without its "
+                f"last axis); got {labels.dtype} of shape {labels.shape}. For a regression "
+                "target use 'dfa'.")
+        return jax.nn.one_hot(labels, output.shape[-1], dtype=output.dtype)
+
+    def projected(self, error, source):
+        if source is None:
+            raise ValueError("DRTP projects the target: differentiate the model inside "
+                             "`with bioflax.rules.targets(labels):` (the Trainer does).")
+        return source
+
 
 RULES: dict[str, type[Rule]] = {
     rule.name: rule for rule in (
         Backprop, FeedbackAlignment, KolenPollack, InterpolateFABP, UniformSignSymmetry,
-        FixedRandomSignSymmetry, BatchRandomSignSymmetry, DirectFeedbackAlignment)
+        FixedRandomSignSymmetry, BatchRandomSignSymmetry, DirectFeedbackAlignment,
+        DirectRandomTargetProjection)
 }
 
 
 def get_rule(name: str, **options: Any) -> Rule:
     """The rule ``name`` of :data:`RULES` with its options (``feedback_init``,
-    ``interpolation_factor``, ``conv_feedback``); an unknown name or option raises a
-    ``ValueError``."""
+    ``interpolation_factor``, ``conv_feedback``, ``signal``); an unknown name or option
+    raises a ``ValueError``."""
     try:
         rule_class = RULES[name]
     except KeyError:

@@ -40,7 +40,7 @@ def options(rule):
 
 
 def convert_nnx(model, rule, x, **kwargs):
-    example = x if rule == "dfa" else None  # DFA's B_l are shaped by a call on x
+    example = x if rule in ("dfa", "drtp") else None  # their B_l are shaped by a call on x
     return bioflax.convert(model, rule, rngs=nnx.Rngs(feedback=SEED), example=example,
                            **options(rule), **kwargs)
 
@@ -282,6 +282,11 @@ def twin_variables(linen_model, x, values) -> dict:
     return {c: traverse_util.unflatten_dict(v, sep="/") for c, v in variables.items()}
 
 
+def labels_of(g):
+    """Class labels of the output's shape, for DRTP (any fixed choice will do)."""
+    return jnp.argmax(g, axis=-1)
+
+
 def nnx_grads(converted, x, g):
     """``(y, {Linen path: ∂⟨y, g⟩/∂param}, ∂⟨y, g⟩/∂x or None)`` of the NNX model."""
     differentiable = jnp.issubdtype(x.dtype, jnp.floating)
@@ -291,7 +296,8 @@ def nnx_grads(converted, x, g):
         return jnp.sum(y * g), y
 
     argnums = (0, 1) if differentiable else 0
-    grads, y = nnx.grad(f, argnums=argnums, has_aux=True)(converted, x)
+    with rules.targets(labels_of(g)):  # DRTP's
+        grads, y = nnx.grad(f, argnums=argnums, has_aux=True)(converted, x)
     grads, g_x = grads if differentiable else (grads, None)
     skip = isinstance(converted, nnx_converter.Converted)  # its paths start at 'module'
     flat = {linen_path(path[skip:]): value_of(var) for path, var in nnx.to_flat_state(grads)}
@@ -302,12 +308,13 @@ def linen_grads(model, variables, x, g):
     def f(params, x):
         return model.apply({**variables, "params": params}, x)
 
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        y, pullback = jax.vjp(f, variables["params"], x)
-        grads, g_x = pullback(g)
-    else:
-        y, pullback = jax.vjp(lambda p: f(p, x), variables["params"])
-        (grads,), g_x = pullback(g), None
+    with rules.targets(labels_of(g)):  # DRTP's
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            y, pullback = jax.vjp(f, variables["params"], x)
+            grads, g_x = pullback(g)
+        else:
+            y, pullback = jax.vjp(lambda p: f(p, x), variables["params"])
+            (grads,), g_x = pullback(g), None
     return y, traverse_util.flatten_dict(grads, sep="/"), g_x
 
 
@@ -489,6 +496,7 @@ FEEDBACK_NAMES = {
     "interpolate_fa_bp": {f"{layer}/feedback_kernel" for layer in ("l1", "l2", "l3")},
     "frsf": {f"{layer}/feedback_magnitude" for layer in ("l1", "l2", "l3")},
     "dfa": {"l2/output_feedback", "l3/output_feedback"},
+    "drtp": {"l2/output_feedback", "l3/output_feedback"},
 }
 
 

@@ -1,12 +1,16 @@
 """The models a config names (``model.name``): the MLP and the zoo's networks, converted to
-the config's rule."""
+the config's rule, written in the config's Flax API (``model.api``)."""
 
 import functools
-from typing import Callable
+import math
+from typing import Callable, Union
 
+import jax
+import numpy as np
 from flax import linen as nn
+from flax import nnx
 
-from bioflax import converter, rules, zoo
+from bioflax import converter, nnx_zoo, rules, zoo
 from bioflax.experiment import initializers
 from bioflax.models import BioNeuralNetwork
 
@@ -59,8 +63,76 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build(model_config, num_outputs: int) -> nn.Module:
-    """The model ``model_config.name`` of :data:`MODELS`."""
+def _nnx_convert(model_config, model: nnx.Module, key: jax.Array,
+                 example: np.ndarray) -> nnx.Module:
+    """``model`` converted to the config's rule, its feedback weights drawn from
+    ``key`` (DFA's shaped by ``example``)."""
+    return converter.convert(model, _rule(model_config), rngs=nnx.Rngs(feedback=key),
+                             example=example, keep_backprop=tuple(model_config.keep_backprop),
+                             conv_impl=model_config.conv_impl,
+                             feedback_points=tuple(model_config.feedback_points))
+
+
+def _nnx_mlp(model_config, num_outputs: int, example: np.ndarray,
+             key: jax.Array) -> nnx.Module:
+    """:class:`bioflax.nnx_zoo.MLP` as :func:`_mlp` configures the Linen one, converted."""
+    input_init = model_config.input_layer_kernel_init
+    model = nnx_zoo.MLP(
+        math.prod(example.shape[1:]), tuple(model_config.hidden_layers),
+        tuple(model_config.activations), num_outputs,
+        kernel_init=initializers.get(model_config.kernel_init, model_config.kernel_init_scale),
+        input_layer_kernel_init=(None if input_init is None else initializers.get(
+            input_init, model_config.kernel_init_scale)),
+        rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    return _nnx_convert(model_config, model, jax.random.fold_in(key, 1), example)
+
+
+def _converted_nnx_zoo_model(name: str, model_config, num_outputs: int, example: np.ndarray,
+                             key: jax.Array) -> nnx.Module:
+    """The NNX twin of the zoo's ``name`` (:data:`bioflax.nnx_zoo.NNX_ZOO`), converted as
+    :func:`_converted_zoo_model` converts the Linen one."""
+    model = nnx_zoo.NNX_ZOO[name](
+        example.shape[-1], num_classes=num_outputs,
+        kernel_init=initializers.get(model_config.kernel_init, model_config.kernel_init_scale),
+        rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    return _nnx_convert(model_config, model, jax.random.fold_in(key, 1), example)
+
+
+# The models of MODELS written in Flax NNX: builders of (model config, outputs, a batch of
+# inputs, key).
+NNX_MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "mlp": _nnx_mlp,
+    **{name: functools.partial(_converted_nnx_zoo_model, name) for name in nnx_zoo.NNX_ZOO},
+}
+
+# The Flax APIs a config builds its model in (``model.api``): the models each has, and how
+# one of them is built from (builder, model config, outputs, a batch of inputs, seed).
+APIS: dict[str, tuple[dict[str, Callable], Callable[..., Union[nn.Module, nnx.Module]]]] = {
+    "linen": (MODELS, lambda builder, model_config, num_outputs, example, seed: builder(
+        model_config, num_outputs)),
+    "nnx": (NNX_MODELS, lambda builder, model_config, num_outputs, example, seed: builder(
+        model_config, num_outputs, np.asarray(example), jax.random.key(seed))),
+}
+
+
+def check_api(model_config) -> None:
+    """Raises a ValueError unless ``model_config.api`` is an API of :data:`APIS` that has
+    the model ``model_config.name``."""
+    if model_config.api not in APIS:
+        raise ValueError(f"Unknown model.api {model_config.api!r}; choose one of {list(APIS)}.")
+    models = APIS[model_config.api][0]
+    if model_config.name not in models:
+        raise ValueError(f"model {model_config.name!r} has no {model_config.api} version; "
+                         f"those that have one are {list(models)}")
+
+
+def build(model_config, num_outputs: int, example=None,
+          seed: int = 0) -> Union[nn.Module, nnx.Module]:
+    """The model ``model_config.name`` of :data:`MODELS` in the API ``model_config.api``;
+    an NNX model is built initialised from ``seed``, for inputs like ``example`` (a batch),
+    which a Linen model does not need."""
     if model_config.name not in MODELS:
         raise ValueError(f"Unknown model {model_config.name!r}; choose one of {list(MODELS)}.")
-    return MODELS[model_config.name](model_config, num_outputs)
+    check_api(model_config)
+    models, build_in_api = APIS[model_config.api]
+    return build_in_api(models[model_config.name], model_config, num_outputs, example, seed)

@@ -27,8 +27,9 @@ from bioflax.trainer import (Durations, InMemory, Task, Trainer, make_mesh,
 logger = logging.getLogger(__name__)
 
 
-def build_model(model_config: ml_collections.ConfigDict, info: datasets.DatasetInfo):
-    return models.build(model_config, info.num_outputs)
+def build_model(config: ml_collections.ConfigDict, info: datasets.DatasetInfo, sample_input):
+    """The config's model; an NNX one is built from ``config.seed`` for ``sample_input``."""
+    return models.build(config.model, info.num_outputs, sample_input, config.seed)
 
 
 def run_length(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def build_task(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
                alignment_every_steps: int, sample_input) -> Task:
     """The task of ``config``; ``sample_input`` (one example, batched) finds the output
     layer, whose angle the alignment metric's mean over hidden layers leaves out."""
-    module = build_model(config.model, info)
+    module = build_model(config, info, sample_input)
     step_metrics = ([alignment.Alignment(
         alignment_every_steps,
         output_layer=alignment.layers_in_call_order(module, sample_input)[-1])]

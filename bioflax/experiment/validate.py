@@ -86,6 +86,7 @@ def _validate_choices(config) -> None:
     """Every field that names an entry of a registry."""
     _choice(config, "data.dataset", data.DATASETS)
     _choice(config, "model.name", models.MODELS)
+    _choice(config, "model.api", models.APIS)
     _choice(config, "model.rule", rules.RULES)
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
@@ -115,6 +116,9 @@ def _validate_model(config) -> None:
     for index, width in enumerate(hidden):
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width <= 0:
             raise ConfigError(f"model.hidden_layers[{index}]", width, "must be an integer > 0")
+    _library(config, "model.name", lambda: models.check_api(config.model))
+    if config.model.api == "nnx":
+        _validate_nnx(config)
     if config.model.feedback_points and config.model.rule != "dfa":
         raise ConfigError("model.feedback_points", tuple(config.model.feedback_points),
                           "feedback points are DFA's (per-block DFA): set model.rule = 'dfa' "
@@ -130,6 +134,17 @@ def _validate_model(config) -> None:
             raise ConfigError(scale_field, _get(config, scale_field),
                               f"{init_field} = {_get(config, init_field)!r} takes no scale: "
                               "leave it at 1, or pick a scaled initializer")
+
+
+def _validate_nnx(config) -> None:
+    """What an NNX model cannot do that a Linen one can."""
+    if config.training.num_seeds > 1:
+        raise ConfigError("training.num_seeds", config.training.num_seeds,
+                          "an NNX model is built initialised from config.seed, one seed "
+                          "per run: set training.num_seeds = 1 (and vary config.seed)")
+    if config.model.rule == "dfa" and config.model.dfa_conv_feedback != "dense":
+        raise ConfigError("model.dfa_conv_feedback", config.model.dfa_conv_feedback,
+                          "NNX models take DFA with 'dense' conv feedback only")
 
 
 def _validate_training(config) -> None:

@@ -5,6 +5,7 @@ metrics, optimizer, optional in-step metrics such as alignment), a :class:`DataS
 feeds it, the :class:`Trainer` says how (epochs, logging, callbacks, devices):
 
 - ``task.py``: Task, TrainState, how the module is called (rngs, ``train``, mutable state);
+  ``nnx_adapter.py``: a Flax NNX model behind a Linen module's ``init`` / ``apply``;
 - ``arrays.py``: ArrayData, the epoch order, evaluation batches;
 - ``data_sources.py``: the DataSource interface and the in-memory source;
 - ``placement.py``: the mesh; ``programs.py``: the compiled chunk, evaluation and
@@ -24,14 +25,15 @@ from bioflax.trainer.durations import Durations, resolve as resolve_durations
 from bioflax.trainer.loop import FitResult, Trainer
 from bioflax.trainer.metrics import (ClassificationMetrics, LanguageModelingMetrics,
                                      RegressionMetrics)
+from bioflax.trainer.nnx_adapter import NnxAdapter
 from bioflax.trainer.placement import make_mesh
 from bioflax.trainer.task import Task, TrainState
 
 __all__ = [
     "ArrayData", "Callback", "CheckpointCallback", "ClassificationMetrics", "Console",
     "DataSource", "Durations", "EarlyStopping", "FitResult", "InMemory",
-    "LanguageModelingMetrics",
-    "LearningRateMonitor", "ModelCheckpoint", "RegressionMetrics", "ReportProgress", "Task",
+    "LanguageModelingMetrics", "LearningRateMonitor", "ModelCheckpoint", "NnxAdapter",
+    "RegressionMetrics", "ReportProgress", "Task",
     "TrainState", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "make_mesh",
     "resolve_durations",
 ]

@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bioflax import rules
 from bioflax.trainer import metrics as metrics_lib
+from bioflax.trainer.nnx_adapter import NnxAdapter
 from bioflax.trainer.placement import Placement
 from bioflax.trainer.task import Task, TrainState, init_state
 
@@ -63,6 +65,12 @@ class Programs:
     def init_state(self, seeds: Sequence[int], sample_input,
                    total_steps: Optional[int]) -> TrainState:
         """The state of ``seeds`` (stacked when several), replicated over the mesh."""
+        if len(seeds) > 1 and isinstance(self.task.module, NnxAdapter):
+            raise ValueError(
+                f"num_seeds={len(seeds)}: seeds trained at once start from their own "
+                "initialisations, and an NNX model brings its own: train one model per seed "
+                "(each built from its seed), with num_seeds=1.")
+
         def one(key):
             return init_state(self.task, key, sample_input, total_steps)
 
@@ -94,12 +102,13 @@ class Programs:
         task = self.task
 
         def loss_and_outputs(params):
-            outputs, model_state = task.train_forward(params, state, batch["input"])
+            with rules.targets(batch["target"]):  # for rules that read them (DRTP)
+                outputs, model_state = task.train_forward(params, state, batch["input"])
             per_example = task.loss(outputs, batch["target"])
             return per_example.mean(), (outputs, per_example, model_state)
 
-        (loss, (outputs, per_example, model_state)), grads = jax.value_and_grad(
-            loss_and_outputs, has_aux=True)(state.params)
+        grads, (loss, (outputs, per_example, model_state)) = task.procedure.update(
+            task, state, batch, loss_and_outputs)
         metrics = task.metrics.single_from_model_output(
             loss=per_example, logits=outputs, labels=batch["target"])
         step_metrics = {}
@@ -158,7 +167,7 @@ class Programs:
 
         @self._per_seed
         def evaluate(state, batch):
-            outputs = task.eval_forward(state, batch["input"])
+            outputs = task.procedure.predict(task, state, batch["input"])
             return task.metrics.single_from_model_output(
                 loss=task.loss(outputs, batch["target"]), logits=outputs,
                 labels=batch["target"], mask=batch["mask"])
@@ -167,8 +176,10 @@ class Programs:
 
     def predict(self):
         """``program(state, inputs)``: the module's outputs in evaluation mode."""
+        def predict(state, inputs):
+            return self.task.procedure.predict(self.task, state, inputs)
         return self._cached("predict", lambda: self._jit(
-            self._per_seed(self.task.eval_forward), out_shardings=self.placement.replicated))
+            self._per_seed(predict), out_shardings=self.placement.replicated))
 
 
 def scalars(values: dict[str, Any], num_seeds: int) -> dict[str, float]:

@@ -13,6 +13,8 @@ import optax
 from flax import linen as nn
 from flax.training import train_state
 
+from bioflax.trainer.nnx_adapter import NnxAdapter, as_linen
+
 OptimizerFactory = Callable[[int], optax.GradientTransformation]
 
 # The key an evaluation or prediction pass draws its random streams from (a step number no
@@ -30,12 +32,48 @@ class TrainState(train_state.TrainState):
     rng: Any = None
 
 
+LossAndOutputs = Callable[[Any], tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]]
+
+
+class Procedure:
+    """How a training step turns a batch into the updates the optimizer applies, as a
+    LightningModule's ``training_step``; run inside the trainer's compiled, sharded and
+    checkpointed loop. This base class is the gradient step every backward rule takes;
+    procedures that are not one gradient (weight mirrors, PEPITA, Forward-Forward)
+    override :meth:`update` and, where they need them, :meth:`init` and :meth:`predict`.
+    """
+
+    def init(self, task: "Task", params, model_state: dict, key: jax.Array,
+             sample_input) -> tuple[Any, dict]:
+        """The initial ``(params, model_state)`` from the module's (unchanged here)."""
+        del task, key, sample_input
+        return params, model_state
+
+    def update(self, task: "Task", state: "TrainState", batch,
+               loss_and_outputs: LossAndOutputs):
+        """``(updates, (loss, (outputs, per-example loss, model_state)))``: updates shaped
+        as ``state.params`` for the optimizer, and the step's outputs and new model state.
+        ``loss_and_outputs(params)`` is the batch's mean loss through the task's module in
+        training mode, with those outputs."""
+        del task, batch
+        (loss, aux), grads = jax.value_and_grad(loss_and_outputs, has_aux=True)(state.params)
+        return grads, (loss, aux)
+
+    def predict(self, task: "Task", state: "TrainState", inputs) -> jax.Array:
+        """The outputs in evaluation and prediction: the module's."""
+        return task.eval_forward(state, inputs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What to train.
 
     Args:
-      module: any Flax module.
+      module: any Flax module: a Linen one, or an NNX model (an ``nnx.Module`` instance,
+        ``bioflax.convert``'s too), which the task holds in an
+        :class:`~bioflax.trainer.nnx_adapter.NnxAdapter`: its variables as they are when
+        the task is made are the initial state (the trainer's seed orders the data and
+        draws the random streams), ``model.train()`` / ``model.eval()`` set the mode.
       loss: per-example ``loss(outputs, targets)``.
       optimizer: an optax transformation, or ``total_steps -> transformation`` for
         schedules that need the run's length (the trainer calls it).
@@ -44,25 +82,34 @@ class Task:
         on the steps whose index within the epoch is a multiple of ``every``, as
         ``metric(loss_of_params, params, model_state, grads)`` (``loss_of_params`` uses the
         step's batch and random streams), returning a dict of scalars.
-      rng_streams: the random streams passed to the module (``make_rng(name)``).
+      rng_streams: the random streams passed to the module (``make_rng(name)``); an NNX
+        model's own streams (the names of its ``nnx.Rngs``) are added.
+      procedure: how a step makes its updates (:class:`Procedure`; default: the gradient
+        of the loss, which is what every rule of ``bioflax.convert`` trains by).
       train_flag: pass ``train=True`` in training and ``train=False`` in evaluation and
         prediction; default: whether ``module.__call__`` has a parameter named ``train``
         (for a wrapper that calls the module in its field ``module``, as
-        ``bioflax.convert``'s does, that module's ``__call__``).
+        ``bioflax.convert``'s does, that module's ``__call__``); always for an NNX model.
     """
 
-    module: nn.Module
+    module: Union[nn.Module, NnxAdapter]
     loss: Callable[[jax.Array, jax.Array], jax.Array]
     optimizer: Union[optax.GradientTransformation, OptimizerFactory]
     metrics: type
     step_metrics: Sequence[Any] = ()
     rng_streams: Sequence[str] = ("dropout", "feedback")
     train_flag: Optional[bool] = None
+    procedure: Procedure = Procedure()
 
     def __post_init__(self):
+        object.__setattr__(self, "module", as_linen(self.module))
+        if isinstance(self.module, NnxAdapter):
+            object.__setattr__(self, "rng_streams", tuple(dict.fromkeys(
+                (*self.rng_streams, *self.module.streams))))
         if self.train_flag is None:
             called = getattr(self.module, "module", self.module)
-            takes_train = "train" in inspect.signature(called.__call__).parameters
+            takes_train = (isinstance(self.module, NnxAdapter)
+                           or "train" in inspect.signature(called.__call__).parameters)
             object.__setattr__(self, "train_flag", takes_train)
 
     def make_optimizer(self, total_steps: Optional[int]) -> optax.GradientTransformation:
@@ -110,7 +157,10 @@ def init_state(task: Task, key: jax.Array, sample_input,
                total_steps: Optional[int]) -> TrainState:
     """A fresh state: variables from ``key`` (see :meth:`Task.init_variables`), the
     training streams' root ``fold_in(key, 0)``."""
-    params, model_state = task.init_variables(key, sample_input)
+    params, model_state = task.procedure.init(
+        task, *task.init_variables(key, sample_input),
+        jax.random.fold_in(key, 1 + len(task.rng_streams)),
+        sample_input)
     optimizer = task.make_optimizer(total_steps)
     return TrainState(step=0, apply_fn=task.module.apply, params=params, tx=optimizer,
                       opt_state=optimizer.init(params), model_state=model_state,

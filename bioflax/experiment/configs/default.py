@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Transformer, 28x28x1) (these take images: data.flatten=False), or 'transformer_lm' (a
     # causal Transformer language model, for data.dataset = 'text')
     model.name = "mlp"
+    # The Flax API the model is written in: 'linen', or 'nnx' (the NNX twins of 'mlp' and
+    # 'lenet5' in bioflax/nnx_zoo.py, built initialised from config.seed and converted by
+    # bioflax.convert; one seed per run: training.num_seeds = 1)
+    model.api = "linen"
     # The learning rule (bioflax/rules.py): 'bp', 'fa', 'kp', 'dfa', 'interpolate_fa_bp',
     # 'usf', 'frsf' or 'brsf'
     model.rule = "bp"
