@@ -21,11 +21,14 @@ SANFIZ := $(foreach rule,$(SANFIZ_RULES),configs/paper/sanfiz2021.py:mnist_lenet
 SANFIZ_LRS := 0.1 0.03 0.01 0.003 0.001 0.0003 0.0001
 SANFIZ_DFA := configs/paper/sanfiz2021.py:mnist_lenet5_dfa
 DFA_SHARED := --override model.dfa_conv_feedback=shared_kernel
+FRENKEL := $(foreach rule,drtp dfa sdfa fa bp,configs/paper/frenkel2021.py:$(rule))
+DELLAFERRERA := configs/paper/dellaferrera2022.py:pepita configs/paper/dellaferrera2022.py:bp
 VIT_SETTINGS := bp fa kp dfa dfa_block usf brsf frsf head_only
 VIT := $(foreach setting,$(VIT_SETTINGS),configs/paper/vit_mnist.py:$(setting))
 VIT_LRS ?= 0.0003 0.001 0.003
 
-.PHONY: setup train test benchmark paper sanfiz2021-lr sanfiz2021-ablations vit-mnist vit-mnist-lr
+.PHONY: setup train test benchmark paper sanfiz2021-lr sanfiz2021-ablations vit-mnist vit-mnist-lr \
+	procedures
 
 setup: $(VENV)/.installed
 
@@ -108,3 +111,14 @@ vit-mnist-lr: setup
 			--root=$(PAPER_ROOT)/vit_mnist_lr/lr_$$lr/wd_1 --override optimizer.learning_rate=$$lr \
 			--override training.epochs=3 --override optimizer.weight_decay=1.0 || exit 1; \
 	done
+
+# The procedures beyond backward rules (docs/results.md), each beside the rules of its own
+# protocol: weight mirrors (Akrout et al. 2019, beside `make paper`'s BP/FA/KP), DRTP and
+# sDFA (Frenkel et al. 2021), PEPITA (Dellaferrera & Kreiman 2022).
+procedures: setup
+	$(PY) -m bioflax.experiment.sweep configs/paper/akrout2019.py:wm $(FRENKEL) $(DELLAFERRERA) \
+		--seeds=$(PAPER_SEEDS) --root=$(PAPER_ROOT)
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/akrout2019_* --out $(PAPER_ROOT)/report/akrout2019
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/frenkel2021_* --out $(PAPER_ROOT)/report/frenkel2021
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/dellaferrera2022_* \
+		--out $(PAPER_ROOT)/report/dellaferrera2022

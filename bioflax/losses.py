@@ -17,6 +17,12 @@ def sigmoid_cross_entropy(logits, labels):
     return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
 
 
+def sigmoid_mean_cross_entropy(logits, labels):
+    """Per-example ``mean_j BCE(σ(z_j), onehot_j)``: PyTorch's ``binary_cross_entropy``
+    averaged over the classes, as in Frenkel et al.'s DRTP code."""
+    return sigmoid_cross_entropy(logits, labels) / logits.shape[-1]
+
+
 def sigmoid_squared_error(logits, labels):
     """Per-example ``½ ‖σ(z) − onehot‖²``: sigmoid outputs and squared error, as in
     Lillicrap et al. 2016."""
@@ -40,6 +46,7 @@ def token_cross_entropy(logits, labels):
 LOSSES = {
     "classification": {"softmax_cross_entropy": softmax_cross_entropy,
                        "sigmoid_cross_entropy": sigmoid_cross_entropy,
+                       "sigmoid_mean_cross_entropy": sigmoid_mean_cross_entropy,
                        "sigmoid_squared_error": sigmoid_squared_error},
     "regression": {"mean_squared_error": mean_squared_error},
     # Next-token prediction on sequences: outputs (batch, T, vocab), targets (batch, T).

@@ -309,6 +309,41 @@ class TransformerLM(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
 
 
+class DrtpConvNet(nn.Module):
+    """Frenkel, Lefebvre & Bol 2021's MNIST network (ChFrenkel/DirectRandomTargetProjection,
+    topology ``CONV_32_5_1_2_FC_1000_FC_10``) on 28×28×1 inputs: conv 5×5, 1→32, stride 1,
+    padding 2 → tanh → max-pool 2×2 (28→14) → flatten (6272) → fc1 Dense 1000 → tanh →
+    fc2 Dense ``num_classes`` (logits; the reference's sigmoid is the loss's)."""
+
+    num_classes: int = 10
+    kernel_init: Initializer = xavier_uniform
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        x = nn.Conv(32, (5, 5), padding=2, kernel_init=self.kernel_init, name="conv1")(x)
+        x = max_pool(jnp.tanh(x)).reshape((x.shape[0], -1))
+        x = jnp.tanh(nn.Dense(1000, kernel_init=self.kernel_init, name="fc1")(x))
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="fc2")(x)
+
+
+class PepitaMLP(nn.Module):
+    """Dellaferrera & Kreiman 2022's MNIST network (GiorgiaD/PEPITA): flatten → Dense 1024
+    without bias → ReLU → dropout 0.1 (the trainer's ``'dropout'`` stream) → Dense
+    ``num_classes`` without bias (logits)."""
+
+    num_classes: int = 10
+    kernel_init: Initializer = xavier_uniform
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(1024, use_bias=False, kernel_init=self.kernel_init,
+                             name="fc1")(x))
+        x = nn.Dropout(0.1, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, use_bias=False, kernel_init=self.kernel_init,
+                        name="fc2")(x)
+
+
 # The zoo's models that take token sequences (int32 (N, T)) and predict the next token.
 LANGUAGE_MODELS = ("transformer_lm",)
 
@@ -316,6 +351,8 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "vit_mnist": VisionTransformer,
     "transformer_lm": TransformerLM,
     "lenet5": LeNet5,
+    "drtp_conv": DrtpConvNet,
+    "pepita_mlp": PepitaMLP,
     "lenet_cifar": LeNetCIFAR,
     **{f"resnet{depth}": functools.partial(CifarResNet, depth=depth)
        for depth in (20, 32, 44, 56, 110)},

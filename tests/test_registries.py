@@ -20,7 +20,8 @@ def optimizer_config(**fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "name": "sgd", "learning_rate": 0.05, "momentum": 0.0, "rmsprop_decay": 0.99,
         "weight_decay": 0.0, "schedule": "constant", "decay_at": (0.5, 0.75),
-        "decay_factor": 0.1, "warmup_steps": 0, "trainable": (), **fields})
+        "decay_factor": 0.1, "warmup_steps": 0, "trainable": (), "nesterov": False,
+        **fields})
 
 
 def test_adamw_decays_after_the_adam_step_so_equal_gradients_keep_the_difference_shrinking():

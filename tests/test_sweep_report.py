@@ -171,6 +171,17 @@ PAPER_SETTINGS = ([("akrout2019", rule) for rule in ("bp", "fa", "kp")]
                   + [("nokland2016", f"{arch}_{rule}") for arch in ("7x240", "2x800", "1x800")
                      for rule in ("bp", "fa", "dfa")]
                   + [("lillicrap2016", rule) for rule in ("bp", "fa")])
+# Settings that are not a rule's name: the rule and the procedure they train by.
+PROCEDURE_SETTINGS = {
+    ("akrout2019", "wm"): ("fa", "weight_mirror"),
+    **{("frenkel2021", rule): (rule, "gradient") for rule in ("drtp", "dfa", "fa", "bp")},
+    ("frenkel2021", "sdfa"): ("dfa", "gradient"),
+    ("dellaferrera2022", "pepita"): ("bp", "pepita"),
+    ("dellaferrera2022", "bp"): ("bp", "gradient"),
+    **{("vit_mnist", setting): (rule, "gradient") for setting, rule in (
+        ("bp", "bp"), ("fa", "fa"), ("kp", "kp"), ("dfa", "dfa"), ("dfa_block", "dfa"),
+        ("usf", "usf"), ("brsf", "brsf"), ("frsf", "frsf"), ("head_only", "bp"))},
+}
 
 
 @pytest.mark.parametrize("module, setting", PAPER_SETTINGS)
@@ -178,6 +189,13 @@ def test_every_paper_config_is_valid(module, setting):
     config = importlib.import_module(f"configs.paper.{module}").get_config(setting)
     config_validation.validate(config)
     assert config.model.rule == setting.rsplit("_", 1)[-1]
+
+
+@pytest.mark.parametrize("module, setting", sorted(PROCEDURE_SETTINGS))
+def test_every_procedure_and_transformer_config_is_valid(module, setting):
+    config = importlib.import_module(f"configs.paper.{module}").get_config(setting)
+    config_validation.validate(config)
+    assert (config.model.rule, config.procedure.name) == PROCEDURE_SETTINGS[module, setting]
 
 
 def test_paper_configs_name_their_settings_when_given_an_unknown_one():

@@ -99,6 +99,9 @@ def test_lenet5_layers_are_biotorchs():
     ("resnet20", CIFAR, _resnet_param_count(3, 10)),
     ("resnet32", CIFAR, _resnet_param_count(5, 10)),
     ("resnet56", CIFAR, _resnet_param_count(9, 10)),
+    # CONV_32_5_1_2_FC_1000_FC_10 on 28×28: the conv keeps 28×28, the pool halves it.
+    ("drtp_conv", (28, 28, 1), (25 * 32 + 32) + (14 * 14 * 32 * 1000 + 1000) + (1000 * 10 + 10)),
+    ("pepita_mlp", (28, 28, 1), 784 * 1024 + 1024 * 10),  # no biases
 ])
 def test_parameter_count(name, shape, expected):
     assert _count(_shapes(zoo.get_model(name), shape)["params"]) == expected

@@ -13,7 +13,8 @@ class ConfigError(BioflaxError, ValueError):
     """A config field holds a value that bioflax cannot use."""
 
     def __init__(self, field: str, value, allowed: str):
-        super().__init__(f"config field {field} = {value!r} is invalid: {allowed}.")
+        shown = value.to_dict() if hasattr(value, "to_dict") else value  # a sub-config
+        super().__init__(f"config field {field} = {shown!r} is invalid: {allowed}.")
         self.field, self.value = field, value
 
 

@@ -22,8 +22,10 @@ def _rule(model_config) -> rules.Rule:
         model_config.feedback_init, model_config.feedback_init_scale)}
     if name == "interpolate_fa_bp":
         options["interpolation_factor"] = model_config.interpolation_factor
-    if name == "dfa":
+    if issubclass(rules.RULES.get(name, rules.Rule), rules.DirectFeedbackAlignment):
         options["conv_feedback"] = model_config.dfa_conv_feedback
+    if name == "dfa":
+        options["signal"] = model_config.dfa_signal
     return rules.get_rule(name, **options)
 
 

@@ -22,7 +22,8 @@ def _l2(config: ml_collections.ConfigDict,
 # included.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": lambda config, learning_rate: _l2(
-        config, optax.sgd(learning_rate, momentum=config.momentum or None)),
+        config, optax.sgd(learning_rate, momentum=config.momentum or None,
+                          nesterov=config.nesterov)),
     # PyTorch's and Torch7's form: g / (√ν + ε).
     "rmsprop": lambda config, learning_rate: _l2(config, optax.rmsprop(
         learning_rate, decay=config.rmsprop_decay, eps=1e-8, eps_in_sqrt=False)),

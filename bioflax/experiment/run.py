@@ -14,7 +14,7 @@ import ml_collections
 from absl import logging as absl_logging
 from clu import metric_writers
 
-from bioflax import alignment, distributed, losses
+from bioflax import alignment, distributed, losses, procedures
 from bioflax import trainer as trainer_lib
 from bioflax.experiment import datasets, models, optimizers, plots, validate
 from bioflax.experiment import workdir as workdir_lib
@@ -72,7 +72,9 @@ def build_task(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
         loss=losses.loss_for(info.task, config.model.loss),
         optimizer=functools.partial(optimizers.build, config.optimizer),
         metrics=metrics_lib.COLLECTIONS[info.task],
-        step_metrics=step_metrics)
+        step_metrics=step_metrics,
+        procedure=procedures.get_procedure(
+            config.procedure.name, **config.procedure.get(config.procedure.name, {})))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import numbers
 import jax
 import ml_collections
 
-from bioflax import converter, losses, rules, zoo
+from bioflax import converter, losses, procedures, rules, zoo
 from bioflax import models as bio_models
 from bioflax.experiment.errors import ConfigError
 from bioflax.experiment import datasets as data
@@ -90,9 +90,13 @@ def _validate_choices(config) -> None:
     _choice(config, "model.rule", rules.RULES)
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
+    _choice(config, "procedure.name", procedures.PROCEDURES)
+    _library(config, f"procedure.{config.procedure.name}", lambda: procedures.get_procedure(
+        config.procedure.name, **config.procedure.get(config.procedure.name, {})))
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
     _choice(config, "model.dfa_conv_feedback", converter.DFA_CONV_FEEDBACK)
+    _choice(config, "model.dfa_signal", rules.DFA_SIGNALS)
     _choice(config, "model.conv_impl", converter.CONV_IMPLS)
     if config.model.input_layer_kernel_init is not None:
         _choice(config, "model.input_layer_kernel_init", INITIALIZERS)

@@ -5,7 +5,11 @@ the command line: ``python main.py --config=configs/kp_mnist.py
 --config.optimizer.learning_rate=0.1 --workdir=runs/x``.
 """
 
+import dataclasses
+
 import ml_collections
+
+from bioflax import procedures
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -89,6 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
     # dfa, zoo models: B at a conv layer's input, 'dense' ((H·W·C, n_outputs)) or
     # 'shared_kernel' ((kh, kw, C, n_outputs), biotorch's); see bioflax/converter.py
     model.dfa_conv_feedback = "dense"
+    # dfa: what B_l projects, 'error' (e) or 'sign' (sign(e), sDFA); drtp projects the target
+    model.dfa_signal = "error"
     # Zoo models: the convolution of their Conv layers (bioflax/converter.py CONV_IMPLS):
     # 'xla' (lax.conv_general_dilated, nn.Conv's own), 'banded' (bioflax/conv.py's banded
     # matmuls, equal up to float rounding and faster to train on XLA:CPU) or 'auto'
@@ -119,6 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
     optimizer.name = "sgd"
     optimizer.learning_rate = 0.05
     optimizer.momentum = 0.9  # sgd only; 0 for plain SGD
+    optimizer.nesterov = False  # sgd only: Nesterov's momentum (PyTorch's nesterov=True)
     optimizer.rmsprop_decay = 0.99  # rmsprop only: ν ← decay·ν + (1 − decay)·g²
     # wd * W is added to the gradient of W (and of KP's B) before the optimizer: L2 decay;
     # adamw: subtracted as lr * wd * W after it (decoupled).
@@ -158,6 +165,16 @@ def get_config() -> ml_collections.ConfigDict:
     # metrics are logged per seed (seed_i/...) and as their mean.
     training.num_seeds = 1
     training.multi_host = False  # call jax.distributed.initialize() first (multi-host runs)
+
+    # How each step makes its updates (bioflax.procedures): 'gradient' (every rule's), or
+    # 'weight_mirror' (with rule 'fa': B learned by the mirror update) or 'pepita'; the
+    # sub-dict of the chosen one holds its options, with the procedure's defaults.
+    config.procedure = procedure = ml_collections.ConfigDict()
+    procedure.name = "gradient"
+    for name, procedure_class in procedures.PROCEDURES.items():
+        if dataclasses.is_dataclass(procedure_class):
+            procedure[name] = {field.name: field.default
+                               for field in dataclasses.fields(procedure_class)}
 
     config.alignment = alignment = ml_collections.ConfigDict()
     alignment.enabled = True  # gradient/weight alignment with backprop, inside the train step
