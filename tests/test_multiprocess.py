@@ -232,3 +232,22 @@ def test_importing_bioflax_starts_no_jax_backend():
             "import jax._src.xla_bridge as xb\nassert not xb._backends, list(xb._backends)")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_an_nnx_model_trains_on_two_processes_as_on_one(tmp_path):
+    """An NNX model (``model.api='nnx'``, built from the config's seed in every process)
+    trains on 2 processes × 2 devices exactly as on one process with 4 devices."""
+    nnx_run = ("--config.model.api=nnx", epochs(2))
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = run_main(TEACHER, one, *RUN, *nnx_run, devices=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_two_processes(two, *nnx_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve, expected = read_scalars(two)["train/loss"], read_scalars(one)["train/loss"]
+    assert [s for s, _ in curve] == [s for s, _ in expected]
+    np.testing.assert_allclose([v for _, v in curve], [v for _, v in expected], rtol=1e-4)
+    params = flat_arrays(load_checkpoint(two, 2 * STEPS_PER_EPOCH)["params"])
+    expected_params = flat_arrays(load_checkpoint(one, 2 * STEPS_PER_EPOCH)["params"])
+    assert params.keys() == expected_params.keys()
+    for name, value in expected_params.items():
+        np.testing.assert_allclose(params[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
