@@ -23,6 +23,7 @@ SANFIZ_DFA := configs/paper/sanfiz2021.py:mnist_lenet5_dfa
 DFA_SHARED := --override model.dfa_conv_feedback=shared_kernel
 FRENKEL := $(foreach rule,drtp dfa sdfa fa bp,configs/paper/frenkel2021.py:$(rule))
 DELLAFERRERA := configs/paper/dellaferrera2022.py:pepita configs/paper/dellaferrera2022.py:bp
+HINTON := configs/paper/hinton2022.py:classifier configs/paper/hinton2022.py:goodness
 VIT_SETTINGS := bp fa kp dfa dfa_block usf brsf frsf head_only
 VIT := $(foreach setting,$(VIT_SETTINGS),configs/paper/vit_mnist.py:$(setting))
 VIT_LRS ?= 0.0003 0.001 0.003
@@ -114,11 +115,13 @@ vit-mnist-lr: setup
 
 # The procedures beyond backward rules (docs/results.md), each beside the rules of its own
 # protocol: weight mirrors (Akrout et al. 2019, beside `make paper`'s BP/FA/KP), DRTP and
-# sDFA (Frenkel et al. 2021), PEPITA (Dellaferrera & Kreiman 2022).
+# sDFA (Frenkel et al. 2021), PEPITA (Dellaferrera & Kreiman 2022), Forward-Forward
+# (Hinton 2022, loeweX's protocol).
 procedures: setup
 	$(PY) -m bioflax.experiment.sweep configs/paper/akrout2019.py:wm $(FRENKEL) $(DELLAFERRERA) \
-		--seeds=$(PAPER_SEEDS) --root=$(PAPER_ROOT)
+		$(HINTON) --seeds=$(PAPER_SEEDS) --root=$(PAPER_ROOT)
 	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/akrout2019_* --out $(PAPER_ROOT)/report/akrout2019
 	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/frenkel2021_* --out $(PAPER_ROOT)/report/frenkel2021
 	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/dellaferrera2022_* \
 		--out $(PAPER_ROOT)/report/dellaferrera2022
+	$(PY) -m bioflax.experiment.report $(PAPER_ROOT)/hinton2022_* --out $(PAPER_ROOT)/report/hinton2022

@@ -1,6 +1,7 @@
 """Training procedures that are not one backward rule, each a
 :class:`bioflax.trainer.task.Procedure` (a task's own training step): weight mirrors
-(Akrout et al. 2019) and PEPITA (Dellaferrera & Kreiman 2022). DRTP and sDFA are rules
+(Akrout et al. 2019), PEPITA (Dellaferrera & Kreiman 2022) and Forward-Forward (Hinton
+2022). DRTP and sDFA are rules
 (``'drtp'``, ``get_rule('dfa', signal='sign')``): one gradient step, as every rule.
 
 Chosen by name from :data:`PROCEDURES` (``get_procedure('weight_mirror', mirror_rate=...)``)
@@ -15,6 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 from flax import traverse_util
 
@@ -156,6 +158,109 @@ class Pepita(Procedure):
                 (loss, (outputs, per_example, model_state)))
 
 
+_NEGATIVE_STREAM = 0x6E6567  # folded into a step's key for the negative labels ('neg')
+# How Forward-Forward's prediction picks a label: the linear classifier on the input with
+# the neutral label, or the label whose input gives the most goodness (Hinton 2022).
+FF_PREDICTIONS = ("classifier", "goodness")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardForward(Procedure):
+    """Forward-Forward (Hinton 2022) as loeweX/Forward-Forward implements it, for
+    :class:`bioflax.zoo.ForwardForwardNet`: the label is written into the first
+    ``num_classes`` input values (one-hot for positive data, a label drawn uniformly from
+    the wrong ones for negative data, ``neutral_label`` everywhere for the classifier's
+    input); layer ``l``'s loss is the binary cross-entropy of ``Σ z_l² − width_l`` (its
+    goodness over the threshold) against 1 for positive and 0 for negative examples, plus
+    ``peer_normalization`` times ``mean((mean(r) − r)²)`` of the running mean ``r`` of its
+    positive activities (``model_state['forward_forward']``); the classifier adds its
+    cross-entropy. The network's ``stop_gradient`` between layers keeps every gradient
+    local. ``prediction`` (:data:`FF_PREDICTIONS`) says how evaluation picks a label.
+    """
+
+    num_classes: int = 10
+    peer_normalization: float = 0.03
+    peer_momentum: float = 0.9
+    neutral_label: float = 0.1
+    prediction: str = "classifier"
+
+    def __post_init__(self):
+        if self.prediction not in FF_PREDICTIONS:
+            raise ValueError(f"Unknown Forward-Forward prediction {self.prediction!r}; "
+                             f"choose one of {list(FF_PREDICTIONS)}.")
+
+    def init(self, task, params, model_state, key, sample_input):
+        outputs = jax.eval_shape(lambda: task.eval_forward(
+            _StateView(params, model_state), jnp.asarray(sample_input)))
+        if not (isinstance(outputs, tuple) and len(outputs) == 2):
+            raise ValueError("Forward-Forward needs a network that returns (logits, "
+                             "activities of each layer), as bioflax.zoo.ForwardForwardNet "
+                             f"(model.name='forward_forward'); this one returns {outputs}.")
+        running = {str(i): jnp.full(a.shape[-1], 0.5, a.dtype)
+                   for i, a in enumerate(outputs[1])}
+        return params, {**model_state, "forward_forward": running}
+
+    def embed(self, x: jax.Array, label_values: jax.Array) -> jax.Array:
+        """``x`` with its first ``num_classes`` values (flattened) replaced by
+        ``label_values`` ``(N, num_classes)``."""
+        flat = jnp.asarray(x).reshape((x.shape[0], -1))
+        flat = flat.at[:, :self.num_classes].set(jnp.asarray(label_values, flat.dtype))
+        return flat.reshape(x.shape)
+
+    def loss(self, task, params, state, x, labels, wrong_labels):
+        """``(total loss, (logits on the neutral input, per-example classifier loss, new
+        model state))`` for positive ``labels`` and negative ``wrong_labels``."""
+        n = self.num_classes
+        positive = self.embed(x, jax.nn.one_hot(labels, n))
+        negative = self.embed(x, jax.nn.one_hot(wrong_labels, n))
+        neutral = self.embed(x, jnp.full((len(x), n), self.neutral_label))
+        (_, activities), model_state = task.train_forward(
+            params, state, jnp.concatenate([positive, negative]))
+        (logits, _), _ = task.train_forward(params, state, neutral)
+        is_positive = jnp.concatenate([jnp.ones(len(x)), jnp.zeros(len(x))])
+        total, running = 0.0, {}
+        for i, activity in enumerate(activities):
+            goodness = jnp.sum(jnp.square(activity), axis=-1) - activity.shape[-1]
+            total += optax.sigmoid_binary_cross_entropy(goodness, is_positive).mean()
+            mean = (self.peer_momentum * jax.lax.stop_gradient(
+                state.model_state["forward_forward"][str(i)])
+                + (1 - self.peer_momentum) * activity[:len(x)].mean(axis=0))
+            total += self.peer_normalization * jnp.mean(jnp.square(jnp.mean(mean) - mean))
+            running[str(i)] = jax.lax.stop_gradient(mean)
+        per_example = task.loss(logits, labels)
+        return total + per_example.mean(), (logits, per_example,
+                                             {**model_state, "forward_forward": running})
+
+    def update(self, task, state, batch, loss_and_outputs):
+        x, labels = batch["input"], batch["target"]
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError("Forward-Forward writes the class label into the input: its "
+                             f"targets must be integer labels, not {labels.dtype}.")
+        key = jax.random.fold_in(jax.random.fold_in(
+            jax.random.wrap_key_data(state.rng), state.step), _NEGATIVE_STREAM)
+        wrong = (labels + jax.random.randint(key, labels.shape, 1, self.num_classes)
+                 ) % self.num_classes
+        (loss, aux), grads = jax.value_and_grad(
+            lambda p: self.loss(task, p, state, x, labels, wrong), has_aux=True)(state.params)
+        return grads, (loss, aux)
+
+    def predict(self, task, state, inputs):
+        return getattr(self, f"_predict_by_{self.prediction}")(task, state, inputs)
+
+    def _predict_by_classifier(self, task, state, inputs):
+        """The classifier's logits on the input with the neutral label."""
+        neutral = jnp.full((len(inputs), self.num_classes), self.neutral_label)
+        return task.eval_forward(state, self.embed(inputs, neutral))[0]
+
+    def _predict_by_goodness(self, task, state, inputs):
+        """Per label, the goodness of every layer but the first on the input with it."""
+        return jnp.stack([
+            sum(jnp.sum(jnp.square(a), axis=-1) for a in task.eval_forward(
+                state, self.embed(inputs, jax.nn.one_hot(
+                    jnp.full(len(inputs), label), self.num_classes)))[1][1:])
+            for label in range(self.num_classes)], axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class _StateView:
     """What :meth:`Task.eval_forward` reads of a state, before the state exists."""
@@ -185,7 +290,8 @@ class _LayerInputs(dict):
 
 # name → procedure class; options as the class's fields.
 PROCEDURES: dict[str, type[Procedure]] = {
-    "gradient": Procedure, "weight_mirror": WeightMirror, "pepita": Pepita}
+    "gradient": Procedure, "weight_mirror": WeightMirror, "pepita": Pepita,
+    "forward_forward": ForwardForward}
 
 
 def get_procedure(name: str, **options: Any) -> Procedure:

@@ -344,6 +344,50 @@ class PepitaMLP(nn.Module):
                         name="fc2")(x)
 
 
+def rms_normalize(z: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """``z / (√mean(z²) + eps)`` over the last axis: Forward-Forward's parameter-free
+    normalisation between layers (loeweX/Forward-Forward's ``_layer_norm``)."""
+    return z / (jnp.sqrt(jnp.mean(jnp.square(z), axis=-1, keepdims=True)) + eps)
+
+
+@jax.custom_vjp
+def relu_full_grad(x: jax.Array) -> jax.Array:
+    """ReLU whose gradient passes unchanged (straight through), as loeweX's
+    ``ReLU_full_grad``."""
+    return jnp.maximum(x, 0)
+
+
+relu_full_grad.defvjp(lambda x: (jnp.maximum(x, 0), None), lambda _, g: (g,))
+
+
+class ForwardForwardNet(nn.Module):
+    """Hinton 2022's Forward-Forward network as loeweX/Forward-Forward builds it: the input
+    flattened and :func:`rms_normalize`-d, then per layer ``z_l = relu(W_l ẑ_{l−1} + b_l)``
+    (:func:`relu_full_grad`) with ``ẑ_l = rms_normalize(stop_gradient(z_l))`` passed on,
+    and a bias-free linear ``classifier`` (zeros at init) on the normalised activities of
+    every layer but the first, through ``stop_gradient``. Returns ``(logits, (z_1, ...))``
+    for :class:`bioflax.procedures.ForwardForward`, which embeds the label in the input."""
+
+    widths: tuple[int, ...] = (1000, 1000, 1000)
+    num_classes: int = 10
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True):
+        z = rms_normalize(x.reshape((x.shape[0], -1)))
+        activities = []
+        for i, width in enumerate(self.widths):
+            activity = relu_full_grad(nn.Dense(width, kernel_init=self.kernel_init,
+                                               name=f"layer{i}")(z))
+            activities.append(activity)
+            z = rms_normalize(jax.lax.stop_gradient(activity))
+        features = jnp.concatenate([rms_normalize(jax.lax.stop_gradient(a))
+                                    for a in activities[1:]], axis=-1)
+        logits = nn.Dense(self.num_classes, use_bias=False, kernel_init=nn.initializers.zeros,
+                          name="classifier")(features)
+        return logits, tuple(activities)
+
+
 # The zoo's models that take token sequences (int32 (N, T)) and predict the next token.
 LANGUAGE_MODELS = ("transformer_lm",)
 
@@ -353,6 +397,7 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "lenet5": LeNet5,
     "drtp_conv": DrtpConvNet,
     "pepita_mlp": PepitaMLP,
+    "forward_forward": ForwardForwardNet,
     "lenet_cifar": LeNetCIFAR,
     **{f"resnet{depth}": functools.partial(CifarResNet, depth=depth)
        for depth in (20, 32, 44, 56, 110)},

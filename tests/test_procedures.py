@@ -13,7 +13,7 @@ import pytest
 from flax import linen as nn
 
 import bioflax
-from bioflax import procedures, rules, trainer
+from bioflax import procedures, rules, trainer, zoo
 from bioflax.trainer.task import init_state
 from tests.float64 import ATOL, RTOL, float64_only  # noqa: F401  (fixture)
 
@@ -255,3 +255,104 @@ def test_unknown_procedures_and_options_are_refused():
         procedures.get_procedure("weight_mirror", rate=0.1)
     with pytest.raises(ValueError, match="Unknown mirror response"):
         procedures.get_procedure("weight_mirror", response="tanh")
+
+
+# --- Forward-Forward ------------------------------------------------------------------------
+
+
+def ff_setup():
+    x = np.abs(np.random.default_rng(0).normal(size=(4, 2, 4)))  # 8 inputs, the first 3 labels
+    labels = np.array([0, 2, 1, 2], np.int32)
+    net = zoo.ForwardForwardNet(widths=(5, 6), num_classes=3)
+    procedure = procedures.ForwardForward(num_classes=3, peer_normalization=0.5)
+    task = trainer.Task(net, loss=softmax_cross_entropy, optimizer=optax.sgd(0.1),
+                        metrics=trainer.ClassificationMetrics, rng_streams=(),
+                        procedure=procedure)
+    state = init_state(task, jax.random.key(0), x, None)
+    params = jax.tree.map(lambda p: p + 0.3 * np.random.default_rng(1).normal(size=p.shape),
+                          state.params)  # a nonzero classifier too
+    return task, state.replace(params=params), x, labels
+
+
+def np_ff(params, x, labels, wrong, running, n=3, neutral=0.1, peer=0.5, momentum=0.9):
+    """Forward-Forward's loss by hand (loeweX/Forward-Forward's ``ff_model.py``)."""
+    def norm(z):
+        return z / (np.sqrt(np.mean(z ** 2, -1, keepdims=True)) + 1e-8)
+
+    def embed(values):
+        flat = x.reshape(len(x), -1).copy()
+        flat[:, :n] = values
+        return flat
+
+    def forward(inputs):
+        z, activities = norm(inputs), []
+        for i in range(2):
+            a = np.maximum(z @ params[f"layer{i}"]["kernel"] + params[f"layer{i}"]["bias"], 0)
+            activities.append(a)
+            z = norm(a)
+        return activities
+
+    both = np.concatenate([embed(np.eye(n)[labels]), embed(np.eye(n)[wrong])])
+    target = np.r_[np.ones(len(x)), np.zeros(len(x))]
+    total = 0.0
+    for i, a in enumerate(forward(both)):
+        logit = (a ** 2).sum(-1) - a.shape[-1]
+        total += np.mean(np.logaddexp(0, logit) - target * logit)  # BCE with logits
+        r = momentum * running[str(i)] + (1 - momentum) * a[:len(x)].mean(0)
+        total += peer * np.mean((r.mean() - r) ** 2)
+    features = np.concatenate([norm(a) for a in forward(embed(np.full((len(x), n), neutral)))[1:]], -1)
+    logits = features @ params["classifier"]["kernel"]
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return total - log_p[np.arange(len(x)), labels].mean()
+
+
+def test_forward_forward_loss_by_hand_and_local_gradients():
+    task, state, x, labels = ff_setup()
+    wrong = np.array([1, 0, 2, 1], np.int32)
+    procedure = task.procedure
+    loss, _ = procedure.loss(task, state.params, state, x, labels, wrong)
+    running = jax.tree.map(np.asarray, state.model_state["forward_forward"])
+    np.testing.assert_allclose(loss, np_ff(jax.tree.map(np.asarray, state.params), x, labels,
+                                           wrong, running), rtol=1e-10)
+
+    def layer0_grad(params):
+        return jax.grad(lambda p: procedure.loss(task, p, state, x, labels, wrong)[0])(
+            params)["layer0"]["kernel"]
+
+    changed = {**state.params, "layer1": jax.tree.map(lambda p: 2 * p, state.params["layer1"]),
+               "classifier": jax.tree.map(lambda p: -p, state.params["classifier"])}
+    np.testing.assert_allclose(layer0_grad(changed), layer0_grad(state.params), rtol=1e-12)
+
+
+def test_forward_forward_negatives_are_wrong_labels_and_both_predictions_by_hand():
+    task, state, x, labels = ff_setup()
+    grads, (loss, (logits, _, model_state)) = task.procedure.update(
+        task, state, {"input": x, "target": labels}, None)
+    assert np.isfinite(loss) and set(model_state["forward_forward"]) == {"0", "1"}
+    for step in range(20):  # the negative label is never the true one
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng),
+                                                    step), procedures._NEGATIVE_STREAM)
+        wrong = (labels + np.asarray(jax.random.randint(key, labels.shape, 1, 3))) % 3
+        assert np.all(wrong != labels)
+    by_goodness = dataclasses.replace(task.procedure, prediction="goodness")
+    goodness = np.asarray(by_goodness.predict(task, state, x))
+    params = jax.tree.map(np.asarray, state.params)
+    for label in range(3):
+        flat = x.reshape(4, -1).copy()
+        flat[:, :3] = np.eye(3)[label]
+        z = flat / (np.sqrt(np.mean(flat ** 2, -1, keepdims=True)) + 1e-8)
+        a0 = np.maximum(z @ params["layer0"]["kernel"] + params["layer0"]["bias"], 0)
+        z = a0 / (np.sqrt(np.mean(a0 ** 2, -1, keepdims=True)) + 1e-8)
+        a1 = np.maximum(z @ params["layer1"]["kernel"] + params["layer1"]["bias"], 0)
+        np.testing.assert_allclose(goodness[:, label], (a1 ** 2).sum(-1), rtol=1e-10)
+    with pytest.raises(ValueError, match="Unknown Forward-Forward prediction"):
+        procedures.ForwardForward(prediction="vote")
+
+
+def test_forward_forward_refuses_a_network_without_activities():
+    with pytest.raises(ValueError, match="ForwardForwardNet"):
+        trainer_task = trainer.Task(SigmoidNet(), loss=softmax_cross_entropy,
+                                    optimizer=optax.sgd(0.1),
+                                    metrics=trainer.ClassificationMetrics,
+                                    procedure=procedures.ForwardForward(num_classes=3))
+        init_state(trainer_task, jax.random.key(0), np.ones((2, 5)), None)

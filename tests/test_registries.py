@@ -21,7 +21,36 @@ def optimizer_config(**fields) -> ml_collections.ConfigDict:
         "name": "sgd", "learning_rate": 0.05, "momentum": 0.0, "rmsprop_decay": 0.99,
         "weight_decay": 0.0, "schedule": "constant", "decay_at": (0.5, 0.75),
         "decay_factor": 0.1, "warmup_steps": 0, "trainable": (), "nesterov": False,
-        **fields})
+        "groups": (), **fields})
+
+
+def test_parameter_groups_train_at_their_own_rate_and_decay():
+    config = optimizer_config(learning_rate=0.1, weight_decay=0.5,
+                              groups=(("head/*", 1.0, 0.0),))
+    optimizer = optimizers.build(config, total_steps=10)
+    params = {"head": {"kernel": np.ones(2, np.float32)},
+              "body": {"kernel": np.ones(2, np.float32)}}
+    updates, _ = optimizer.update(jax.tree_util.tree_map(np.ones_like, params),
+                                  optimizer.init(params), params)
+    np.testing.assert_allclose(updates["head"]["kernel"], -1.0 * 1.0)  # its rate, no decay
+    np.testing.assert_allclose(updates["body"]["kernel"], -0.1 * (1 + 0.5))
+    config.groups = (("Head/*", 1.0, 0.0),)
+    with pytest.raises(ValueError, match="optimizer.groups pattern 'Head/\\*' matches no"):
+        optimizers.build(config, total_steps=10).init(params)
+
+
+def test_linear_cooldown_is_constant_then_falls_linearly_to_zero():
+    config = optimizer_config(learning_rate=0.2, schedule="linear_cooldown", decay_at=(0.5,))
+    optimizer = optimizers.build(config, total_steps=10)
+    params = np.array([0.0], np.float32)
+    state = optimizer.init(params)
+    rates = []
+    for _ in range(10):
+        _, state = optimizer.update(np.ones(1, np.float32), state, params)
+        rates.append(float(optax.tree_utils.tree_get(state, "hyperparams")["learning_rate"]))
+    # the rate each update used: steps 0..4 at 0.2, then 0.2·(1 − j/5) at step 5 + j
+    np.testing.assert_allclose(rates[:5], [0.2] * 5, rtol=1e-6)
+    np.testing.assert_allclose(rates[5:], [0.2 * (1 - j / 5) for j in range(5)], atol=1e-7)
 
 
 def test_adamw_decays_after_the_adam_step_so_equal_gradients_keep_the_difference_shrinking():

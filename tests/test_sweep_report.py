@@ -178,6 +178,8 @@ PROCEDURE_SETTINGS = {
     ("frenkel2021", "sdfa"): ("dfa", "gradient"),
     ("dellaferrera2022", "pepita"): ("bp", "pepita"),
     ("dellaferrera2022", "bp"): ("bp", "gradient"),
+    ("hinton2022", "classifier"): ("bp", "forward_forward"),
+    ("hinton2022", "goodness"): ("bp", "forward_forward"),
     **{("vit_mnist", setting): (rule, "gradient") for setting, rule in (
         ("bp", "bp"), ("fa", "fa"), ("kp", "kp"), ("dfa", "dfa"), ("dfa_block", "dfa"),
         ("usf", "usf"), ("brsf", "brsf"), ("frsf", "frsf"), ("head_only", "bp"))},

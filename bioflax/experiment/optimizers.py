@@ -48,6 +48,13 @@ SCHEDULES: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]]
     "cosine": lambda config, steps: optax.cosine_decay_schedule(config.learning_rate,
                                                                 max(steps, 1)),
     "multistep": _multistep,
+    # Constant, then from the fraction decay_at[0] of the run down linearly to 0 (the
+    # cool-down of loeweX/Forward-Forward, which steps once per epoch).
+    "linear_cooldown": lambda config, steps: optax.join_schedules(
+        [optax.constant_schedule(config.learning_rate),
+         optax.linear_schedule(config.learning_rate, 0.0,
+                               max(steps - int(config.decay_at[0] * steps), 1))],
+        [int(config.decay_at[0] * steps)]),
 }
 
 
@@ -63,8 +70,26 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> optax.Gradient
 
     Weight decay comes first in the chain but for ``adamw``, ``w ← w − lr·(u + wd·w)``,
     which makes Kolen-Pollack's ``W − B`` shrink by ``(1 − lr·wd)`` per plain SGD step.
-    With ``trainable`` patterns, parameters whose path matches none get no update.
+    Each of ``groups`` (``(pattern, learning_rate, weight_decay)``) trains the parameters
+    whose path matches its glob (the first that does) at its own rate and decay; with
+    ``trainable`` patterns, parameters whose path matches none get no update.
     """
+    optimizer = _single(config, total_steps)
+    if config.groups:
+        by_group = {pattern: _single(ml_collections.ConfigDict(
+            {**config.to_dict(), "learning_rate": rate, "weight_decay": decay}), total_steps)
+            for pattern, rate, decay in config.groups}
+        optimizer = optax.multi_transform(
+            {"": optimizer, **by_group},
+            functools.partial(_group_labels, tuple(by_group)))
+    if not config.trainable:
+        return optimizer
+    return optax.multi_transform({True: optimizer, False: optax.set_to_zero()},
+                                 functools.partial(trainable, tuple(config.trainable)))
+
+
+def _single(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """The update rule and schedule of ``config`` for every parameter."""
     update_rule = _choose(OPTIMIZERS, config.name, "optimizer.name")
     schedule = _choose(SCHEDULES, config.schedule, "optimizer.schedule")(
         config, total_steps - config.warmup_steps)
@@ -72,13 +97,21 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> optax.Gradient
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps), schedule],
             [config.warmup_steps])
-
-    optimizer = optax.inject_hyperparams(
+    return optax.inject_hyperparams(
         lambda learning_rate: update_rule(config, learning_rate))(learning_rate=schedule)
-    if not config.trainable:
-        return optimizer
-    return optax.multi_transform({True: optimizer, False: optax.set_to_zero()},
-                                 functools.partial(trainable, tuple(config.trainable)))
+
+
+def _group_labels(patterns: tuple[str, ...], params):
+    """Each parameter's group: the first of ``patterns`` its path matches, else ``''``;
+    ValueError for a pattern that matches no parameter."""
+    paths = ["/".join(path) for path in flax.traverse_util.flatten_dict(params)]
+    for pattern in patterns:
+        if not fnmatch.filter(paths, pattern):
+            raise ValueError(f"optimizer.groups pattern {pattern!r} matches no parameter; the "
+                             f"parameters are {paths}.")
+    return flax.traverse_util.path_aware_map(
+        lambda path, _: next((p for p in patterns if fnmatch.fnmatchcase("/".join(path), p)),
+                             ""), params)
 
 
 def trainable(patterns: tuple[str, ...], params):

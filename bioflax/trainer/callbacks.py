@@ -233,12 +233,12 @@ class EarlyStopping(Callback):
 
 class LearningRateMonitor(Callback):
     """Logs ``learning_rate`` from an optimizer built with ``optax.inject_hyperparams``,
-    wherever it sits in the optimizer's state."""
+    wherever it sits in the optimizer's state (the first one's, with parameter groups)."""
 
     def on_train_chunk_end(self, trainer: Trainer, state: TrainState, step: int,
                            logs: Mapping[str, float]) -> None:
-        learning_rate = optax.tree_utils.tree_get(state.opt_state, "hyperparams", {}).get(
-            "learning_rate")
+        found = optax.tree_utils.tree_get_all_with_path(state.opt_state, "hyperparams")
+        learning_rate = found[0][1].get("learning_rate") if found else None
         if learning_rate is not None:
             # The same for every seed when several are trained at once.
             trainer.writer.write_scalars(

@@ -130,11 +130,15 @@ def get_config() -> ml_collections.ConfigDict:
     # wd * W is added to the gradient of W (and of KP's B) before the optimizer: L2 decay;
     # adamw: subtracted as lr * wd * W after it (decoupled).
     optimizer.weight_decay = 0.0
+    # (pattern, learning_rate, weight_decay) per group of parameters trained at their own
+    # rate and decay (e.g. (("classifier/*", 1e-2, 3e-3),)); the first matching glob wins.
+    optimizer.groups = ()
     # Glob patterns of parameter paths ('head/*'); when set, every parameter matching none
     # stays at its initial value (e.g. the last-layer-only control). (): all train.
     optimizer.trainable = ()
-    # 'constant', 'cosine' (decays to 0 over the run) or 'multistep' (× decay_factor at
-    # each fraction decay_at of the run's steps)
+    # 'constant', 'cosine' (decays to 0 over the run), 'multistep' (× decay_factor at
+    # each fraction decay_at of the run's steps) or 'linear_cooldown' (constant, then
+    # linearly to 0 from the fraction decay_at[0] of the run)
     optimizer.schedule = "constant"
     optimizer.decay_at = (0.5, 0.75)  # multistep: fractions of the run (epoch 50 of 100: 0.5)
     optimizer.decay_factor = 0.1  # multistep: the factor at each of them
