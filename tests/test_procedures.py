@@ -356,3 +356,46 @@ def test_forward_forward_refuses_a_network_without_activities():
                                     metrics=trainer.ClassificationMetrics,
                                     procedure=procedures.ForwardForward(num_classes=3))
         init_state(trainer_task, jax.random.key(0), np.ones((2, 5)), None)
+
+
+# --- a procedure's own step resumes exactly -------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAtStep(trainer.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_chunk_end(self, trainer_, state, step, logs):
+        if step == self.step:
+            raise Killed
+
+
+def mirror_run(directory, *extra):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype(np.float32)
+    labels = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0).astype(np.int32)
+    task = trainer.Task(bioflax.convert(SigmoidNet(), "fa"), loss=softmax_cross_entropy,
+                        optimizer=optax.sgd(0.5), metrics=trainer.ClassificationMetrics,
+                        procedure=procedures.WeightMirror(mirror_batch=16, pretrain_steps=3))
+    loop = trainer.Trainer(max_epochs=3, log_every_steps=2, progress_bar=False,
+                           report_progress=False, seed=3,
+                           callbacks=[trainer.ModelCheckpoint(directory, every_n_steps=4),
+                                      *extra])
+    return loop.fit(task, trainer.ArrayData(x, labels), batch_size=16, resume=True)
+
+
+def test_a_killed_weight_mirror_run_resumes_to_the_state_of_an_uninterrupted_one(tmp_path):
+    with jax.enable_x64(False):
+        uninterrupted = mirror_run(tmp_path / "uninterrupted")
+        with pytest.raises(Killed):
+            mirror_run(tmp_path / "killed", KillAtStep(6))
+        resumed = mirror_run(tmp_path / "killed")
+    assert resumed.first_step == 4 and int(uninterrupted.state.step) == 12
+    for name in ("params", "model_state", "opt_state"):
+        want, got = getattr(uninterrupted.state, name), getattr(resumed.state, name)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(a, b, err_msg=name)
