@@ -28,7 +28,7 @@ VIT_SETTINGS := bp fa kp dfa dfa_block usf brsf frsf head_only
 VIT := $(foreach setting,$(VIT_SETTINGS),configs/paper/vit_mnist.py:$(setting))
 VIT_LRS ?= 0.0003 0.001 0.003
 
-.PHONY: setup train test benchmark paper sanfiz2021-lr sanfiz2021-ablations vit-mnist vit-mnist-lr \
+.PHONY: setup train test benchmark docs paper sanfiz2021-lr sanfiz2021-ablations vit-mnist vit-mnist-lr \
 	procedures
 
 setup: $(VENV)/.installed
@@ -47,6 +47,10 @@ test: setup
 
 benchmark: setup
 	$(PY) benchmarks/throughput.py
+
+# The documentation site (docs/_build/html), warnings as errors.
+docs: setup
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 # The paper grid (docs/results.md): every config x seed in its own workdir, resumable; then
 # one report per setting in $(PAPER_ROOT)/report/SETTING.

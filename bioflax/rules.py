@@ -7,17 +7,17 @@ input-gradient of the *same* map with a backward kernel ``B`` of ``W``'s shape i
 ``W``, ``VJP of f(·, B) at δ`` (``δ Bᵀ`` for a Dense layer, the transposed convolution
 with ``B`` for a Conv layer):
 
-==================  =============================================  ==================
-rule                backward kernel ``B``                          gradient of ``B``
-==================  =============================================  ==================
-``bp``              ``W``                                          (no ``B``)
-``fa``              fixed random ``B``                             0
-``kp``              ``B``, a parameter (``feedback_kernel``)       ``dW``
-``interpolate_fa_bp``  ``λB + (1−λ)W``, ``B`` fixed (λ=1 FA, 0 BP)  0
-``usf``             ``c · sign(W)``, ``c = 1/√fan_in``             (no ``B``)
-``frsf``            ``|M| ⊙ sign(W)``, ``M`` fixed random          0
-``brsf``            ``|M| ⊙ sign(W)``, ``M`` redrawn every step     (no ``B``)
-==================  =============================================  ==================
+=====================  =============================================  ==================
+rule                   backward kernel ``B``                          gradient of ``B``
+=====================  =============================================  ==================
+``bp``                 ``W``                                          (no ``B``)
+``fa``                 fixed random ``B``                             0
+``kp``                 ``B``, a parameter (``feedback_kernel``)       ``dW``
+``interpolate_fa_bp``  ``λB + (1−λ)W``, ``B`` fixed (λ=1 FA, 0 BP)    0
+``usf``                ``c · sign(W)``, ``c = 1/√fan_in``             (no ``B``)
+``frsf``               ``|M| ⊙ sign(W)``, ``M`` fixed random          0
+``brsf``               ``|M| ⊙ sign(W)``, ``M`` redrawn every step    (no ``B``)
+=====================  =============================================  ==================
 
 ``fan_in`` is the number of inputs of one output unit, the size of the kernel axes the map
 contracts with its input (``in`` for Dense, kernel height × width × input channels per
