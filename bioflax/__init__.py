@@ -1,4 +1,8 @@
-"""bioflax: learning rules without weight transport, as Flax layers, with a trainer."""
+"""bioflax: learning rules without weight transport, as Flax layers, with a trainer.
+
+One import site: ``from bioflax import convert, Task, Trainer, ArrayData, ...`` reaches the
+converter, the layers, the procedures and everything a training program needs.
+"""
 
 from bioflax.converter import Converted, convert
 from bioflax.converter import summary as convert_summary
@@ -14,9 +18,30 @@ from bioflax.layers import (
 from bioflax.models import BioNeuralNetwork
 from bioflax.nnx_converter import Feedback
 from bioflax.zoo import ZOO
+from bioflax import losses, procedures, rules
+from bioflax.procedures import ForwardForward, Pepita, WeightMirror
+from bioflax.trainer import (ArrayData, Callback, ClassificationMetrics, EarlyStopping,
+                             LanguageModelingMetrics, LearningRateMonitor, ModelCheckpoint,
+                             RegressionMetrics, Task, Trainer, TrainState)
+from bioflax.trainer.task import Procedure
 
 __all__ = [
+    "ArrayData",
     "BioNeuralNetwork",
+    "Callback",
+    "ClassificationMetrics",
+    "EarlyStopping",
+    "ForwardForward",
+    "LanguageModelingMetrics",
+    "LearningRateMonitor",
+    "ModelCheckpoint",
+    "Pepita",
+    "Procedure",
+    "RegressionMetrics",
+    "Task",
+    "TrainState",
+    "Trainer",
+    "WeightMirror",
     "Converted",
     "Feedback",
     "RandomDenseLinearDFAHidden",
@@ -29,4 +54,7 @@ __all__ = [
     "convert",
     "convert_summary",
     "exact_backprop",
+    "losses",
+    "procedures",
+    "rules",
 ]
