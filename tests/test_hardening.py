@@ -50,12 +50,13 @@ def wait_for_checkpoint(process: subprocess.Popen, workdir, at_least: int = 1,
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("model.rule", "fb", "choose one of ['bp', 'fa', 'kp', 'interpolate_fa_bp', 'usf', 'frsf', 'brsf', 'dfa']"),
+    ("model.rule", "fb", "choose one of ['bp', 'fa', 'kp', 'interpolate_fa_bp', 'usf', 'frsf', 'brsf', 'dfa', "
+                         "'drtp']"),
     ("model.activations", ("swish2",), "model.activations[0] = 'swish2'"),
-    ("optimizer.name", "adagrad", "choose one of ['sgd', 'rmsprop', 'adam']"),
+    ("optimizer.name", "adagrad", "choose one of ['sgd', 'rmsprop', 'adam', 'adamw']"),
     ("optimizer.rmsprop_decay", 1.0, "optimizer.rmsprop_decay = 1.0 is invalid"),
     ("model.loss", "hinge", "choose one of ['softmax_cross_entropy', 'sigmoid_cross_entropy', "
-                            "'sigmoid_squared_error']"),
+                            "'sigmoid_mean_cross_entropy', 'sigmoid_squared_error']"),
     ("model.input_layer_kernel_init", "ones", "choose one of ['lecun_normal',"),
     ("training.early_stopping_mode", "up", "choose one of ['min', 'max']"),
     ("data.dataset", "imagenet2012", "choose one of ['mnist', 'fashion_mnist', 'cifar10', "

@@ -70,7 +70,8 @@ def test_kernel_and_bias_tree_identical_across_modes():
         "layer_3": {"kernel": (4, 3), "bias": (3,)},
     }
     assert kernel_bias_tree(reference) == expected
-    assert set(RULES) == {"bp", "fa", "kp", "dfa", "interpolate_fa_bp", "usf", "frsf", "brsf"}
+    assert set(RULES) == {"bp", "fa", "kp", "dfa", "drtp", "interpolate_fa_bp", "usf", "frsf",
+                          "brsf"}
     for rule in RULES:
         _, variables = _init(rule, x)
         assert kernel_bias_tree(variables) == expected, rule
