@@ -6,6 +6,7 @@ import functools
 from typing import Callable
 
 import flax
+import jax
 import ml_collections
 import optax
 
@@ -104,24 +105,26 @@ def _single(config: ml_collections.ConfigDict, total_steps: int) -> optax.Gradie
 def _group_labels(patterns: tuple[str, ...], params):
     """Each parameter's group: the first of ``patterns`` its path matches, else ``''``;
     ValueError for a pattern that matches no parameter."""
-    paths = ["/".join(path) for path in flax.traverse_util.flatten_dict(params)]
-    for pattern in patterns:
-        if not fnmatch.filter(paths, pattern):
-            raise ValueError(f"optimizer.groups pattern {pattern!r} matches no parameter; the "
-                             f"parameters are {paths}.")
-    return flax.traverse_util.path_aware_map(
-        lambda path, _: next((p for p in patterns if fnmatch.fnmatchcase("/".join(path), p)),
-                             ""), params)
+    return jax.tree.map(lambda match: match or "", _first_match("groups", patterns, params),
+                        is_leaf=lambda x: x is None)
 
 
 def trainable(patterns: tuple[str, ...], params):
     """``params``' tree of booleans: whether each path (``'head/kernel'``) matches a glob of
     ``patterns``; ValueError for a pattern that matches no parameter."""
+    return jax.tree.map(lambda match: match is not None,
+                        _first_match("trainable", patterns, params),
+                        is_leaf=lambda x: x is None)
+
+
+def _first_match(field: str, patterns: tuple[str, ...], params):
+    """``params``' tree of the first glob of ``patterns`` each path matches (None: none);
+    ValueError naming ``optimizer.<field>`` for a pattern that matches no parameter."""
     paths = ["/".join(path) for path in flax.traverse_util.flatten_dict(params)]
     for pattern in patterns:
         if not fnmatch.filter(paths, pattern):
-            raise ValueError(f"optimizer.trainable pattern {pattern!r} matches no parameter; the "
-                             f"parameters are {paths}.")
+            raise ValueError(f"optimizer.{field} pattern {pattern!r} matches no parameter; "
+                             f"the parameters are {paths}.")
     return flax.traverse_util.path_aware_map(
-        lambda path, _: any(fnmatch.fnmatchcase("/".join(path), pattern)
-                            for pattern in patterns), params)
+        lambda path, _: next((p for p in patterns if fnmatch.fnmatchcase("/".join(path), p)),
+                             None), params)
