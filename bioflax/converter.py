@@ -409,15 +409,7 @@ class _Session:
         """Runs a module matched by ``feedback_points`` with backprop inside it; its output
         is recorded to receive the projected error and returned through ``stop_gradient``,
         so nothing above reaches it but that projection."""
-        self.inside_point.append(path)
-        try:
-            output = next_fun(*args, **kwargs)
-        finally:
-            self.inside_point.pop()
-        if not isinstance(output, jax.Array):
-            raise ValueError(
-                f"DFA feedback point {path!r} returns {type(output).__name__}; a feedback "
-                "point must return one array, which receives the projected error.")
+        output = run_feedback_point(self.inside_point, path, lambda: next_fun(*args, **kwargs))
         self.dfa_inputs.append((module, None, output, True))
         return jax.lax.stop_gradient(output)
 
@@ -451,6 +443,21 @@ class _Session:
                     "output; this model's has more axes (use conv_feedback='dense').")
             return shared_kernel_feedback(module, self._path(module), primitive, x, n_outputs)
         return shared_kernel
+
+
+def run_feedback_point(inside_point: list, path: str, run: Callable[[], Any]) -> jax.Array:
+    """``run()``, the module at the feedback point ``path``, with ``path`` on
+    ``inside_point`` meanwhile; ValueError unless it returns one array."""
+    inside_point.append(path)
+    try:
+        output = run()
+    finally:
+        inside_point.pop()
+    if not isinstance(output, jax.Array):
+        raise ValueError(
+            f"DFA feedback point {path!r} returns {type(output).__name__}; a feedback "
+            "point must return one array, which receives the projected error.")
+    return output
 
 
 @dataclasses.dataclass(frozen=True)

@@ -222,15 +222,7 @@ class _Session:
 
     def feedback_point(self, module: nnx.Module, run: Callable):
         path = vars(module)[PATH]
-        self.inside_point.append(path)
-        try:
-            output = run()
-        finally:
-            self.inside_point.pop()
-        if not isinstance(output, jax.Array):
-            raise ValueError(
-                f"DFA feedback point {path!r} returns {type(output).__name__}; a feedback "
-                "point must return one array, which receives the projected error.")
+        output = converter.run_feedback_point(self.inside_point, path, run)
         self.dfa_inputs.append(converter.DfaInput(path, output, True, self.store(module),
                                                   converter.positionwise_feedback))
         return jax.lax.stop_gradient(output)
