@@ -69,7 +69,7 @@ class EpochTimer:
                  num_seeds: int = 1, compiler_options: dict | None = None):
         self.task, self.split, self.batch, self.num_seeds = task, split, batch, num_seeds
         self.source = (InMemory if in_memory else TFData)(split)
-        self.trainer = Trainer(max_epochs=1, log_every_steps=100, progress_bar=False,
+        self.trainer = Trainer(max_epochs=1, log_every_steps=100, console=False,
                                report_progress=False, writer=SilentWriter(),
                                num_seeds=num_seeds, compiler_options=compiler_options)
         self.state = self.trainer.fit(task, self.source, batch_size=batch).state

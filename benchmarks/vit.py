@@ -106,7 +106,7 @@ def flax_timers(rules: list[str], steps: int, alignment: bool):
     from bioflax.experiment import (  # pylint: disable=import-outside-toplevel
         datasets, initializers, optimizers, run)
     from bioflax.trainer import (  # pylint: disable=import-outside-toplevel
-        ArrayData, InMemory, Task, Trainer)
+        ArrayData, InMemory, OptimizerFactory, Task, Trainer)
     from bioflax.trainer.metrics import (  # pylint: disable=import-outside-toplevel
         COLLECTIONS)
     from bioflax.zoo import VisionTransformer  # pylint: disable=import-outside-toplevel
@@ -124,7 +124,7 @@ def flax_timers(rules: list[str], steps: int, alignment: bool):
             self.trainer = Trainer(
                 max_epochs=1, limit_train_batches=steps,
                 log_every_steps=min(steps, config.training.log_every_steps),
-                progress_bar=False, report_progress=False, writer=SilentWriter(),
+                console=False, report_progress=False, writer=SilentWriter(),
                 compiler_options=config.compiler_options.to_dict())
             self.task = task
             self.state = self.trainer.init_state(task, source.sample_input(),
@@ -148,7 +148,7 @@ def flax_timers(rules: list[str], steps: int, alignment: bool):
         bp_config.model.kernel_init, bp_config.model.kernel_init_scale))
     tasks = {UNCONVERTED: (Task(
         module=plain, loss=losses.loss_for("classification", bp_config.model.loss),
-        optimizer=lambda total: optimizers.build(bp_config.optimizer, total),
+        optimizer=OptimizerFactory(lambda total: optimizers.build(bp_config.optimizer, total)),
         metrics=COLLECTIONS["classification"]), bp_config)}
     for name, config in configs.items():
         every = config.alignment.every_steps if alignment else 0

@@ -18,14 +18,16 @@ from bioflax.layers import (
 from bioflax.models import BioNeuralNetwork
 from bioflax.nnx_converter import Feedback
 from bioflax.zoo import ZOO
-from bioflax import losses, procedures, rules
+from bioflax import alignment, losses, procedures, rules
+from bioflax.alignment import Alignment
 from bioflax.procedures import ForwardForward, Pepita, WeightMirror
 from bioflax.trainer import (ArrayData, Callback, ClassificationMetrics, EarlyStopping,
                              LanguageModelingMetrics, LearningRateMonitor, ModelCheckpoint,
-                             RegressionMetrics, Task, Trainer, TrainState)
+                             OptimizerFactory, RegressionMetrics, Task, Trainer, TrainState)
 from bioflax.trainer.task import Procedure
 
 __all__ = [
+    "Alignment",
     "ArrayData",
     "BioNeuralNetwork",
     "Callback",
@@ -35,6 +37,7 @@ __all__ = [
     "LanguageModelingMetrics",
     "LearningRateMonitor",
     "ModelCheckpoint",
+    "OptimizerFactory",
     "Pepita",
     "Procedure",
     "RegressionMetrics",
@@ -53,6 +56,7 @@ __all__ = [
     "ZOO",
     "convert",
     "convert_summary",
+    "alignment",
     "exact_backprop",
     "losses",
     "procedures",

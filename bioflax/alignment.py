@@ -131,8 +131,9 @@ class Alignment:
       between the rule's ``(dW_l, db_l)`` and backprop's;
     - ``alignment/relative_grad_norm``: ``‖g_BP‖ / ‖g_rule‖`` over all layers (1 when both
       are zero, inf when only the rule's is);
-    - with ``output_layer`` named, ``alignment/hidden_grad_angle``: the mean of the angles of
-      the other layers (the output layer's own gradient is exact under every rule);
+    - ``alignment/hidden_grad_angle``: the mean of the angles of the layers but the output
+      layer (its own gradient is exact under every rule), ``output_layer``, which the
+      trainer finds when it is not given (:meth:`bind`);
     - for layers with a feedback matrix shaped like ``W`` (FA, KP, interpolation):
       ``alignment/weight_cosine/l`` between ``W_l`` and ``B_l`` and
       ``alignment/weight_difference_norm/l`` ``= ‖W_l − B_l‖``.
@@ -143,6 +144,14 @@ class Alignment:
             raise ValueError(f"alignment every must be a positive number of steps, got {every}.")
         self.every = every
         self.output_layer = output_layer
+
+    def bind(self, module, *args, **kwargs) -> "Alignment":
+        """This metric for ``module`` called on ``args``: ``output_layer``, when not given,
+        is the last layer with a kernel that the call reaches (:func:`layers_in_call_order`;
+        none for a model that is one layer)."""
+        called = [] if self.output_layer is not None else layers_in_call_order(
+            module, *args, **kwargs)
+        return Alignment(self.every, called[-1]) if called else self
 
     def __call__(self, loss_of_params: Callable[[Any], jax.Array], params,
                  model_state, grads) -> dict[str, jax.Array]:

@@ -555,14 +555,23 @@ class Converted(nn.Module):
                 f"bioflax.convert: {type(self.module).__name__} called no nn.Dense or "
                 "nn.Conv layer (nor DenseGeneral, Einsum or Embed.attend), so there is "
                 "nothing to train with a rule.")
-        for pattern in self.feedback_points:
-            if not any(fnmatch.fnmatchcase(path, pattern) for path in session.paths):
-                raise ValueError(
-                    f"bioflax.convert: feedback point {pattern!r} matches no module; the "
-                    f"module paths are {session.paths}.")
+        check_patterns("feedback point", self.feedback_points, session.paths)
+        if not callable(self.keep_backprop):
+            check_patterns("keep_backprop pattern", self.keep_backprop,
+                           [record.path for record in session.converted], "converted layer")
         if session.dfa_inputs:
             output = session.project_output_error(output)
         return output
+
+
+def check_patterns(kind: str, patterns: Sequence[str], paths: Sequence[str],
+                   what: str = "module") -> None:
+    """ValueError naming the first of the glob ``patterns`` that matches none of ``paths``
+    (those of each ``what``)."""
+    for pattern in patterns:
+        if not fnmatch.filter(paths, pattern):
+            raise ValueError(f"bioflax.convert: {kind} {pattern!r} matches no {what}; the "
+                             f"{what} paths are {list(dict.fromkeys(paths))}.")
 
 
 def convert(module: Union[nn.Module, nnx.Module], rule: Union[str, rules.Rule], *,
@@ -581,7 +590,8 @@ def convert(module: Union[nn.Module, nnx.Module], rule: Union[str, rules.Rule], 
       rule: a name of :data:`bioflax.rules.RULES` (``'bp'``, ``'fa'``, ``'kp'``, ``'dfa'``,
         ``'usf'``, ``'brsf'``, ``'frsf'``, ``'interpolate_fa_bp'``) or a ``Rule``.
       keep_backprop: layers kept on backprop: glob patterns of their paths in the
-        ``'params'`` tree (``'Dense_2'``, ``'head/*'``) or a predicate ``(path, module)``.
+        ``'params'`` tree (``'Dense_2'``, ``'head/*'``; one that matches no converted layer
+        is a ``ValueError``) or a predicate ``(path, module)``.
       conv_impl: the convolution of converted ``nn.Conv`` layers, a key of
         :data:`CONV_IMPLS`: ``'xla'`` (``lax.conv_general_dilated``), ``'banded'``
         (:func:`bioflax.conv.conv_general_dilated`) or ``'auto'`` (banded on the CPU

@@ -5,14 +5,25 @@ import jax.numpy as jnp
 import optax
 
 
+def _check_labels(logits, labels):
+    """ValueError unless ``labels`` are integers shaped as ``logits`` without its last axis."""
+    if labels.shape != logits.shape[:-1] or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(
+            f"a classification loss takes integer labels of shape {logits.shape[:-1]} for "
+            f"outputs of shape {logits.shape}, not {labels.dtype} labels of shape "
+            f"{labels.shape}: pass class indices (not one-hot rows), one per output row.")
+
+
 def softmax_cross_entropy(logits, labels):
     """Per-example ``−log softmax(logits)[label]``."""
+    _check_labels(logits, labels)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def sigmoid_cross_entropy(logits, labels):
     """Per-example ``Σ_j BCE(σ(z_j), onehot_j)``: one sigmoid output per class, as in
     Akrout et al. 2019 and Nøkland 2016; its gradient is ``σ(z) − onehot``."""
+    _check_labels(logits, labels)
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
 
@@ -26,12 +37,18 @@ def sigmoid_mean_cross_entropy(logits, labels):
 def sigmoid_squared_error(logits, labels):
     """Per-example ``½ ‖σ(z) − onehot‖²``: sigmoid outputs and squared error, as in
     Lillicrap et al. 2016."""
+    _check_labels(logits, labels)
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     return 0.5 * jnp.sum(jnp.square(jax.nn.sigmoid(logits) - targets), axis=-1)
 
 
 def mean_squared_error(predictions, targets):
-    """Per-example ``mean_j (y_j − t_j)²``."""
+    """Per-example ``mean_j (y_j − t_j)²``; the targets have the predictions' shape."""
+    if targets.shape != predictions.shape:
+        raise ValueError(
+            f"mean_squared_error: targets of shape {targets.shape} for predictions of shape "
+            f"{predictions.shape} would broadcast; reshape the targets to "
+            f"{predictions.shape} (e.g. y[:, None] for one output per example).")
     return jnp.mean(jnp.square(predictions - targets), axis=-1)
 
 
@@ -39,6 +56,7 @@ def token_cross_entropy(logits, labels):
     """Per-example mean over positions of ``−log softmax(logits[t])[label[t]]``: logits
     ``(batch, T, vocab)``, integer labels ``(batch, T)``, loss ``(batch,)``. Every example
     has the same T, so the batch mean is the mean over all tokens."""
+    _check_labels(logits, labels)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=-1)
 
 

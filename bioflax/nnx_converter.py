@@ -292,10 +292,10 @@ def convert(module: nnx.Module, rule: rules.Rule, *, rngs: Optional[nnx.Rngs] = 
             f"bioflax.convert: {type(module).__name__} holds no nnx.Linear, "
             "nnx.LinearGeneral, nnx.Conv, nnx.Einsum or nnx.Embed, so there is nothing to "
             "train with a rule.")
-    for pattern in feedback_points:
-        if not fnmatch.filter([path for path in modules if path], pattern):
-            raise ValueError(f"bioflax.convert: feedback point {pattern!r} matches no "
-                             f"module; the module paths are {[p for p in modules if p]}.")
+    converter.check_patterns("feedback point", feedback_points, [p for p in modules if p])
+    if not callable(keep_backprop):
+        converter.check_patterns("keep_backprop pattern", keep_backprop, list(layers),
+                                 "converted layer")
     for path, layer in layers.items():
         keep = (keep_backprop(path, layer) if callable(keep_backprop)
                 else any(fnmatch.fnmatchcase(path, p) for p in keep_backprop))

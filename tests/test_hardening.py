@@ -121,6 +121,18 @@ def test_main_reports_an_override_of_a_missing_field(tmp_path):
     assert "--config.optimizer.learning_rat" in line and "no such field" in line
 
 
+def test_a_mistyped_config_setting_is_one_line_naming_the_settings(tmp_path):
+    result = run_main("configs/paper/akrout2019.py:kpp", tmp_path / "run")
+    assert result.returncode == 2
+    assert re.fullmatch(r"error: --config=\S*configs/paper/akrout2019\.py:kpp: akrout2019 has "
+                        r"no 'kpp' setting; choose one of \['bp', 'fa', 'kp', 'wm'\]",
+                        one_error_line(result))
+    result = run_main("configs/kp_mnist.py:fa", tmp_path / "run")
+    assert result.returncode == 2
+    assert re.fullmatch(r"error: --config=\S*configs/kp_mnist\.py:fa: \S*configs/kp_mnist\.py "
+                        r"takes no setting; drop ':fa'\.", one_error_line(result))
+
+
 def test_a_missing_config_file_is_named(tmp_path):
     missing = tmp_path / "nope.py"
     for overrides in ((), ("--config.seed=1",)):  # overrides make the flag parser load it

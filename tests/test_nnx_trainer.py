@@ -72,7 +72,7 @@ def classification_task(module, **kwargs):
 
 def test_a_task_holds_an_nnx_model_in_an_adapter_keyed_as_its_linen_twin():
     task = classification_task(converted_mlp("fa"))
-    assert isinstance(task.module, NnxAdapter) and task.train_flag
+    assert isinstance(task.module, NnxAdapter) and task.train_flag == "train"
     variables = task.module.init({"params": jax.random.key(0), "dropout": jax.random.key(1),
                                   "feedback": jax.random.key(2)}, X[:1])
     linen = jax.eval_shape(lambda: bioflax.convert(LinenMLP(), "fa").init(

@@ -15,7 +15,9 @@ from bioflax.experiment import input_pipeline as batches
 from bioflax.experiment import run as train
 from bioflax.experiment.input_pipeline import TFData
 from bioflax.models import BioNeuralNetwork
-from bioflax.trainer import Callback, Task, Trainer, TrainingDivergedError, arrays, callbacks
+from bioflax.trainer import (Callback, OptimizerFactory, Task, Trainer, TrainingDivergedError,
+                             arrays, callbacks)
+from bioflax.trainer import console
 from bioflax.trainer import metrics as trainer_metrics
 from bioflax.experiment.configs import teacher as teacher_config
 
@@ -110,7 +112,7 @@ def test_callbacks_see_every_chunk_and_epoch():
         def on_train_chunk_end(self, trainer, state, step, logs):
             self.events.append(("chunk", step, int(state.step)))
 
-        def on_epoch_end(self, trainer, state, epoch, logs):
+        def on_train_epoch_end(self, trainer, state, epoch, logs):
             self.events.append(("epoch", epoch))
 
     recorder = Recorder()
@@ -209,13 +211,13 @@ def test_smoothed_stopping_waits_for_the_running_average_to_reach_the_threshold(
     trainer = types.SimpleNamespace(should_stop=False)
     epochs = 0
     while not trainer.should_stop:
-        stop.on_epoch_end(trainer, None, epochs, {"train/accuracy": 0.9 if epochs == 0 else 1.0})
+        stop.on_train_epoch_end(trainer, None, epochs, {"train/accuracy": 0.9 if epochs == 0 else 1.0})
         epochs += 1
         assert epochs <= 100
     assert epochs == 26
     unsmoothed = callbacks.EarlyStopping("train/accuracy", mode="max", patience=None,
                                          stopping_threshold=0.9999)
-    unsmoothed.on_epoch_end(trainer, None, 0, {"train/accuracy": 1.0})
+    unsmoothed.on_train_epoch_end(trainer, None, 0, {"train/accuracy": 1.0})
     assert trainer.should_stop
     with pytest.raises(ValueError, match="smoothing"):
         callbacks.EarlyStopping(smoothing=1.0)
@@ -272,22 +274,32 @@ def test_an_optimizer_factory_gets_the_runs_total_step_count():
         seen.append(total_steps)
         return optax.sgd(optax.linear_schedule(0.1, 0.0, total_steps))
 
-    task = Task(module=nn.Dense(1), loss=losses_lib.mean_squared_error, optimizer=optimizer,
-                metrics=trainer_metrics.RegressionMetrics)
+    task = Task(module=nn.Dense(1), loss=losses_lib.mean_squared_error,
+                optimizer=OptimizerFactory(optimizer), metrics=trainer_metrics.RegressionMetrics)
     Trainer(max_epochs=3, log_every_steps=4, progress_bar=False, report_progress=False).fit(
         task, linear_split(n=200), batch_size=16)
     assert seen == [3 * (200 // 16)]
 
 
-def test_the_console_prints_one_line_per_epoch(caplog):
-    caplog.set_level("INFO", logger="bioflax.trainer.console")
-    Trainer(max_epochs=3, log_every_steps=2, progress_bar=False, report_progress=False,
-            epoch_summary=lambda logs: {"note": "x"}).fit(
+def test_the_console_prints_one_line_per_epoch(capsys):
+    Trainer(max_epochs=3, log_every_steps=2, progress_bar=False, report_progress=False).fit(
         linear_task(), linear_split(n=64), linear_split(n=32, seed=1), batch_size=16)
-    lines = [r.getMessage() for r in caplog.records if r.name == "bioflax.trainer.console"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert len(lines) == 3
     assert lines[0].startswith("epoch 1/3  train/loss ")
-    assert " val/loss " in lines[0] and lines[0].endswith("  note x")
+    assert " val/loss " in lines[0]
+
+
+def test_the_epoch_line_shows_the_hidden_layers_angle_and_the_epochs_max_steps_reach():
+    line = console.epoch_line(1, 3, {"train/loss": 0.5, "val/accuracy": 0.25,
+                                     "alignment/hidden_grad_angle": 41.25, "epoch": 2})
+    assert line == "epoch 2/3  train/loss 0.5  val/accuracy 0.25  hidden angle 41.2°"
+
+
+def test_nothing_is_printed_without_the_console(capsys):
+    Trainer(max_epochs=2, log_every_steps=2, console=False, report_progress=False).fit(
+        linear_task(), linear_split(n=64), batch_size=16)
+    assert capsys.readouterr().out == ""
 
 
 def test_intervals_in_epochs_follow_the_batch_size_and_the_validation_split():

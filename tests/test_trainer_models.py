@@ -18,7 +18,7 @@ from bioflax.experiment import input_pipeline as batches
 from bioflax.trainer import arrays, callbacks
 from bioflax.trainer import metrics as trainer_metrics
 from bioflax.layers import FEEDBACK_COLLECTION, RandomDenseLinearFA
-from bioflax.trainer import Callback, Task, Trainer
+from bioflax.trainer import Callback, OptimizerFactory, Task, Trainer
 from e2e import REPO, environment
 
 
@@ -245,7 +245,7 @@ class ForwardsKeywords(nn.Module):
 
 
 def test_the_train_flag_follows_the_signature_unless_set():
-    assert cnn_task().train_flag is True
+    assert cnn_task().train_flag == "train"
     loss, tx, collection = losses_lib.mean_squared_error, optax.sgd(0.1), trainer_metrics.RegressionMetrics
     assert Task(ForwardsKeywords(), loss, tx, collection).train_flag is False
     task = Task(ForwardsKeywords(), loss, tx, collection, train_flag=True)
@@ -261,5 +261,5 @@ def test_the_train_flag_follows_the_signature_unless_set():
     assert result.history[-1]["train/loss"] != pytest.approx(
         float(np.mean(np.asarray(expected) ** 2)), rel=1e-3)
     with pytest.raises(ValueError, match="total_steps"):
-        trainer.init_state(Task(ForwardsKeywords(), loss, lambda steps: tx, collection,
-                                train_flag=True), x[:1])
+        trainer.init_state(Task(ForwardsKeywords(), loss, OptimizerFactory(lambda steps: tx),
+                                collection, train_flag=True), x[:1])

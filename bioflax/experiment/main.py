@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import traceback
+from typing import Optional
 
 # Before TensorFlow loads (through tensorflow_datasets and clu): no oneDNN or TPU-probe notices.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,6 +32,7 @@ def _import_tensorflow_quietly() -> None:
 _import_tensorflow_quietly()
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from bioflax import distributed
@@ -42,19 +44,35 @@ from bioflax.experiment import run as run_lib
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
+flags.DEFINE_enum("log_format", "plain", ["plain", "absl"],
+                  "plain: each log line is its message (warnings and errors start with "
+                  "'warning: ' and 'error: '); absl: absl's prefix of level, time, thread and "
+                  "source line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _DropLibraryChatter(logging.Filter):
-    """Orbax logs every file of every save at INFO, clu's progress reporter its work-unit
-    notes, TFDS every data set it opens, JAX its search for TPUs, TensorBoard's event reader
-    (the end-of-run plots) the files it scans; keep their warnings and errors."""
+class _PlainFormatter(logging.Formatter):
+    """The message alone; from WARNING up it starts with the level (``warning: ...``)."""
 
-    def filter(self, record):
-        return record.levelno >= logging.WARNING or not any(
-            library in record.pathname
-            for library in ("/orbax/", "/clu/platform/", "/tensorflow_datasets/",
-                            "/tensorboard/", "/jax/_src/xla_bridge.py"))  # JAX's probe for absent TPUs
+    def format(self, record):
+        text = super().format(record)
+        return (f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING
+                else text)
+
+
+def configure_logging(log_format: str) -> None:
+    """Log records below WARNING shown only from bioflax's loggers (``--verbosity``: INFO,
+    or DEBUG at 1); every other library (JAX, XLA, Orbax, TFDS, TensorBoard, clu, asyncio)
+    from WARNING up, unless ``--logger_levels`` names it. ``log_format`` 'plain' drops
+    absl's prefix of the lines. The epoch and progress lines are not log records: the
+    trainer's :class:`~bioflax.trainer.Console` prints them to stdout."""
+    verbosity = logging.root.level  # what absl made of --verbosity
+    ours = logging.getLogger("bioflax")
+    if ours.level == logging.NOTSET:  # not set by --logger_levels
+        ours.setLevel(verbosity)
+    logging.root.setLevel(max(verbosity, logging.WARNING))
+    if log_format == "plain":
+        absl_logging.get_absl_handler().setFormatter(_PlainFormatter())
 
 
 def _fail(message: str, exit_code: int, *, every_process: bool = False):
@@ -72,7 +90,7 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        _fail(f"{error}\nPass --helpfull to see the flags.", 2)
+        _fail(setting_error(error) or f"{error}\nPass --helpfull to see the flags.", 2)
     except OSError as error:  # an override of a config whose file could not be loaded
         argument = next((value for flag, value in zip(argv, argv[1:]) if flag == "--config"),
                         next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
@@ -84,6 +102,21 @@ def parse_flags(argv):
         named = [o for o in overrides if missing and o.endswith(f".{missing[-1]}")] or overrides
         _fail(f"{', '.join(named)}: the config has no such field ({error}). The fields and "
               "their meaning are listed in bioflax/experiment/configs/default.py.", 2)
+
+
+def setting_error(error: flags.Error) -> Optional[str]:
+    """One line for a config file whose ``get_config`` refused the ``:SETTING`` of
+    ``--config=FILE:SETTING`` (its own message, or: it takes none); None for other errors."""
+    message = str(error)
+    if "Error whilst parsing config file" not in message:
+        return None
+    argument = message.split("flag --config=", 1)[-1].split(":", 2)
+    spec = ":".join(argument[:2])
+    last = message.strip().splitlines()[-1]
+    if re.search(r"get_config\(\) takes 0 positional arguments", last):
+        return (f"--config={spec}: {argument[0]} takes no setting; drop "
+                f"':{argument[1]}'.")
+    return f"--config={spec}: {last.split(': ', 1)[-1]}"
 
 
 def with_shipped_configs(argv: list[str]) -> list[str]:
@@ -122,8 +155,7 @@ def loaded_config():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropLibraryChatter())
+    configure_logging(flags.FLAGS.log_format)
     try:
         run_lib.train_and_evaluate(loaded_config(), flags.FLAGS.workdir)
     except (ConfigError, ConfigFileError, WorkdirError) as error:

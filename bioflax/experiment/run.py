@@ -21,7 +21,8 @@ from bioflax.experiment import workdir as workdir_lib
 from bioflax.experiment.input_pipeline import TFData
 from bioflax.experiment.tensorboard_reader import read_scalars
 from bioflax.trainer import metrics as metrics_lib
-from bioflax.trainer import (Durations, InMemory, Task, Trainer, make_mesh,
+from bioflax.trainer.console import LoggingWriter
+from bioflax.trainer import (Durations, InMemory, OptimizerFactory, Task, Trainer, make_mesh,
                              resolve_durations)
 
 logger = logging.getLogger(__name__)
@@ -60,17 +61,15 @@ def intervals(config: ml_collections.ConfigDict, durations_: Durations) -> dict[
 
 def build_task(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
                alignment_every_steps: int, sample_input) -> Task:
-    """The task of ``config``; ``sample_input`` (one example, batched) finds the output
-    layer, whose angle the alignment metric's mean over hidden layers leaves out."""
+    """The task of ``config``; ``sample_input`` (one example, batched) shapes an NNX
+    model's DFA feedback (:func:`build_model`)."""
     module = build_model(config, info, sample_input)
-    step_metrics = ([alignment.Alignment(
-        alignment_every_steps,
-        output_layer=alignment.layers_in_call_order(module, sample_input)[-1])]
-        if config.alignment.enabled else [])
+    step_metrics = ([alignment.Alignment(alignment_every_steps)]
+                    if config.alignment.enabled else [])
     return Task(
         module=module,
         loss=losses.loss_for(info.task, config.model.loss),
-        optimizer=functools.partial(optimizers.build, config.optimizer),
+        optimizer=OptimizerFactory(functools.partial(optimizers.build, config.optimizer)),
         metrics=metrics_lib.COLLECTIONS[info.task],
         step_metrics=step_metrics,
         procedure=procedures.get_procedure(
@@ -139,7 +138,7 @@ def _train_and_evaluate(config, workdir, info, splits):
         writer=writer, **run_length(config), log_every_steps=every["log"],
         callbacks=callbacks, seed=config.seed, limit_eval_batches=fast_dev_run or None,
         mesh=make_mesh(training.num_devices or None),
-        num_seeds=training.num_seeds, epoch_summary=_hidden_angle,
+        num_seeds=training.num_seeds,
         compiler_options=config.compiler_options.to_dict())
     source = (InMemory if config.data.in_memory else TFData)(splits["train"])
     task = build_task(config, info, every["alignment"], source.sample_input())
@@ -162,20 +161,13 @@ def _train_and_evaluate(config, workdir, info, splits):
 
 def _writer(workdir: str):
     """TensorBoard event files in ``workdir`` (process 0); every scalar also in the log at
-    ``--verbosity=1``."""
+    ``--verbosity=1`` (bioflax's DEBUG lines)."""
     writers = []
     if jax.process_index() == 0:
         writers.append(metric_writers.SummaryWriter(workdir))
     if absl_logging.get_verbosity() >= 1:
-        writers.append(metric_writers.LoggingWriter())
+        writers.append(LoggingWriter())
     return metric_writers.AsyncMultiWriter(writers)
-
-
-def _hidden_angle(logs) -> dict[str, str]:
-    """The epoch line's mean angle (°) between the rule's and backprop's gradients over the
-    layers below the output layer, when alignment was measured."""
-    angle = logs.get("alignment/hidden_grad_angle")
-    return {} if angle is None else {"hidden angle": f"{angle:.1f}°"}
 
 
 def _write_plots(workdir, writer, step, trainer, task, state, info, test):

@@ -27,12 +27,13 @@ from bioflax.trainer.metrics import (ClassificationMetrics, LanguageModelingMetr
                                      RegressionMetrics)
 from bioflax.trainer.nnx_adapter import NnxAdapter
 from bioflax.trainer.placement import make_mesh
-from bioflax.trainer.task import Task, TrainState
+from bioflax.trainer.task import OptimizerFactory, Task, TrainState
 
 __all__ = [
     "ArrayData", "Callback", "CheckpointCallback", "ClassificationMetrics", "Console",
     "DataSource", "Durations", "EarlyStopping", "FitResult", "InMemory",
     "LanguageModelingMetrics", "LearningRateMonitor", "ModelCheckpoint", "NnxAdapter",
+    "OptimizerFactory",
     "RegressionMetrics", "ReportProgress", "Task",
     "TrainState", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "make_mesh",
     "resolve_durations",

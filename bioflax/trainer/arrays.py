@@ -9,7 +9,7 @@ makes the next chunks ready on a background thread.
 import dataclasses
 import queue
 import threading
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -103,6 +103,33 @@ class ArrayData:
 
             yield {"input": pick(inputs), "target": pick(targets),
                    "mask": real.astype(np.float32)}
+
+
+def as_data(data: Any, *, name: str = "data",
+            accepted: str = "an ArrayData or an (inputs, targets) tuple of arrays") -> ArrayData:
+    """``data`` as an :class:`ArrayData`: an ArrayData as is, an ``(inputs, targets)`` tuple
+    of arrays wrapped (float64 becomes float32 unless JAX runs in 64 bits, as ``jax.numpy``
+    would make it). Anything else is a ValueError that names the argument ``name`` and the
+    types it takes (``accepted``)."""
+    if isinstance(data, ArrayData):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        inputs, targets = (_no_float64(np.asarray(array)) for array in data)
+        if inputs.ndim and targets.ndim:
+            return ArrayData(inputs=inputs, targets=targets)
+        kind = "a tuple of 2 that are not both arrays of examples (N, ...)"
+    elif isinstance(data, (tuple, list)):
+        kind = f"a {type(data).__name__} of {len(data)}"
+    else:
+        kind = f"a {type(data).__name__}"
+    raise ValueError(f"{name} must be {accepted}; got {kind}.")
+
+
+def _no_float64(array: np.ndarray) -> np.ndarray:
+    import jax  # pylint: disable=import-outside-toplevel  # only its config is read
+    if array.dtype == np.float64 and not jax.config.jax_enable_x64:
+        return array.astype(np.float32)
+    return array
 
 
 def prefetch(items: Iterable, transform: Callable = lambda item: item, *,

@@ -6,14 +6,21 @@ from typing import Any, Mapping, Optional
 
 
 class Callback:
-    """Hooks called by :class:`bioflax.trainer.Trainer`; each receives the trainer."""
+    """Hooks called by :class:`bioflax.trainer.Trainer`; each receives the trainer.
+
+    The names are Lightning's where they mean the same; ``on_train_chunk_end`` stands where
+    Lightning has ``on_train_batch_end``, since the ``log_every_steps`` batches of a chunk
+    run inside one compiled program and Python sees only their end (and mean logs)."""
 
     def on_fit_start(self, trainer, state) -> None: ...
 
     def on_train_chunk_end(self, trainer, state, step: int,
                            logs: Mapping[str, float]) -> None: ...
 
-    def on_epoch_end(self, trainer, state, epoch: int, logs: Mapping[str, float]) -> None: ...
+    def on_train_epoch_end(self, trainer, state, epoch: int,
+                           logs: Mapping[str, float]) -> None:
+        """After the epoch's validation, as Lightning's: ``logs`` holds its ``train/`` and
+        ``val/`` metrics."""
 
     def on_fit_end(self, trainer, state) -> None: ...
 

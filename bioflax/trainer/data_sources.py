@@ -7,7 +7,7 @@ program ``source.batch(data, x, placement)`` is one step's global batch.
 """
 
 import abc
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -30,6 +30,12 @@ class DataSource(abc.ABC):
     @abc.abstractmethod
     def sample_input(self) -> np.ndarray:
         """One example, batched: what the model is initialised on."""
+
+    def sample_target(self) -> Optional[np.ndarray]:
+        """One example's targets, batched (what a task's default metrics follow): the
+        split's ``head(1).targets``; None for a split without ``head``."""
+        head = getattr(self.split, "head", None)
+        return None if head is None else np.asarray(head(1).targets)
 
     @abc.abstractmethod
     def chunks(self, placement: Placement, batch_size: int, seeds: Sequence[int], epoch: int,

@@ -97,8 +97,8 @@ class Programs:
 
         return vmapped
 
-    def _train_step(self, state: TrainState, batch, due: tuple[bool, ...]):
-        """One update; ``due[i]``: whether ``task.step_metrics[i]`` runs at this step."""
+    def _train_step(self, state: TrainState, batch, due: tuple[bool, ...], step_metrics):
+        """One update; ``due[i]``: whether ``step_metrics[i]`` runs at this step."""
         task = self.task
 
         def loss_and_outputs(params):
@@ -109,28 +109,42 @@ class Programs:
 
         grads, (loss, (outputs, per_example, model_state)) = task.procedure.update(
             task, state, batch, loss_and_outputs)
-        metrics = task.metrics.single_from_model_output(
+        metrics = task.metrics_for(batch["target"]).single_from_model_output(
             loss=per_example, logits=outputs, labels=batch["target"])
-        step_metrics = {}
-        for metric, is_due in zip(task.step_metrics, due):
+        values = {}
+        for metric, is_due in zip(step_metrics, due):
             if is_due:
-                step_metrics.update(metrics_lib.averages(
+                values.update(metrics_lib.averages(
                     metric(lambda p: loss_and_outputs(p)[0], state.params, state.model_state,
                            grads), 1))
         state = state.apply_gradients(grads=grads).replace(model_state=model_state)
-        return state, (metrics, step_metrics), loss
+        return state, (metrics, values), loss
+
+    def _bound_step_metrics(self, inputs: jax.Array) -> list:
+        """The task's step metrics, those with a ``bind(module, inputs, **kwargs)`` method
+        bound to the module called on ``inputs`` (the alignment metric finds the output
+        layer so)."""
+        task = self.task
+        module, kwargs = task.module, task._train_kwarg(False)
+        if isinstance(module, NnxAdapter):  # the NNX model itself, which sets its own mode
+            module, kwargs = module.merge(module.variables()), {}
+        shape = inputs.shape[1:] if self.placement.num_seeds > 1 else inputs.shape  # seed axis
+        return [metric.bind(module, jnp.zeros(shape, inputs.dtype), **kwargs)
+                if hasattr(metric, "bind") else metric for metric in task.step_metrics]
 
     def _train_chunk(self, get_batch, steps_plan, state: TrainState, xs):
+        first = get_batch(jax.tree.map(lambda x: x[0], xs))
+        step_metrics = self._bound_step_metrics(first["input"])
+
         def train_step(state, batch, due):
-            return self._per_seed(functools.partial(self._train_step, due=due),
+            return self._per_seed(functools.partial(self._train_step, due=due,
+                                                    step_metrics=step_metrics),
                                   batched_args=(0,))(state, batch)
 
         def step(carry, x, due):
-            state, (metrics, step_metrics) = carry
+            state, (metrics, averages) = carry
             state, (m, s), loss = train_step(state, get_batch(x), due)
-            return (state, (metrics.merge(m), metrics_lib.merge_averages(step_metrics, s))), loss
-
-        first = get_batch(jax.tree.map(lambda x: x[0], xs))
+            return (state, (metrics.merge(m), metrics_lib.merge_averages(averages, s))), loss
 
         def zero_metrics(due):
             return _zeros_like_shapes(jax.eval_shape(lambda: train_step(state, first, due)[1]))
@@ -168,7 +182,7 @@ class Programs:
         @self._per_seed
         def evaluate(state, batch):
             outputs = task.procedure.predict(task, state, batch["input"])
-            return task.metrics.single_from_model_output(
+            return task.metrics_for(batch["target"]).single_from_model_output(
                 loss=task.loss(outputs, batch["target"]), logits=outputs,
                 labels=batch["target"], mask=batch["mask"])
         return self._cached("eval", lambda: self._jit(

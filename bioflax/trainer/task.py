@@ -13,9 +13,25 @@ import optax
 from flax import linen as nn
 from flax.training import train_state
 
+from bioflax.trainer import metrics as metrics_lib
 from bioflax.trainer.nnx_adapter import NnxAdapter, as_linen
 
-OptimizerFactory = Callable[[int], optax.GradientTransformation]
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerFactory:
+    """An optimizer made from the run's length, for schedules that need it:
+    ``Task(optimizer=OptimizerFactory(lambda total_steps: optax.adam(
+    optax.cosine_decay_schedule(1e-3, total_steps))))``; the trainer calls ``make``."""
+
+    make: Callable[[int], optax.GradientTransformation]
+
+    def __call__(self, total_steps: int) -> optax.GradientTransformation:
+        return self.make(total_steps)
+
+
+# How the module is told its mode: a parameter of its ``__call__`` by one of these names,
+# mapped to its value in training (evaluation passes the opposite).
+TRAIN_FLAGS = {"train": True, "training": True, "deterministic": False}
 
 # The key an evaluation or prediction pass draws its random streams from (a step number no
 # training run reaches), so that evaluating twice gives the same numbers.
@@ -75,9 +91,11 @@ class Task:
         the task is made are the initial state (the trainer's seed orders the data and
         draws the random streams), ``model.train()`` / ``model.eval()`` set the mode.
       loss: per-example ``loss(outputs, targets)``.
-      optimizer: an optax transformation, or ``total_steps -> transformation`` for
-        schedules that need the run's length (the trainer calls it).
-      metrics: a clu ``Collection`` built from ``loss=``, ``logits=``, ``labels=``, ``mask=``.
+      optimizer: an optax ``GradientTransformation``, or an :class:`OptimizerFactory` of
+        the run's length (the trainer calls it).
+      metrics: a clu ``Collection`` built from ``loss=``, ``logits=``, ``labels=``,
+        ``mask=``; default (None): loss and accuracy for integer targets, the loss alone
+        otherwise (:meth:`metrics_for`).
       step_metrics: callables with an ``every`` attribute, called inside the compiled step
         on the steps whose index within the epoch is a multiple of ``every``, as
         ``metric(loss_of_params, params, model_state, grads)`` (``loss_of_params`` uses the
@@ -86,19 +104,21 @@ class Task:
         model's own streams (the names of its ``nnx.Rngs``) are added.
       procedure: how a step makes its updates (:class:`Procedure`; default: the gradient
         of the loss, which is what every rule of ``bioflax.convert`` trains by).
-      train_flag: pass ``train=True`` in training and ``train=False`` in evaluation and
-        prediction; default: whether ``module.__call__`` has a parameter named ``train``
-        (for a wrapper that calls the module in its field ``module``, as
-        ``bioflax.convert``'s does, that module's ``__call__``); always for an NNX model.
+      train_flag: the keyword that tells the module its mode, one of :data:`TRAIN_FLAGS`
+        (``train``/``training`` get True in training, ``deterministic`` gets False; the
+        opposite in evaluation and prediction), or False for none; default: the first of
+        them that ``module.__call__`` takes (for a wrapper that calls the module in its
+        field ``module``, as ``bioflax.convert``'s does, that module's ``__call__``);
+        ``train`` for an NNX model.
     """
 
     module: Union[nn.Module, NnxAdapter]
     loss: Callable[[jax.Array, jax.Array], jax.Array]
     optimizer: Union[optax.GradientTransformation, OptimizerFactory]
-    metrics: type
+    metrics: Optional[type] = None
     step_metrics: Sequence[Any] = ()
     rng_streams: Sequence[str] = ("dropout", "feedback")
-    train_flag: Optional[bool] = None
+    train_flag: Union[str, bool, None] = None
     procedure: Procedure = Procedure()
 
     def __post_init__(self):
@@ -106,11 +126,25 @@ class Task:
         if isinstance(self.module, NnxAdapter):
             object.__setattr__(self, "rng_streams", tuple(dict.fromkeys(
                 (*self.rng_streams, *self.module.streams))))
+        if not isinstance(self.optimizer, (optax.GradientTransformation, OptimizerFactory)):
+            name = getattr(self.optimizer, "__qualname__", type(self.optimizer).__name__)
+            raise TypeError(
+                f"Task.optimizer got {name}, not an optimizer: pass an optax transformation "
+                "(call the constructor, e.g. optax.adam(1e-3)), or wrap a function of the "
+                "run's length in bioflax.OptimizerFactory.")
+        object.__setattr__(self, "train_flag", self._resolve_train_flag())
+
+    def _resolve_train_flag(self) -> Union[str, bool]:
+        if isinstance(self.module, NnxAdapter) or self.train_flag is True:
+            return "train"
         if self.train_flag is None:
             called = getattr(self.module, "module", self.module)
-            takes_train = (isinstance(self.module, NnxAdapter)
-                           or "train" in inspect.signature(called.__call__).parameters)
-            object.__setattr__(self, "train_flag", takes_train)
+            parameters = inspect.signature(called.__call__).parameters
+            return next((name for name in TRAIN_FLAGS if name in parameters), False)
+        if self.train_flag is not False and self.train_flag not in TRAIN_FLAGS:
+            raise ValueError(f"Task.train_flag={self.train_flag!r}: give one of "
+                             f"{list(TRAIN_FLAGS)}, or False when the module takes none.")
+        return self.train_flag
 
     def make_optimizer(self, total_steps: Optional[int]) -> optax.GradientTransformation:
         """The optimizer; a factory is called with ``total_steps``."""
@@ -121,13 +155,26 @@ class Task:
                              "total_steps to init_state, or let fit build the state.")
         return self.optimizer(total_steps)
 
+    def metrics_for(self, targets) -> type:
+        """The metric collection for ``targets`` (an array or its ShapeDtypeStruct):
+        ``metrics``, or by default :class:`ClassificationMetrics` for integer targets (token
+        accuracy for sequences) and :class:`RegressionMetrics` otherwise."""
+        if self.metrics is not None:
+            return self.metrics
+        if not jnp.issubdtype(targets.dtype, jnp.integer):
+            return metrics_lib.RegressionMetrics
+        return (metrics_lib.ClassificationMetrics if len(targets.shape) <= 1
+                else metrics_lib.LanguageModelingMetrics)
+
     def _rngs(self, key: jax.Array, first: int = 0) -> dict[str, jax.Array]:
         """Stream ``i`` of ``rng_streams`` from ``fold_in(key, first + i)``."""
         return {name: jax.random.fold_in(key, first + i)
                 for i, name in enumerate(self.rng_streams)}
 
     def _train_kwarg(self, train: bool) -> dict[str, bool]:
-        return {"train": train} if self.train_flag else {}
+        if not self.train_flag:
+            return {}
+        return {self.train_flag: train == TRAIN_FLAGS[self.train_flag]}
 
     def init_variables(self, key: jax.Array, sample_input) -> tuple[Any, dict]:
         """``(params, model_state)``: ``'params'`` from ``key``, stream ``i`` from
