@@ -16,3 +16,17 @@ html_theme = "alabaster"
 # The stored run reports (docs/results/*/report.md, written by bioflax.experiment.report)
 # are tables without a title; they are reached from results.md's links.
 suppress_warnings = ["toc.no_title"]
+exclude_patterns += ["_generated"]
+
+
+def _write_config_reference(app):
+    """docs/_generated/config.md: the table of every config field (config.md includes it)."""
+    import pathlib  # pylint: disable=import-outside-toplevel
+    from bioflax.experiment.configs import reference  # pylint: disable=import-outside-toplevel
+    out = pathlib.Path(app.srcdir) / "_generated" / "config.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(reference.markdown(), encoding="utf-8")
+
+
+def setup(app):
+    app.connect("builder-inited", _write_config_reference)

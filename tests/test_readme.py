@@ -1,4 +1,5 @@
-"""The README's layer example runs verbatim and trains by the rules it names."""
+"""The examples of the README and of docs/rules.md and docs/convert.md run verbatim and
+train by the rules they name."""
 
 import pathlib
 import re
@@ -10,18 +11,47 @@ from flax import nnx
 
 import bioflax
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RULES, CONVERT = ROOT / "docs" / "rules.md", ROOT / "docs" / "convert.md"
 
 
-def readme_example() -> str:
-    text = README.read_text()
-    section = text.split("## Using the layers in your own model", 1)[1]
+def example(page: pathlib.Path, heading: str) -> str:
+    """The first Python block after ``heading`` in ``page``."""
+    section = page.read_text(encoding="utf-8").split(heading, 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_layer_example_runs_and_its_rules_differ_from_backprop(capsys):
+def run(page: pathlib.Path, heading: str) -> dict:
     namespace: dict = {}
-    exec(compile(readme_example(), str(README), "exec"), namespace)  # pylint: disable=exec-used
+    exec(compile(example(page, heading), str(page), "exec"),  # pylint: disable=exec-used
+         namespace)
+    return namespace
+
+
+def test_readme_quickstart_trains_the_users_cnn_by_kp(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run(README, "## Quickstart")
+    printed = capsys.readouterr().out
+    assert re.search(r"Conv_0\s+Conv \(xla\)\s+kp\n", printed)
+    assert re.search(r"Dense_0\s+Dense\s+kp\n", printed)
+    history = namespace["result"].history
+    assert len(history) == 5 and printed.count("epoch ") >= 5
+    # Four classes: chance is 0.25; the KP-trained CNN learns the task.
+    assert history[-1]["val/accuracy"] > 0.6
+    # KP's B received W's updates: W − B is what it was at init (both moved by the same
+    # updates), B itself moved.
+    params = namespace["result"].state.params
+    kernel, feedback = params["Conv_0"]["kernel"], params["Conv_0"]["feedback_kernel"]
+    init = namespace["trainer"].init_state(namespace["task"], namespace["x"][:1]).params
+    np.testing.assert_allclose(kernel - feedback,
+                               init["Conv_0"]["kernel"] - init["Conv_0"]["feedback_kernel"],
+                               atol=1e-5)
+    assert not np.allclose(feedback, init["Conv_0"]["feedback_kernel"], atol=1e-3)
+
+
+def test_the_layer_example_of_rules_md_runs_and_its_rules_differ_from_backprop(capsys):
+    namespace = run(RULES, "## The layers")
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed] == ["FANet", "KPNet", "DFANet"]
     for net_name in ("FANet", "KPNet", "DFANet"):
@@ -48,14 +78,8 @@ def test_readme_layer_example_runs_and_its_rules_differ_from_backprop(capsys):
                                    rtol=1e-5, atol=1e-7)
 
 
-def convert_example() -> str:
-    section = README.read_text().split("## Any Flax model, any rule", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_readme_convert_example_runs_and_trains_convs_by_kp(capsys):
-    namespace: dict = {}
-    exec(compile(convert_example(), str(README), "exec"), namespace)  # pylint: disable=exec-used
+def test_the_convert_example_of_convert_md_runs_and_trains_convs_by_kp(capsys):
+    namespace = run(CONVERT, "# Converting a model")
     summary = capsys.readouterr().out.splitlines()
     # every layer with parameters (Dropout has none), in call order
     # (columns: path, class with a Conv layer's convolution, rule)
@@ -68,16 +92,10 @@ def test_readme_convert_example_runs_and_trains_convs_by_kp(capsys):
     assert set(variables["params"]["Dense_0"]) == {"kernel", "bias"}
 
 
-def nnx_example() -> str:
-    section = README.read_text().split("## Flax NNX models", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_readme_nnx_example_trains_the_conv_by_the_error_sent_through_b(capsys):
+def test_the_nnx_example_of_convert_md_trains_the_conv_by_the_error_sent_through_b(capsys):
     """The conv's FA gradient, by hand: the linear layer's input receives δ Bᵀ, pulled back
     through the plain forward pass of max-pool, ReLU, BatchNorm and the convolution."""
-    namespace: dict = {}
-    exec(compile(nnx_example(), str(README), "exec"), namespace)  # pylint: disable=exec-used
+    namespace = run(CONVERT, "## Flax NNX models")
     losses = [float(line.rsplit(maxsplit=1)[-1]) for line in capsys.readouterr().out.splitlines()]
     assert len(losses) == 3 and losses[-1] < losses[0]
     model, x, labels = namespace["model"], namespace["x"], namespace["labels"]

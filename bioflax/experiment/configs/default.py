@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
     # W of the first layer only (same choices and scale); None: kernel_init like the rest.
     model.input_layer_kernel_init = ml_collections.config_dict.placeholder(str)
     model.feedback_init = "lecun_normal"  # B: same choices as kernel_init
-    model.feedback_init_scale = 1.0
+    model.feedback_init_scale = 1.0  # B's scale s: same meaning as kernel_init_scale
     # The training loss on the network's outputs; None: the task's default. MNIST:
     # 'softmax_cross_entropy' (default), 'sigmoid_cross_entropy' (one sigmoid per class,
     # summed binary cross-entropies) or 'sigmoid_squared_error' (½‖σ(z) − onehot‖²);
@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = optimizer = ml_collections.ConfigDict()
     # 'sgd' (with momentum), 'rmsprop', 'adam' or 'adamw' (Adam with decoupled decay)
     optimizer.name = "sgd"
-    optimizer.learning_rate = 0.05
+    optimizer.learning_rate = 0.05  # the peak rate of the schedule
     optimizer.momentum = 0.9  # sgd only; 0 for plain SGD
     optimizer.nesterov = False  # sgd only: Nesterov's momentum (PyTorch's nesterov=True)
     optimizer.rmsprop_decay = 0.99  # rmsprop only: ν ← decay·ν + (1 − decay)·g²
@@ -145,7 +145,7 @@ def get_config() -> ml_collections.ConfigDict:
     optimizer.warmup_steps = 0  # linear warm-up from 0 before the schedule
 
     config.training = training = ml_collections.ConfigDict()
-    training.epochs = 10
+    training.epochs = 10  # epochs to train (a run resumed in its workdir counts on)
     training.log_every_steps = 100  # steps per compiled program and per logged average
     # The same in epochs (may be fractional); when set it wins over log_every_steps.
     training.log_every_epochs = ml_collections.config_dict.placeholder(float)
@@ -171,8 +171,9 @@ def get_config() -> ml_collections.ConfigDict:
     training.multi_host = False  # call jax.distributed.initialize() first (multi-host runs)
 
     # How each step makes its updates (bioflax.procedures): 'gradient' (every rule's), or
-    # 'weight_mirror' (with rule 'fa': B learned by the mirror update) or 'pepita'; the
-    # sub-dict of the chosen one holds its options, with the procedure's defaults.
+    # 'weight_mirror' (with rule 'fa': B learned by the mirror update), 'pepita' or
+    # 'forward_forward'; the sub-dict of the chosen one holds its options (the fields of its
+    # class in bioflax.procedures, with their defaults).
     config.procedure = procedure = ml_collections.ConfigDict()
     procedure.name = "gradient"
     for name, procedure_class in procedures.PROCEDURES.items():
