@@ -138,3 +138,27 @@ def test_main_prints_epoch_lines_to_stdout_and_only_its_own_log_lines(tmp_path, 
     assert sources <= ours, sources - ours
     assert any("train/loss" in line for line in log if "console.py" in line), log
     assert len(log) < 200, log
+
+
+def test_a_notebook_cell_shows_the_epoch_lines(tmp_path):
+    """Run in a Jupyter kernel (nbclient), as a notebook user runs it."""
+    import nbclient  # pylint: disable=import-outside-toplevel
+    import nbformat  # pylint: disable=import-outside-toplevel
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(
+        "import numpy as np, optax\n"
+        "from flax import linen as nn\n"
+        "import bioflax\n"
+        "x = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)\n"
+        "y = (x.sum(axis=1) > 0).astype(np.int32)\n"
+        "task = bioflax.Task(bioflax.convert(nn.Dense(2), 'fa'),\n"
+        "                    bioflax.losses.softmax_cross_entropy, optax.sgd(0.1))\n"
+        "trainer = bioflax.Trainer(max_epochs=2, log_every_steps=4)\n"
+        "result = trainer.fit(task, (x, y), val=(x, y), batch_size=32)\n")]
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    shown = "".join(output.get("text", "") for output in notebook.cells[0].outputs
+                    if output.get("name") == "stdout")
+    lines = shown.splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], shown
+    assert all(" val/accuracy " in line for line in lines), shown
