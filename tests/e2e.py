@@ -1,5 +1,6 @@
 """Helpers for the end-to-end tests: run main.py in a subprocess, read what it left."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -29,6 +30,21 @@ def run_main(config: str, workdir, *overrides: str, devices: int = 1,
     return subprocess.run(main_command(config, workdir, *overrides), cwd=REPO,
                           env=environment(devices), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def curves_on_devices(test_module: str, devices=(1, 8)) -> dict[int, list[float]]:
+    """``test_module.cnn_curve()`` run in a subprocess with each number of CPU devices."""
+    code = (f"import json, sys; sys.path.insert(0, 'tests'); import jax, {test_module} as t; "
+            "print(json.dumps([jax.device_count(), t.cnn_curve()]))")
+    curves = {}
+    for count in devices:
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                                env=environment(count), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        seen, curves[count] = json.loads(result.stdout.strip().splitlines()[-1])
+        assert seen == count
+    return curves
 
 
 def checkpoint_steps(workdir) -> list[int]:

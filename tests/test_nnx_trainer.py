@@ -1,10 +1,6 @@
 """Flax NNX models in the trainer: the adapter behind ``Task``, exact resume, dropout and
 BatchNorm, alignment against the Linen twin, main.py with ``model.api = 'nnx'``."""
 
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +22,7 @@ from bioflax.experiment.tensorboard_reader import read_scalars
 from bioflax.trainer import Callback, Task, Trainer, callbacks
 from bioflax.trainer import metrics as trainer_metrics
 from bioflax.trainer.nnx_adapter import NnxAdapter
-from e2e import REPO, environment, run_main
+from e2e import curves_on_devices, run_main
 
 X = np.random.default_rng(0).normal(size=(96, 12)).astype(np.float32)
 LABELS = (X[:, :3].argmax(axis=1)).astype(np.int32)
@@ -247,16 +243,7 @@ def test_an_nnx_model_with_dropout_and_batchnorm_trains_reproducibly_and_evaluat
 @pytest.mark.e2e  # a subprocess with 8 CPU devices
 def test_one_and_eight_devices_give_the_nnx_cnn_the_same_curve():
     """BatchNorm's statistics are over the global batch, however it is sharded."""
-    code = ("import json, sys; sys.path.insert(0, 'tests'); import jax, test_nnx_trainer as t; "
-            "print(json.dumps([jax.device_count(), t.cnn_curve()]))")
-    curves = {}
-    for devices in (1, 8):
-        result = subprocess.run([sys.executable, "-c", code], cwd=REPO,
-                                env=environment(devices), capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        count, curves[devices] = json.loads(result.stdout.strip().splitlines()[-1])
-        assert count == devices
+    curves = curves_on_devices("test_nnx_trainer")
     assert len(curves[1]) == 9
     np.testing.assert_allclose(curves[8], curves[1], rtol=1e-4)
 

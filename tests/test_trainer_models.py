@@ -1,10 +1,6 @@
 """The trainer with models that have state and randomness: a CNN with BatchNorm and
 dropout, fixed feedback matrices, resumed callbacks, 1 and 8 devices."""
 
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +15,7 @@ from bioflax.trainer import arrays, callbacks
 from bioflax.trainer import metrics as trainer_metrics
 from bioflax.layers import FEEDBACK_COLLECTION, RandomDenseLinearFA
 from bioflax.trainer import Callback, OptimizerFactory, Task, Trainer
-from e2e import REPO, environment
+from e2e import curves_on_devices
 
 
 class SmallCNN(nn.Module):
@@ -161,16 +157,7 @@ def cnn_curve() -> list[float]:
 @pytest.mark.e2e  # a subprocess with 8 CPU devices (over 10 s)
 def test_one_and_eight_devices_give_the_cnn_the_same_curve():
     """BatchNorm's statistics are over the global batch, however it is sharded."""
-    code = ("import json, sys; sys.path.insert(0, 'tests'); import jax, test_trainer_models as t; "
-            "print(json.dumps([jax.device_count(), t.cnn_curve()]))")
-    curves = {}
-    for devices in (1, 8):
-        result = subprocess.run([sys.executable, "-c", code], cwd=REPO,
-                                env=environment(devices), capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        count, curves[devices] = json.loads(result.stdout.strip().splitlines()[-1])
-        assert count == devices
+    curves = curves_on_devices("test_trainer_models")
     assert len(curves[1]) == 9
     np.testing.assert_allclose(curves[8], curves[1], rtol=1e-4)
 
