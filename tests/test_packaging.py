@@ -93,9 +93,9 @@ print(json.dumps(sorted(sys.modules)))
 def test_training_with_the_library_alone_loads_no_harness_module(tmp_path):
     """fit, evaluation, checkpoints, early stopping, alignment and the progress report run
     without TensorFlow, TensorBoard or the configs (a plain ``pip install .``)."""
-    loaded = json.loads(subprocess.run(
+    loaded = json.loads(subprocess.run(  # the last line, after the console's epoch lines
         [sys.executable, "-c", _LIBRARY_ONLY_TRAINING, str(tmp_path / "checkpoints")],
-        cwd=REPO, check=True, capture_output=True, text=True).stdout)
+        cwd=REPO, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     assert "orbax.checkpoint" in loaded and "clu.metrics" in loaded
     assert [name for name in loaded if _is_harness(name)] == []
 
@@ -189,5 +189,8 @@ def test_the_wheel_trains_from_outside_the_checkout_with_what_it_declares(tmp_pa
     assert "Finished at step 2" in result.stderr
     probe = json.loads(found.read_text())
     assert probe["bioflax"].startswith(str(venv))
-    undeclared = sorted(set(probe["used"]) - set(probe["declared"]) - {"bioflax"})
+    # flax.nnx imports IPython (and its traitlets) when it is installed, as the [dev] extra
+    # installs it for the notebook test; without it flax runs as well.
+    optional = {"ipython", "traitlets"}
+    undeclared = sorted(set(probe["used"]) - set(probe["declared"]) - {"bioflax"} - optional)
     assert undeclared == [], f"imported but not declared by bioflax[experiment]: {undeclared}"
