@@ -114,7 +114,7 @@ def as_data(data: Any, *, name: str = "data",
     if isinstance(data, ArrayData):
         return data
     if isinstance(data, tuple) and len(data) == 2:
-        inputs, targets = (_no_float64(np.asarray(array)) for array in data)
+        inputs, targets = (no_float64(np.asarray(array)) for array in data)
         if inputs.ndim and targets.ndim:
             return ArrayData(inputs=inputs, targets=targets)
         kind = "a tuple of 2 that are not both arrays of examples (N, ...)"
@@ -125,7 +125,8 @@ def as_data(data: Any, *, name: str = "data",
     raise ValueError(f"{name} must be {accepted}; got {kind}.")
 
 
-def _no_float64(array: np.ndarray) -> np.ndarray:
+def no_float64(array: np.ndarray) -> np.ndarray:
+    """``array``, float64 made float32 unless JAX runs in 64 bits (as ``jax.numpy`` would)."""
     import jax  # pylint: disable=import-outside-toplevel  # only its config is read
     if array.dtype == np.float64 and not jax.config.jax_enable_x64:
         return array.astype(np.float32)

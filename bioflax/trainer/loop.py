@@ -19,7 +19,7 @@ from clu import parameter_overview
 from bioflax.errors import TrainingDivergedError, TrainingInterrupted
 from bioflax.trainer import durations as durations_lib
 from bioflax.trainer import metrics as metrics_lib
-from bioflax.trainer.arrays import ArrayData, as_data, check_batch_size
+from bioflax.trainer.arrays import ArrayData, as_data, check_batch_size, no_float64
 from bioflax.trainer.callback import Callback, CheckpointCallback
 from bioflax.trainer.console import Console, LoggingWriter, ReportProgress
 from bioflax.trainer.data_sources import DataSource, InMemory
@@ -352,9 +352,7 @@ class Trainer:
         if not len(inputs):
             raise ValueError("predict got no inputs: pass an array of shape (batch, ...) "
                              "with batch >= 1.")
-        inputs = np.asarray(inputs)
-        if inputs.dtype == np.float64 and not jax.config.jax_enable_x64:
-            inputs = inputs.astype(np.float32)
+        inputs = no_float64(np.asarray(inputs))
         data = ArrayData(inputs=inputs, targets=np.zeros(len(inputs), np.int32))
         apply = self.programs(task).predict()
         outputs = []
@@ -379,16 +377,12 @@ def _eval_data(data, name: str):
 
 
 def _metric_names(task: Task, source: DataSource) -> Optional[tuple[str, ...]]:
-    """The names of ``task``'s metrics on ``source``'s targets (``task.metrics_for``, else
-    ``task.metrics``); None when they cannot be told."""
-    metrics_for = getattr(task, "metrics_for", None)
-    if callable(metrics_for):
-        target = source.sample_target()
-        if target is None:
-            return None
-        collection = metrics_for(jax.ShapeDtypeStruct(target.shape, target.dtype))
-    else:
-        collection = task.metrics
+    """The names of ``task``'s metrics on ``source``'s targets (:meth:`Task.metrics_for`);
+    None when they cannot be told."""
+    target = source.sample_target()
+    if target is None:
+        return None
+    collection = task.metrics_for(jax.ShapeDtypeStruct(target.shape, target.dtype))
     if not isinstance(collection, type):
         return None
     if dataclasses.is_dataclass(collection):
