@@ -314,19 +314,13 @@ class _Session:
     def _path(self, module: nn.Module) -> str:
         return "/".join(module.scope.path[len(self.owner.scope.path):])
 
-    def _keeps_backprop(self, path: str, module: nn.Module) -> bool:
-        keep = self.owner.keep_backprop
-        if callable(keep):
-            return bool(keep(path, module))
-        return any(fnmatch.fnmatchcase(path, pattern) for pattern in keep)
-
     def _dfa_active(self) -> bool:
         return (isinstance(self.owner.rule, rules.DirectFeedbackAlignment)
                 and not rules.backprop_is_forced())
 
     def _layer_rule(self, path: str, module: nn.Module) -> tuple[rules.Rule, str]:
         """The rule that trains a layer and its name in the summary."""
-        if self._keeps_backprop(path, module):
+        if keeps_backprop(self.owner.keep_backprop, path, module):
             return rules.Backprop(), "bp"
         if self.inside_point:
             return rules.Backprop(), f"dfa (backprop inside {self.inside_point[0]!r})"
@@ -349,8 +343,7 @@ class _Session:
         if not attend and path and path not in self.paths:
             self.paths.append(path)
         if (not attend and path and self.owner.feedback_points and not self.inside_point
-                and self._dfa_active() and any(fnmatch.fnmatchcase(path, pattern)
-                                               for pattern in self.owner.feedback_points)):
+                and self._dfa_active() and matches_any(path, self.owner.feedback_points)):
             return self._feedback_point(next_fun, args, kwargs, module, path)
         if attend:
             return self._attend(module, path, args, kwargs)
@@ -564,12 +557,23 @@ class Converted(nn.Module):
         return output
 
 
+def matches_any(path: str, patterns: Sequence[str]) -> bool:
+    """Whether the module path ``path`` matches one of the glob ``patterns``."""
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
+
+
+def keeps_backprop(keep: KeepBackprop, path: str, module: Any) -> bool:
+    """Whether ``keep_backprop`` (glob patterns, or a predicate of ``(path, module)``)
+    leaves the layer ``module`` at ``path`` on backprop."""
+    return bool(keep(path, module)) if callable(keep) else matches_any(path, keep)
+
+
 def check_patterns(kind: str, patterns: Sequence[str], paths: Sequence[str],
                    what: str = "module") -> None:
     """ValueError naming the first of the glob ``patterns`` that matches none of ``paths``
     (those of each ``what``)."""
     for pattern in patterns:
-        if not fnmatch.filter(paths, pattern):
+        if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
             raise ValueError(f"bioflax.convert: {kind} {pattern!r} matches no {what}; the "
                              f"{what} paths are {list(dict.fromkeys(paths))}.")
 

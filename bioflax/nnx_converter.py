@@ -26,7 +26,6 @@ on ``x`` (abstractly: no statistics or RNG state of the model change).
 import contextlib
 import contextvars
 import dataclasses
-import fnmatch
 import functools
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -297,8 +296,7 @@ def convert(module: nnx.Module, rule: rules.Rule, *, rngs: Optional[nnx.Rngs] = 
         converter.check_patterns("keep_backprop pattern", keep_backprop, list(layers),
                                  "converted layer")
     for path, layer in layers.items():
-        keep = (keep_backprop(path, layer) if callable(keep_backprop)
-                else any(fnmatch.fnmatchcase(path, p) for p in keep_backprop))
+        keep = converter.keeps_backprop(keep_backprop, path, layer)
         object.__setattr__(layer, "__class__", _rule_class(type(layer)))
         setattr(layer, RULE, rules.Backprop() if keep else rule)
         setattr(layer, PATH, path)
@@ -310,7 +308,7 @@ def convert(module: nnx.Module, rule: rules.Rule, *, rngs: Optional[nnx.Rngs] = 
             layer_rule.backward_kernel(NnxStore(layer, rngs), _kernel(layer),
                                        layer.param_dtype, 1)
     for path, point in modules.items():
-        if path and any(fnmatch.fnmatchcase(path, p) for p in feedback_points):
+        if path and converter.matches_any(path, feedback_points):
             object.__setattr__(point, "__class__", _point_class(type(point)))
             setattr(point, PATH, path)
     converted = Converted(model, rule)

@@ -125,7 +125,7 @@ class Programs:
         bound to the module called on ``inputs`` (the alignment metric finds the output
         layer so)."""
         task = self.task
-        module, kwargs = task.module, task._train_kwarg(False)
+        module, kwargs = task.module, task.mode_kwargs(False)
         if isinstance(module, NnxAdapter):  # the NNX model itself, which sets its own mode
             module, kwargs = module.merge(module.variables()), {}
         shape = inputs.shape[1:] if self.placement.num_seeds > 1 else inputs.shape  # seed axis

@@ -171,7 +171,9 @@ class Task:
         return {name: jax.random.fold_in(key, first + i)
                 for i, name in enumerate(self.rng_streams)}
 
-    def _train_kwarg(self, train: bool) -> dict[str, bool]:
+    def mode_kwargs(self, train: bool) -> dict[str, bool]:
+        """The keyword argument that calls the module in training (``train``) or evaluation
+        mode: ``{train_flag: ...}``, or ``{}`` when the module takes none."""
         if not self.train_flag:
             return {}
         return {self.train_flag: train == TRAIN_FLAGS[self.train_flag]}
@@ -181,7 +183,7 @@ class Task:
         ``fold_in(key, 1 + i)``, the module called with ``train=False``."""
         variables = flax.core.unfreeze(self.module.init(
             {"params": key, **self._rngs(key, first=1)}, jnp.asarray(sample_input),
-            **self._train_kwarg(False)))
+            **self.mode_kwargs(False)))
         return variables.pop("params"), variables
 
     def train_forward(self, params, state: TrainState, inputs) -> tuple[jax.Array, dict]:
@@ -190,14 +192,14 @@ class Task:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         outputs, updated = self.module.apply(
             {"params": params, **state.model_state}, inputs,
-            mutable=list(state.model_state), rngs=self._rngs(key), **self._train_kwarg(True))
+            mutable=list(state.model_state), rngs=self._rngs(key), **self.mode_kwargs(True))
         return outputs, {**state.model_state, **flax.core.unfreeze(updated)}
 
     def eval_forward(self, state: TrainState, inputs) -> jax.Array:
         """The outputs in evaluation: model state read-only, fixed random streams."""
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), _EVAL_STEP)
         return self.module.apply({"params": state.params, **state.model_state}, inputs,
-                                 rngs=self._rngs(key), **self._train_kwarg(False))
+                                 rngs=self._rngs(key), **self.mode_kwargs(False))
 
 
 def init_state(task: Task, key: jax.Array, sample_input,
