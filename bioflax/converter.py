@@ -43,8 +43,9 @@ passes through an identity whose VJP sends ``e B_lᵀ`` (``e = ∂L/∂y``, resh
 ``(batch, ..., n_outputs)`` (a sequence model) whose leading axes are also ``x_l``'s,
 DFA is token-wise (Launay et al. 2020): ``B_l`` has shape ``(features of x_l, n_outputs)``
 (the size of ``x_l``'s other axes) and sends the error at each position to the same
-position of ``x_l``. ``B_l`` is fixed, drawn with ``feedback_init`` (LeCun normal: std
-``1/√size``) and stored as ``output_feedback`` in the ``'feedback'`` collection of the
+position of ``x_l``; an input with positions the output lacks gets one ``B_l`` for
+all of them with the rule's ``position_feedback='shared'``. ``B_l`` is fixed, drawn with
+``feedback_init`` (LeCun normal: std ``1/√size``) and stored as ``output_feedback`` in the ``'feedback'`` collection of the
 layer that reads ``x_l``. Autodiff carries ``e B_lᵀ`` through the activation, pooling or
 reshape below to the layer that produced ``x_l``: its ``δ = φ'(a) ⊙ (e B_lᵀ)``, Nøkland's
 DFA. The output layer's input ``x_L`` receives ``e B_Lᵀ`` like every other, and the output
@@ -79,6 +80,7 @@ import contextlib
 import contextvars
 import dataclasses
 import fnmatch
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -215,14 +217,21 @@ def _dense_projection(x, matrix):
     return x.reshape((x.shape[0], -1)) @ matrix
 
 
-def positionwise_feedback(x: jax.Array, n_outputs: int, n_positions_axes: int):
+def positionwise_feedback(x: jax.Array, n_outputs: int, n_positions_axes: int,
+                          shared: bool = False):
     """DFA's ``B`` at an input ``x`` for an output of shape ``(batch, ..., n_outputs)``
     whose ``n_positions_axes`` leading axes (batch included) are ``x``'s: shape (features
     of ``x`` — the size of its other axes —, ``n_outputs``), shared across positions;
     ``p(x, B) = x[..., features] @ B``, so the error at each position reaches the same
     position of ``x`` (Launay et al. 2020). With one leading axis it is
-    :func:`dense_feedback`. Returns ``(shape of B, p)``."""
+    :func:`dense_feedback`. ``shared``: the axes of ``x`` between those and its last are
+    positions too, with one ``B`` of shape (``x``'s last axis, ``n_outputs``) for all,
+    ``p(x, B) = (Σ_positions x) @ B``, whose transpose sends ``e Bᵀ`` to every position.
+    Returns ``(shape of B, p)``."""
     lead = n_positions_axes
+    if shared and x.ndim > lead + 1:
+        positions = tuple(range(lead, x.ndim - 1))
+        return (x.shape[-1], n_outputs), lambda x, matrix: x.sum(axis=positions) @ matrix
 
     def projection(x, matrix):
         return x.reshape(x.shape[:lead] + (-1,)) @ matrix
@@ -275,6 +284,21 @@ DFA_CONV_FEEDBACK: dict[str, Callable[..., tuple]] = {
 
 
 assert tuple(DFA_CONV_FEEDBACK) == rules.DFA_CONV_FEEDBACK_KINDS
+
+
+# How DFA's ``B`` treats the positions of an input that the output lacks
+# (``DirectFeedbackAlignment.position_feedback``): each builds ``(shape of B, p)`` from
+# ``(x, n_outputs, n_position_axes)``.
+DFA_POSITION_FEEDBACK: dict[str, Callable[..., tuple]] = {
+    "independent": positionwise_feedback,
+    "shared": functools.partial(positionwise_feedback, shared=True),
+}
+assert tuple(DFA_POSITION_FEEDBACK) == rules.DFA_POSITION_FEEDBACK_KINDS
+
+
+def position_feedback(rule: rules.DirectFeedbackAlignment) -> Callable[..., tuple]:
+    """The entry of :data:`DFA_POSITION_FEEDBACK` that ``rule`` names."""
+    return DFA_POSITION_FEEDBACK[rule.position_feedback]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,7 +451,7 @@ class _Session:
         (shape of B, p)``."""
         if not (isinstance(module, nn.Conv) and not is_point
                 and self.owner.rule.conv_feedback == "shared_kernel"):
-            return positionwise_feedback
+            return position_feedback(self.owner.rule)
 
         def shared_kernel(x, n_outputs, n_position_axes):
             if n_position_axes > 1:

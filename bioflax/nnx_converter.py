@@ -216,14 +216,15 @@ class _Session:
                 or not isinstance(vars(layer)[RULE], rules.DirectFeedbackAlignment)):
             return x
         self.dfa_inputs.append(converter.DfaInput(
-            vars(layer)[PATH], x, False, self.store(layer), converter.positionwise_feedback))
+            vars(layer)[PATH], x, False, self.store(layer),
+            converter.position_feedback(self.rule)))
         return jax.lax.stop_gradient(x)
 
     def feedback_point(self, module: nnx.Module, run: Callable):
         path = vars(module)[PATH]
         output = converter.run_feedback_point(self.inside_point, path, run)
         self.dfa_inputs.append(converter.DfaInput(path, output, True, self.store(module),
-                                                  converter.positionwise_feedback))
+                                                  converter.position_feedback(self.rule)))
         return jax.lax.stop_gradient(output)
 
 

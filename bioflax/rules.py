@@ -295,6 +295,10 @@ class BatchRandomSignSymmetry(KernelReplacingRule):
 # The ways DFA's ``B`` at a Conv layer's input may be shaped (the converter's
 # ``bioflax.converter.DFA_CONV_FEEDBACK`` builds them).
 DFA_CONV_FEEDBACK_KINDS = ("dense", "shared_kernel")
+# How DFA's ``B`` at an input treats the positions the output lacks (a ViT's tokens, for a
+# classifier's ``(batch, n)`` output): an entry of ``B`` per position ('independent') or
+# one ``B`` of the features, shared by every position ('shared').
+DFA_POSITION_FEEDBACK_KINDS = ("independent", "shared")
 # What DFA's matrices project, from the output error ``e``: ``e`` itself (Nøkland 2016) or
 # its sign (sDFA, Frenkel, Lefebvre & Bol 2021).
 DFA_SIGNALS: dict[str, Callable[[jax.Array], jax.Array]] = {"error": lambda e: e,
@@ -326,18 +330,25 @@ class DirectFeedbackAlignment(Rule):
     at every position, for a ``(batch, ..., n_outputs)`` output), or at a Conv layer with
     ``conv_feedback='shared_kernel'`` the transposed convolution with a kernel ``B`` of
     ``e`` repeated over the output map (:data:`bioflax.converter.DFA_CONV_FEEDBACK`).
-    ``signal='sign'`` projects ``sign(e)`` instead (sDFA).
+    ``position_feedback='shared'`` gives an input with positions the output lacks (a
+    ViT's tokens under a classifier) one ``B`` of shape ``(features of the input,
+    n_outputs)`` for all of them: every position receives ``e Bᵀ``, as Launay et al.'s
+    TinyDFA repeats its projection. ``signal='sign'`` projects ``sign(e)`` instead (sDFA).
     """
 
     name: ClassVar[str] = "dfa"
     feedback_init: Initializer = default_kernel_init
     conv_feedback: str = "dense"
+    position_feedback: str = "independent"
     signal: str = "error"
 
     def __post_init__(self):
         if self.conv_feedback not in DFA_CONV_FEEDBACK_KINDS:
             raise ValueError(f"Unknown conv_feedback {self.conv_feedback!r}; choose one of "
                              f"{list(DFA_CONV_FEEDBACK_KINDS)}.")
+        if self.position_feedback not in DFA_POSITION_FEEDBACK_KINDS:
+            raise ValueError(f"Unknown position_feedback {self.position_feedback!r}; choose "
+                             f"one of {list(DFA_POSITION_FEEDBACK_KINDS)}.")
         if self.signal not in DFA_SIGNALS:
             raise ValueError(f"Unknown signal {self.signal!r}; choose one of "
                              f"{list(DFA_SIGNALS)}.")
@@ -401,8 +412,8 @@ RULES: dict[str, type[Rule]] = {
 
 def get_rule(name: str, **options: Any) -> Rule:
     """The rule ``name`` of :data:`RULES` with its options (``feedback_init``,
-    ``interpolation_factor``, ``conv_feedback``, ``signal``); an unknown name or option
-    raises a ``ValueError``."""
+    ``interpolation_factor``, ``conv_feedback``, ``position_feedback``, ``signal``); an
+    unknown name or option raises a ``ValueError``."""
     try:
         rule_class = RULES[name]
     except KeyError:

@@ -215,22 +215,32 @@ class EncoderBlock(nn.Module):
         return x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
+# What a VisionTransformer's head reads from the last block's tokens: the class token's
+# output (a class token is prepended) or the tokens' mean.
+VIT_POOLINGS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "cls": lambda tokens: tokens[:, 0],
+    "mean": lambda tokens: tokens.mean(axis=1),
+}
+
+
 class VisionTransformer(nn.Module):
     """A small Vision Transformer (Dosovitskiy et al. 2021) for 28×28×1 images
     (``vit_mnist``).
 
     Patch embedding: ``nn.Conv`` ``patch_size``×``patch_size``, stride ``patch_size``,
-    1→``width`` (7: a 4×4 grid of 16 patches); a learned class token is prepended and
-    learned position embeddings (normal, std 0.02) added, then dropout; ``depth`` pre-LN
-    :class:`EncoderBlock` s (``num_heads`` heads of ``width / num_heads``, MLP hidden
-    ``mlp_ratio · width``, gelu); a final LayerNorm of the class token; a Dense head
+    1→``width`` (7: a 4×4 grid of 16 patches); with ``pooling='cls'`` a learned class token
+    is prepended; learned position embeddings (normal, std 0.02) added, then dropout;
+    ``depth`` pre-LN :class:`EncoderBlock` s (``num_heads`` heads of ``width / num_heads``,
+    MLP hidden ``mlp_ratio · width``, gelu); a final LayerNorm of the class token
+    (``'cls'``) or of the mean over the tokens (``'mean'``, no class token); a Dense head
     ``width``→``num_classes``.
 
     Defaults: patch 7, depth 3, width 64, 4 heads, MLP ratio 2, dropout 0.1: 105,546
     parameters for 10 classes (patch conv 3,200; class token 64; positions 17·64 = 1,088;
     per block 33,472 = two LayerNorms 256 + q, k, v, out 4·(64·64 + 64) + MLP
-    64·128 + 128 + 128·64 + 64; final LayerNorm 128; head 650), about 2 M multiply-adds
-    per image in the forward pass. The sizes are this project's choice, not a reproduction
+    64·128 + 128 + 128·64 + 64; final LayerNorm 128; head 650; with mean pooling 128
+    fewer: no class token and 16 positions), about 2 M multiply-adds per image in the
+    forward pass. The sizes are this project's choice, not a reproduction
     of Nakajima et al. 2022's "ViT-3", whose sizes were not found.
     """
 
@@ -242,22 +252,28 @@ class VisionTransformer(nn.Module):
     mlp_ratio: int = 2
     dropout_rate: float = 0.1
     kernel_init: Initializer = xavier_uniform
+    pooling: str = "cls"  # one of VIT_POOLINGS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        if self.pooling not in VIT_POOLINGS:
+            raise ValueError(f"Unknown pooling {self.pooling!r}; choose one of "
+                             f"{list(VIT_POOLINGS)}.")
         p = self.patch_size
         x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
                     kernel_init=self.kernel_init, name="patch_embed")(x)
         x = x.reshape((x.shape[0], -1, self.width))
-        cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
-        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+        if self.pooling == "cls":
+            cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x],
+                                axis=1)
         x = x + self.param("position_embedding", nn.initializers.normal(0.02),
                            (1, x.shape[1], self.width))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         for i in range(self.depth):
             x = EncoderBlock(self.num_heads, self.mlp_ratio, self.dropout_rate,
                              kernel_init=self.kernel_init, name=f"block{i}")(x, train)
-        x = nn.LayerNorm(name="ln")(x[:, 0])
+        x = nn.LayerNorm(name="ln")(VIT_POOLINGS[self.pooling](x))
         return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
 
 
@@ -390,6 +406,8 @@ class ForwardForwardNet(nn.Module):
 
 # The zoo's models that take token sequences (int32 (N, T)) and predict the next token.
 LANGUAGE_MODELS = ("transformer_lm",)
+# The zoo's Vision Transformers (they take ``pooling``).
+VISION_TRANSFORMERS = ("vit_mnist",)
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "vit_mnist": VisionTransformer,
@@ -405,8 +423,9 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
-    """The model registered as ``name``; ``kwargs`` (``num_classes``, ``kernel_init``, and
-    for :class:`TransformerLM` ``tie_embeddings``) are its fields."""
+    """The model registered as ``name``; ``kwargs`` (``num_classes``, ``kernel_init``, for
+    :class:`TransformerLM` ``tie_embeddings``, for :class:`VisionTransformer` ``pooling``)
+    are its fields."""
     try:
         builder = ZOO[name]
     except KeyError:

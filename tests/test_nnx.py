@@ -373,6 +373,7 @@ VARIANTS = {  # model, rule, convert's options (both APIs)
     "keep_backprop_dfa": ("mlp", "dfa", {"keep_backprop": ["l2"]}),
     "keep_backprop_predicate": ("mlp", "kp", {"keep_backprop": lambda path, _: path == "l3"}),
     "banded_conv": ("cnn", "usf", {"conv_impl": "banded"}),
+    "shared_position_feedback": ("attention", "dfa", {"position_feedback": "shared"}),
 }
 
 
@@ -383,6 +384,8 @@ def test_convert_options_equal_the_linen_twins(variant):
     _, variables = compare_with_twin(nnx_class, linen_class, inputs(kind), rule, **kwargs)
     if variant == "keep_backprop_dfa":  # a layer on backprop reads its input as BP does
         assert set(variables["feedback"]) == {"l3"}
+    if variant == "shared_position_feedback":  # one B of the features for every position
+        assert variables["feedback"]["attn"]["key"]["output_feedback"].shape == (5, 2)
 
 
 BLOCKS = {  # NNX model, Linen twin, (NNX feedback points, Linen's)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from bioflax import converter, losses, rules
+from bioflax import converter, losses, rules, zoo
 from bioflax.experiment import datasets as data
 from bioflax.experiment import initializers, models, optimizers
 from bioflax.experiment import validate as config_validation
@@ -163,6 +163,8 @@ def test_an_unknown_optimizer_or_schedule_name_is_refused_not_replaced(field, re
     ("model.loss", losses.LOSSES["classification"]),
     ("data.dataset", data.DATASETS),
     ("model.dfa_conv_feedback", converter.DFA_CONV_FEEDBACK),
+    ("model.dfa_position_feedback", converter.DFA_POSITION_FEEDBACK),
+    ("model.pooling", zoo.VIT_POOLINGS),
     ("model.conv_impl", converter.CONV_IMPLS),
 ])
 def test_validation_allows_exactly_the_registered_names(field, registry, monkeypatch,
@@ -197,6 +199,21 @@ def test_the_dfa_feedback_choice_reaches_the_zoo_model(choice, conv2_feedback):
     # conv2 reads the pooled 14×14×6 map; fc1 (a Dense layer) always takes a dense B
     assert feedback["conv2"] == conv2_feedback
     assert feedback["fc1"] == (120, 10)
+
+
+@pytest.mark.parametrize("position_feedback, pooling, block_feedback", [
+    ("independent", "cls", (17 * 64, 10)), ("shared", "mean", (64, 10))])
+def test_the_vit_pooling_and_position_feedback_reach_the_zoo_model(
+        position_feedback, pooling, block_feedback):
+    config = default_config.get_config()
+    config.model.name, config.model.rule = "vit_mnist", "dfa"
+    config.model.feedback_points = ("block*",)
+    config.model.dfa_position_feedback, config.model.pooling = position_feedback, pooling
+    model = models.build(config.model, num_outputs=10)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jax.numpy.zeros((1, 28, 28, 1)), train=False))
+    assert shapes["feedback"]["block1"]["output_feedback"].shape == block_feedback
+    assert ("cls_token" in shapes["params"]) == (pooling == "cls")
 
 
 def test_a_marked_primitive_leaves_the_shared_one_convertible():

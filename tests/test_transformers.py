@@ -290,6 +290,39 @@ def test_tokenwise_dfa_sends_each_positions_error_to_the_same_position():
     close(grads["Dense_0"]["bias"], delta1.sum((0, 1)), "db_1")
 
 
+class PooledSeq(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h1 = jnp.tanh(nn.Dense(5, name="Dense_0")(x))
+        h2 = jnp.tanh(nn.Dense(4, name="Dense_1")(h1))
+        return nn.Dense(3, name="head")(h2.mean(axis=1))
+
+
+def test_shared_position_feedback_sends_the_error_to_every_position():
+    """A (batch, 3) output over (batch, T, ·) layer inputs: with ``position_feedback=
+    'shared'`` each ``B_l`` has the features' shape and every position of ``x_l`` receives
+    ``e B_lᵀ`` (TinyDFA's repeated projection); the head's input has no positions."""
+    x = np.random.default_rng(13).normal(size=(2, 4, 6))
+    model = convert(PooledSeq(), "dfa", position_feedback="shared")
+    variables = randomized(model.init(jax.random.key(0), jnp.asarray(x)), 14)
+    e = np.random.default_rng(15).normal(size=(2, 3))
+    y, grads, _ = vjp(model, variables, x, e)
+    p = jax.tree.map(np.asarray, variables["params"])
+    fb = {name: np.asarray(v["output_feedback"]) for name, v in variables["feedback"].items()}
+    assert {name: b.shape for name, b in fb.items()} == {"Dense_1": (5, 3), "head": (4, 3)}
+    h1 = np.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    h2 = np.tanh(h1 @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"])
+    m = h2.mean(axis=1)
+    close(y, m @ p["head"]["kernel"] + p["head"]["bias"], "forward")
+    delta1 = (e @ fb["Dense_1"].T)[:, None, :] * (1 - h1 ** 2)  # the same e B_1ᵀ at each t
+    delta2 = (e @ fb["head"].T)[:, None, :] / x.shape[1] * (1 - h2 ** 2)  # through the mean
+    close(grads["head"]["kernel"], m.T @ e, "head dW = mᵀ e")
+    close(grads["Dense_1"]["kernel"], np.einsum("bti,btf->if", h1, delta2), "dW_1")
+    close(grads["Dense_0"]["kernel"], np.einsum("bti,btf->if", x, delta1), "dW_0")
+    with pytest.raises(ValueError, match="Unknown position_feedback 'tied'"):
+        rules.get_rule("dfa", position_feedback="tied")
+
+
 class Block(nn.Module):
     @nn.compact
     def __call__(self, x):

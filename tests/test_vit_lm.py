@@ -54,6 +54,33 @@ def test_vit_parameter_count_and_output_shape(fields, expected):
     assert out.shape == (3, get("num_classes"))
 
 
+def test_vit_mean_pooling_reads_the_mean_of_the_tokens_without_a_class_token():
+    """``pooling='mean'``: no class token, 16 positions (128 parameters fewer), and the head
+    reads LayerNorm of the tokens' mean: a permutation of the last block's tokens, which
+    moves nothing else, leaves the output as it is."""
+    model = zoo.get_model("vit_mnist", pooling="mean")
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 28, 28, 1)), jnp.float32)
+    assert _param_count(model, x) == 105_546 - 128
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert "cls_token" not in variables["params"]
+    assert variables["params"]["position_embedding"].shape == (1, 16, 64)
+
+    def head_of(block_output):
+        p = variables["params"]
+        z = block_output.mean(axis=1)
+        z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-6)
+        z = z * p["ln"]["scale"] + p["ln"]["bias"]
+        return z @ p["head"]["kernel"] + p["head"]["bias"]
+
+    _, state = model.apply(variables, x, train=False, capture_intermediates=True)
+    last = state["intermediates"]["block2"]["__call__"][0]
+    np.testing.assert_allclose(model.apply(variables, x, train=False), head_of(last),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head_of(last[:, ::-1]), head_of(last), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Unknown pooling 'max'.*'cls', 'mean'"):
+        zoo.get_model("vit_mnist", pooling="max").init(jax.random.key(0), x, train=False)
+
+
 def test_vit_dropout_uses_the_dropout_stream_only_in_training():
     model = zoo.get_model("vit_mnist", width=16, depth=1, num_heads=2)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 28, 28, 1)), jnp.float32)

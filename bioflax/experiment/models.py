@@ -24,6 +24,7 @@ def _rule(model_config) -> rules.Rule:
         options["interpolation_factor"] = model_config.interpolation_factor
     if issubclass(rules.RULES.get(name, rules.Rule), rules.DirectFeedbackAlignment):
         options["conv_feedback"] = model_config.dfa_conv_feedback
+        options["position_feedback"] = model_config.dfa_position_feedback
     if name == "dfa":
         options["signal"] = model_config.dfa_signal
     return rules.get_rule(name, **options)
@@ -47,9 +48,11 @@ def _converted_zoo_model(name: str, model_config, num_outputs: int) -> nn.Module
     """The zoo's ``name`` with every Dense and Conv trained by ``rule``
     (``bioflax.convert``), ``keep_backprop`` layers excepted, its convolutions run by
     ``conv_impl``; a language model's output tied to its embedding as
-    ``tie_embeddings`` says."""
-    options = ({"tie_embeddings": model_config.tie_embeddings}
-               if name in zoo.LANGUAGE_MODELS else {})
+    ``tie_embeddings`` says, a Vision Transformer pooled as ``pooling`` says."""
+    options = {**({"tie_embeddings": model_config.tie_embeddings}
+                  if name in zoo.LANGUAGE_MODELS else {}),
+               **({"pooling": model_config.pooling}
+                  if name in zoo.VISION_TRANSFORMERS else {})}
     model = zoo.get_model(name, num_classes=num_outputs, kernel_init=initializers.get(
         model_config.kernel_init, model_config.kernel_init_scale), **options)
     return converter.convert(model, _rule(model_config),

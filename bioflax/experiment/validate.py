@@ -96,6 +96,8 @@ def _validate_choices(config) -> None:
     _choice(config, "model.kernel_init", INITIALIZERS)
     _choice(config, "model.feedback_init", INITIALIZERS)
     _choice(config, "model.dfa_conv_feedback", converter.DFA_CONV_FEEDBACK)
+    _choice(config, "model.dfa_position_feedback", converter.DFA_POSITION_FEEDBACK)
+    _choice(config, "model.pooling", zoo.VIT_POOLINGS)
     _choice(config, "model.dfa_signal", rules.DFA_SIGNALS)
     _choice(config, "model.conv_impl", converter.CONV_IMPLS)
     if config.model.input_layer_kernel_init is not None:

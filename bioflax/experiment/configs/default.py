@@ -89,10 +89,16 @@ def get_config() -> ml_collections.ConfigDict:
     # transformer_lm: the output projection is the token embedding's transpose (tied) instead
     # of its own Dense layer
     model.tie_embeddings = False
+    # vit_mnist: the head reads the class token ('cls') or the mean of the tokens ('mean')
+    model.pooling = "cls"
     model.interpolation_factor = 0.5  # λ of interpolate_fa_bp: 1 = FA, 0 = BP
     # dfa, zoo models: B at a conv layer's input, 'dense' ((H·W·C, n_outputs)) or
     # 'shared_kernel' ((kh, kw, C, n_outputs), biotorch's); see bioflax/converter.py
     model.dfa_conv_feedback = "dense"
+    # dfa, drtp: B at an input with positions the output lacks (a ViT's tokens under a
+    # classifier), one entry per position ('independent') or one B of the features shared by
+    # every position ('shared', Launay et al.'s TinyDFA); see bioflax/rules.py
+    model.dfa_position_feedback = "independent"
     # dfa: what B_l projects, 'error' (e) or 'sign' (sign(e), sDFA); drtp projects the target
     model.dfa_signal = "error"
     # Zoo models: the convolution of their Conv layers (bioflax/converter.py CONV_IMPLS):
