@@ -24,7 +24,7 @@ DFA_SHARED := --override model.dfa_conv_feedback=shared_kernel
 FRENKEL := $(foreach rule,drtp dfa sdfa fa bp,configs/paper/frenkel2021.py:$(rule))
 DELLAFERRERA := configs/paper/dellaferrera2022.py:pepita configs/paper/dellaferrera2022.py:bp
 HINTON := configs/paper/hinton2022.py:classifier configs/paper/hinton2022.py:goodness
-VIT_SETTINGS := bp fa kp dfa dfa_block usf brsf frsf head_only dfa_mean bp_mean
+VIT_SETTINGS := bp fa kp dfa dfa_block usf brsf frsf head_only dfa_mean bp_mean dfa_block_mean
 VIT := $(foreach setting,$(VIT_SETTINGS),configs/paper/vit_mnist.py:$(setting))
 VIT_LRS ?= 0.0003 0.001 0.003
 

@@ -13,7 +13,8 @@ encoder block's output receives the projected error, backprop inside), ``head_on
 control that trains the head alone from the same initialisation. ``dfa_mean`` is per-layer
 DFA on the ViT whose head reads the tokens' mean (no class token), with one ``B_l`` of the
 features shared by every token (``model.dfa_position_feedback='shared'``), and ``bp_mean``
-backprop on that ViT at BP's rate; ``dfa_mean``'s rate was chosen as the others' were.
+backprop on that ViT at BP's rate; ``dfa_block_mean`` per-block DFA on that ViT with the
+blocks' ``B_b`` shared by the tokens likewise. Their rates were chosen as the others' were.
 """
 
 from bioflax.experiment.configs import vit_mnist
@@ -21,18 +22,21 @@ from bioflax.experiment.configs import vit_mnist
 # setting → (rule, learning rate); chosen on the validation split (module docstring).
 LEARNING_RATES = {"bp": 3e-3, "fa": 3e-3, "kp": 3e-3, "dfa": 3e-3, "dfa_block": 3e-4,
                   "usf": 3e-3, "brsf": 3e-3, "frsf": 3e-3, "head_only": 3e-3,
-                  "dfa_mean": 3e-3, "bp_mean": 3e-3}
+                  "dfa_mean": 3e-3, "bp_mean": 3e-3, "dfa_block_mean": 3e-3}
 KP_WEIGHT_DECAY = 0.1
 # settings that are not a rule's name → their rule
-RULES = {"dfa_block": "dfa", "head_only": "bp", "dfa_mean": "dfa", "bp_mean": "bp"}
+RULES = {"dfa_block": "dfa", "head_only": "bp", "dfa_mean": "dfa", "bp_mean": "bp",
+         "dfa_block_mean": "dfa"}
 MEAN_POOLING = {"model.pooling": "mean"}
+SHARED_FEEDBACK = {**MEAN_POOLING, "model.dfa_position_feedback": "shared"}
 # setting → the fields it sets beyond vit_mnist.py's.
 FIELDS = {
     "kp": {"optimizer.name": "adamw", "optimizer.weight_decay": KP_WEIGHT_DECAY},
     "dfa_block": {"model.feedback_points": ("block*",)},
     "head_only": {"optimizer.trainable": ("head/*",)},
-    "dfa_mean": {**MEAN_POOLING, "model.dfa_position_feedback": "shared"},
+    "dfa_mean": SHARED_FEEDBACK,
     "bp_mean": MEAN_POOLING,
+    "dfa_block_mean": {**SHARED_FEEDBACK, "model.feedback_points": ("block*",)},
 }
 SETTINGS = tuple(LEARNING_RATES)
 
