@@ -45,8 +45,8 @@ DFA is token-wise (Launay et al. 2020): ``B_l`` has shape ``(features of x_l, n_
 (the size of ``x_l``'s other axes) and sends the error at each position to the same
 position of ``x_l``; an input with positions the output lacks gets one ``B_l`` for
 all of them with the rule's ``position_feedback='shared'``. ``B_l`` is fixed, drawn with
-``feedback_init`` (LeCun normal: std ``1/√size``) and stored as ``output_feedback`` in the ``'feedback'`` collection of the
-layer that reads ``x_l``. Autodiff carries ``e B_lᵀ`` through the activation, pooling or
+``feedback_init`` (LeCun normal: std ``1/√size``) and stored as ``output_feedback`` in the
+``'feedback'`` collection of the layer that reads ``x_l``. Autodiff carries ``e B_lᵀ`` through the activation, pooling or
 reshape below to the layer that produced ``x_l``: its ``δ = φ'(a) ⊙ (e B_lᵀ)``, Nøkland's
 DFA. The output layer's input ``x_L`` receives ``e B_Lᵀ`` like every other, and the output
 layer itself is trained by its true gradient ``e`` (``dW_L = x_Lᵀ e``), as in every DFA. A

@@ -406,8 +406,6 @@ class ForwardForwardNet(nn.Module):
 
 # The zoo's models that take token sequences (int32 (N, T)) and predict the next token.
 LANGUAGE_MODELS = ("transformer_lm",)
-# The zoo's Vision Transformers (they take ``pooling``).
-VISION_TRANSFORMERS = ("vit_mnist",)
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "vit_mnist": VisionTransformer,

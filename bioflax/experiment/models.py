@@ -44,15 +44,20 @@ def _mlp(model_config, num_outputs: int) -> nn.Module:
             input_init, model_config.kernel_init_scale)))
 
 
+# The model-config fields a zoo model takes as its own fields, beyond ``num_classes`` and
+# ``kernel_init`` (the others take none).
+ZOO_FIELDS: dict[str, tuple[str, ...]] = {
+    "transformer_lm": ("tie_embeddings",),
+    "vit_mnist": ("pooling",),
+}
+
+
 def _converted_zoo_model(name: str, model_config, num_outputs: int) -> nn.Module:
     """The zoo's ``name`` with every Dense and Conv trained by ``rule``
     (``bioflax.convert``), ``keep_backprop`` layers excepted, its convolutions run by
     ``conv_impl``; a language model's output tied to its embedding as
     ``tie_embeddings`` says, a Vision Transformer pooled as ``pooling`` says."""
-    options = {**({"tie_embeddings": model_config.tie_embeddings}
-                  if name in zoo.LANGUAGE_MODELS else {}),
-               **({"pooling": model_config.pooling}
-                  if name in zoo.VISION_TRANSFORMERS else {})}
+    options = {field: model_config[field] for field in ZOO_FIELDS.get(name, ())}
     model = zoo.get_model(name, num_classes=num_outputs, kernel_init=initializers.get(
         model_config.kernel_init, model_config.kernel_init_scale), **options)
     return converter.convert(model, _rule(model_config),
