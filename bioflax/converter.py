@@ -43,11 +43,16 @@ passes through an identity whose VJP sends ``e B_lᵀ`` (``e = ∂L/∂y``, resh
 ``(batch, ..., n_outputs)`` (a sequence model) whose leading axes are also ``x_l``'s,
 DFA is token-wise (Launay et al. 2020): ``B_l`` has shape ``(features of x_l, n_outputs)``
 (the size of ``x_l``'s other axes) and sends the error at each position to the same
-position of ``x_l``; an input with positions the output lacks gets one ``B_l`` for
-all of them with the rule's ``position_feedback='shared'``. ``B_l`` is fixed, drawn with
+position of ``x_l``. With the rule's ``position_feedback='shared'``, the axes of
+``x_l`` that the output lacks and the layer does not contract (a ViT's tokens; a Conv
+input's rows and columns) are positions too, with one ``B_l`` of shape (size of the
+contracted axes, ``n_outputs``) for all of them: the features are what the layer reads at
+one position (a Dense or Conv layer's channels, a DenseGeneral's ``axis`` dimensions, such
+as the heads × depth of attention's output projection). ``B_l`` is fixed, drawn with
 ``feedback_init`` (LeCun normal: std ``1/√size``) and stored as ``output_feedback`` in the
-``'feedback'`` collection of the layer that reads ``x_l``. Autodiff carries ``e B_lᵀ`` through the activation, pooling or
-reshape below to the layer that produced ``x_l``: its ``δ = φ'(a) ⊙ (e B_lᵀ)``, Nøkland's
+``'feedback'`` collection of the layer that reads ``x_l``. Autodiff carries ``e B_lᵀ``
+through the activation, pooling or reshape below to the layer that produced ``x_l``: its
+``δ = φ'(a) ⊙ (e B_lᵀ)``, Nøkland's
 DFA. The output layer's input ``x_L`` receives ``e B_Lᵀ`` like every other, and the output
 layer itself is trained by its true gradient ``e`` (``dW_L = x_Lᵀ e``), as in every DFA. A
 tensor read by several converted layers receives the sum of their projections, plus what
@@ -114,12 +119,13 @@ def _check_conv_impl(conv_impl: str) -> str:
     return conv_impl
 
 
-# The primitive field of each convertible layer class, and the function it defaults to
-# (None: the converted model's conv_impl).
-_PRIMITIVES = {
-    nn.Dense: ("dot_general", jax.lax.dot_general),
-    nn.DenseGeneral: ("dot_general", jax.lax.dot_general),
-    nn.Conv: ("conv_general_dilated", None),
+# The primitive field of each convertible layer class, the function it defaults to
+# (None: the converted model's conv_impl), and the axes of its input it contracts.
+_PRIMITIVES: dict[type, tuple[str, Optional[Callable], Callable]] = {
+    nn.Dense: ("dot_general", jax.lax.dot_general, lambda module, x: last_axis(x)),
+    nn.DenseGeneral: ("dot_general", jax.lax.dot_general,
+                      lambda module, x: general_axes(module.axis, x)),
+    nn.Conv: ("conv_general_dilated", None, lambda module, x: last_axis(x)),
 }
 
 
@@ -150,13 +156,19 @@ def dot_general_fan_in(rhs, args, kwargs) -> int:
     return math.prod(rhs.shape[axis] for axis in rhs_contracting)
 
 
-def einsum_fan_in(einsum_str: str, x, kernel) -> int:
-    """The inputs per output unit of ``einsum(einsum_str, x, kernel)``: the size of the
-    kernel axes it shares with ``x`` and not with the output (the contracted ones)."""
+def einsum_axes(einsum_str: str, x: jax.Array, kernel_shape) -> tuple[int, ...]:
+    """The axes of ``x`` that ``einsum(einsum_str, x, kernel)`` contracts with the
+    kernel (shared with it, absent from the result)."""
+    kernel = jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype)
     operands, result, _ = opt_einsum.parser.parse_einsum_input((einsum_str, x, kernel))
     lhs, rhs = operands.split(",")
-    return math.prod(kernel.shape[i] for i, c in enumerate(rhs)
-                     if c in lhs and c not in result)
+    return tuple(i for i, c in enumerate(lhs) if c in rhs and c not in result)
+
+
+def einsum_fan_in(einsum_str: str, x, kernel) -> int:
+    """The inputs per output unit of ``einsum(einsum_str, x, kernel)``: the size of the
+    axes it contracts."""
+    return math.prod(x.shape[a] for a in einsum_axes(einsum_str, x, kernel.shape))
 
 
 def rule_op(rule: rules.Rule, store: rules.Store, primitive: Callable[..., jax.Array],
@@ -217,26 +229,39 @@ def _dense_projection(x, matrix):
     return x.reshape((x.shape[0], -1)) @ matrix
 
 
-def positionwise_feedback(x: jax.Array, n_outputs: int, n_positions_axes: int,
-                          shared: bool = False):
+def positionwise_feedback(x: jax.Array, n_outputs: int, n_position_axes: int,
+                          features: tuple[int, ...]):
     """DFA's ``B`` at an input ``x`` for an output of shape ``(batch, ..., n_outputs)``
-    whose ``n_positions_axes`` leading axes (batch included) are ``x``'s: shape (features
-    of ``x`` — the size of its other axes —, ``n_outputs``), shared across positions;
-    ``p(x, B) = x[..., features] @ B``, so the error at each position reaches the same
+    whose ``n_position_axes`` leading axes (batch included) are ``x``'s: shape (size of
+    ``x``'s other axes, ``n_outputs``), the same ``B`` at each of those positions;
+    ``p(x, B) = x[lead, rest] @ B``, so the error at each position reaches the same
     position of ``x`` (Launay et al. 2020). With one leading axis it is
-    :func:`dense_feedback`. ``shared``: the axes of ``x`` between those and its last are
-    positions too, with one ``B`` of shape (``x``'s last axis, ``n_outputs``) for all,
-    ``p(x, B) = (Σ_positions x) @ B``, whose transpose sends ``e Bᵀ`` to every position.
-    Returns ``(shape of B, p)``."""
-    lead = n_positions_axes
-    if shared and x.ndim > lead + 1:
-        positions = tuple(range(lead, x.ndim - 1))
-        return (x.shape[-1], n_outputs), lambda x, matrix: x.sum(axis=positions) @ matrix
+    :func:`dense_feedback`. ``features`` (the axes the layer contracts) is unused: every
+    axis the output lacks gets its own entries of ``B``. Returns ``(shape of B, p)``."""
+    del features
+    lead = n_position_axes
 
     def projection(x, matrix):
         return x.reshape(x.shape[:lead] + (-1,)) @ matrix
 
     return (math.prod(x.shape[lead:]), n_outputs), projection
+
+
+def shared_position_feedback(x: jax.Array, n_outputs: int, n_position_axes: int,
+                             features: tuple[int, ...]):
+    """As :func:`positionwise_feedback`, but the axes of ``x`` beyond the leading ones
+    that the layer does not contract (``features``: the axes it does, non-negative) are
+    positions too, with one ``B`` of shape (size of the contracted axes, ``n_outputs``)
+    for all of them: ``p(x, B) = (Σ_positions x) @ B``, whose transpose sends ``e Bᵀ`` to
+    every position (TinyDFA's repeated projection). Returns ``(shape of B, p)``."""
+    lead = n_position_axes
+    positions = tuple(a for a in range(lead, x.ndim) if a not in features)
+    size = math.prod(x.shape[a] for a in range(lead, x.ndim) if a in features)
+
+    def projection(x, matrix):
+        return x.sum(axis=positions).reshape(x.shape[:lead] + (-1,)) @ matrix
+
+    return (size, n_outputs), projection
 
 
 def dense_feedback(module: nn.Module, path: str, primitive: Callable[..., jax.Array],
@@ -288,17 +313,33 @@ assert tuple(DFA_CONV_FEEDBACK) == rules.DFA_CONV_FEEDBACK_KINDS
 
 # How DFA's ``B`` treats the positions of an input that the output lacks
 # (``DirectFeedbackAlignment.position_feedback``): each builds ``(shape of B, p)`` from
-# ``(x, n_outputs, n_position_axes)``.
+# ``(x, n_outputs, n_position_axes, features)``, ``features`` being the axes of ``x`` that
+# the layer reading it contracts.
 DFA_POSITION_FEEDBACK: dict[str, Callable[..., tuple]] = {
     "independent": positionwise_feedback,
-    "shared": functools.partial(positionwise_feedback, shared=True),
+    "shared": shared_position_feedback,
 }
 assert tuple(DFA_POSITION_FEEDBACK) == rules.DFA_POSITION_FEEDBACK_KINDS
 
 
-def position_feedback(rule: rules.DirectFeedbackAlignment) -> Callable[..., tuple]:
-    """The entry of :data:`DFA_POSITION_FEEDBACK` that ``rule`` names."""
-    return DFA_POSITION_FEEDBACK[rule.position_feedback]
+def position_feedback(rule: rules.DirectFeedbackAlignment,
+                      features: tuple[int, ...]) -> Callable[..., tuple]:
+    """The entry of :data:`DFA_POSITION_FEEDBACK` that ``rule`` names, for an input whose
+    axes ``features`` (non-negative) the layer reading it contracts:
+    ``(x, n_outputs, n_position_axes) → (shape of B, p)``."""
+    return functools.partial(DFA_POSITION_FEEDBACK[rule.position_feedback],
+                             features=features)
+
+
+def last_axis(x: jax.Array) -> tuple[int, ...]:
+    """The features of an input read by a Dense or Conv layer (its channels) or of a
+    feedback point's output: its last axis."""
+    return (x.ndim - 1,)
+
+
+def general_axes(axis: Union[int, Sequence[int]], x: jax.Array) -> tuple[int, ...]:
+    """The axes of ``x`` that a DenseGeneral (LinearGeneral) with ``axis`` contracts."""
+    return tuple(a % x.ndim for a in (axis if isinstance(axis, Sequence) else (axis,)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,10 +357,10 @@ _recording: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
     "bioflax_convert_recording", default=None)
 
 
-def _convertible(module: nn.Module) -> Optional[tuple[str, Callable]]:
-    for layer_class, (field, default) in _PRIMITIVES.items():
+def _convertible(module: nn.Module) -> Optional[tuple[str, Optional[Callable], Callable]]:
+    for layer_class, entry in _PRIMITIVES.items():
         if isinstance(module, layer_class):
-            return field, default
+            return entry
     return None
 
 
@@ -330,8 +371,9 @@ class _Session:
     def __init__(self, owner: "Converted"):
         self.owner = owner
         self.converted: list[LayerRecord] = []
-        # (module, primitive, tensor, is a feedback point's output)
-        self.dfa_inputs: list[tuple[nn.Module, Optional[Callable], jax.Array, bool]] = []
+        # (module, primitive, tensor, is a feedback point's output, its contracted axes)
+        self.dfa_inputs: list[tuple[nn.Module, Optional[Callable], jax.Array, bool,
+                                    tuple[int, ...]]] = []
         self.paths: list[str] = []  # every module called, for feedback_points' errors
         self.inside_point: list[str] = []  # the feedback point being run, if any
 
@@ -375,7 +417,7 @@ class _Session:
             return self._einsum(module, path, args, kwargs)
         if primitive_field is None:
             return next_fun(*args, **kwargs)
-        field, default = primitive_field
+        field, default, features = primitive_field
         rule, rule_name = self._layer_rule(path, module)
         cls_field = f"{field}_cls"
         impl_name = None
@@ -394,7 +436,7 @@ class _Session:
                      dot_general_fan_in if field == "dot_general" else None)
         layer = module.clone(parent=module.scope, **{field: op, cls_field: None})
         if isinstance(rule, rules.DirectFeedbackAlignment) and self._dfa_active():
-            args = self._dfa_input(module, primitive, args)
+            args = self._dfa_input(module, primitive, args, features(module, args[0]))
         return layer(*args, **kwargs)
 
     def _einsum(self, module: nn.Einsum, path: str, args, kwargs):
@@ -405,7 +447,11 @@ class _Session:
                   if f.init and f.name not in ("parent", "name")}
         layer = RuleEinsum(**fields, rule=rule, parent=module.scope)
         if isinstance(rule, rules.DirectFeedbackAlignment) and self._dfa_active():
-            args = self._dfa_input(module, None, args)
+            x, *rest = args
+            einsum_str = nn.merge_param("einsum_str", module.einsum_str,
+                                        rest[0] if rest else kwargs.get("einsum_str"))
+            args = self._dfa_input(module, None, args,
+                                   einsum_axes(einsum_str, x, module.shape))
         return layer(*args, **kwargs)
 
     def _attend(self, module: nn.Embed, path: str, args, kwargs):
@@ -418,7 +464,7 @@ class _Session:
         (query,) = args or (kwargs["query"],)
         query, embedding = module.promote_dtype(query, module.embedding, dtype=module.dtype)
         if isinstance(rule, rules.DirectFeedbackAlignment) and self._dfa_active():
-            (query,) = self._dfa_input(module, None, (query,))
+            (query,) = self._dfa_input(module, None, (query,), last_axis(query))
         return rule.linear(rules.LinenStore(module.scope), attend, query, embedding,
                            module.param_dtype, embedding.shape[-1])
 
@@ -427,31 +473,33 @@ class _Session:
         is recorded to receive the projected error and returned through ``stop_gradient``,
         so nothing above reaches it but that projection."""
         output = run_feedback_point(self.inside_point, path, lambda: next_fun(*args, **kwargs))
-        self.dfa_inputs.append((module, None, output, True))
+        self.dfa_inputs.append((module, None, output, True, last_axis(output)))
         return jax.lax.stop_gradient(output)
 
-    def _dfa_input(self, module, primitive, args):
-        """Records the layer's input for the error projection and cuts backprop into it
-        (not for the first converted layer, whose input needs no projection)."""
+    def _dfa_input(self, module, primitive, args, features: tuple[int, ...]):
+        """Records the layer's input (whose axes ``features`` the layer contracts) for the
+        error projection and cuts backprop into it (not for the first converted layer,
+        whose input needs no projection)."""
         if len(self.converted) == 1:
             return args
         x, *rest = args
-        self.dfa_inputs.append((module, primitive, x, False))
+        self.dfa_inputs.append((module, primitive, x, False, features))
         return (jax.lax.stop_gradient(x), *rest)
 
     def project_output_error(self, output: jax.Array) -> jax.Array:
         """``output`` unchanged; its VJP adds ``e B_lᵀ`` to every recorded DFA input."""
         return project_output_error(output, [
             DfaInput(self._path(module), x, is_point, rules.LinenStore(module.scope),
-                     self._feedback(module, primitive, is_point))
-            for module, primitive, x, is_point in self.dfa_inputs], self.owner.rule)
+                     self._feedback(module, primitive, is_point, features))
+            for module, primitive, x, is_point, features in self.dfa_inputs], self.owner.rule)
 
-    def _feedback(self, module: nn.Module, primitive, is_point: bool) -> Callable:
+    def _feedback(self, module: nn.Module, primitive, is_point: bool,
+                  features: tuple[int, ...]) -> Callable:
         """How DFA's ``B`` at this input is shaped: ``(x, n_outputs, n_position_axes) →
         (shape of B, p)``."""
         if not (isinstance(module, nn.Conv) and not is_point
                 and self.owner.rule.conv_feedback == "shared_kernel"):
-            return position_feedback(self.owner.rule)
+            return position_feedback(self.owner.rule, features)
 
         def shared_kernel(x, n_outputs, n_position_axes):
             if n_position_axes > 1:
@@ -597,7 +645,7 @@ def check_patterns(kind: str, patterns: Sequence[str], paths: Sequence[str],
     """ValueError naming the first of the glob ``patterns`` that matches none of ``paths``
     (those of each ``what``)."""
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+        if not any(matches_any(path, [pattern]) for path in paths):
             raise ValueError(f"bioflax.convert: {kind} {pattern!r} matches no {what}; the "
                              f"{what} paths are {list(dict.fromkeys(paths))}.")
 

@@ -108,13 +108,22 @@ def _conv_op(rule, store, primitive, param_dtype):
     return converter.rule_op(rule, store, primitive, param_dtype)
 
 
+def _einsum_axes(layer, x, args, kwargs):
+    einsum_str = args[0] if args else kwargs.get("einsum_str")
+    return converter.einsum_axes(einsum_str or layer.einsum_str, x, layer.kernel_shape)
+
+
 # Each convertible class: the field holding its primitive, the primitive its field holds
-# by default, and how the rule's operation is built around it.
-_LAYERS: dict[type, tuple[str, Callable, Callable]] = {
-    nnx.Linear: ("dot_general", jax.lax.dot_general, _dot_general_op),
-    nnx.LinearGeneral: ("dot_general", jax.lax.dot_general, _dot_general_op),
-    nnx.Conv: ("conv_general_dilated", jax.lax.conv_general_dilated, _conv_op),
-    nnx.Einsum: ("einsum_op", jnp.einsum, _einsum_op),
+# by default, how the rule's operation is built around it, and the axes of its input it
+# contracts, from ``(layer, x, the call's other arguments, its keyword arguments)``.
+_LAYERS: dict[type, tuple[str, Callable, Callable, Callable]] = {
+    nnx.Linear: ("dot_general", jax.lax.dot_general, _dot_general_op,
+                 lambda layer, x, args, kwargs: converter.last_axis(x)),
+    nnx.LinearGeneral: ("dot_general", jax.lax.dot_general, _dot_general_op,
+                        lambda layer, x, args, kwargs: converter.general_axes(layer.axis, x)),
+    nnx.Conv: ("conv_general_dilated", jax.lax.conv_general_dilated, _conv_op,
+               lambda layer, x, args, kwargs: converter.last_axis(x)),
+    nnx.Einsum: ("einsum_op", jnp.einsum, _einsum_op, _einsum_axes),
 }
 CONVERTIBLE = (*_LAYERS, nnx.Embed)
 
@@ -127,12 +136,12 @@ def _own_primitive(layer: nnx.Module, field: str, default: Callable) -> Callable
     return state[field] or default
 
 
-def _layer_input(layer: nnx.Module, x):
+def _layer_input(layer: nnx.Module, x, features: tuple[int, ...]):
     calls = _CALLS.get()
     if calls is not None:
         calls.append(vars(layer)[PATH])
     session = _SESSION.get()
-    return x if session is None else session.layer_input(layer, x)
+    return x if session is None else session.layer_input(layer, x, features)
 
 
 # The paths of the converted layers a traced call runs, for the summary (None: not traced).
@@ -151,11 +160,12 @@ def _rule_class(cls: type) -> type:
                                                   dtype=self.dtype)
             return vars(self)[RULE].linear(
                 NnxStore(self), lambda q, e: jnp.dot(q, e.T, out_sharding=out_sharding),
-                _layer_input(self, query), embedding, self.param_dtype, embedding.shape[-1])
+                _layer_input(self, query, converter.last_axis(query)), embedding,
+                self.param_dtype, embedding.shape[-1])
         return type(f"Rule{cls.__name__}", (cls,), {"attend": attend, _GENERATED: "rule"})
 
     base = next(layer for layer in _LAYERS if issubclass(cls, layer))
-    field, default, build = _LAYERS[base]
+    field, default, build, features = _LAYERS[base]
 
     def stored(name):
         return property(lambda self: vars(self).get(name),
@@ -166,7 +176,8 @@ def _rule_class(cls: type) -> type:
                      self.param_dtype)
 
     def __call__(self, x, *args, **kwargs):
-        return cls.__call__(self, _layer_input(self, x), *args, **kwargs)
+        x = _layer_input(self, x, features(self, x, args, kwargs))
+        return cls.__call__(self, x, *args, **kwargs)
 
     namespace = {field: property(primitive, stored(field).fset), "__call__": __call__,
                  _GENERATED: "rule"}
@@ -208,23 +219,25 @@ class _Session:
         return (isinstance(self.rule, rules.DirectFeedbackAlignment)
                 and not rules.backprop_is_forced())
 
-    def layer_input(self, layer: nnx.Module, x):
+    def layer_input(self, layer: nnx.Module, x, features: tuple[int, ...]):
         """``x``, or under DFA ``stop_gradient(x)`` recorded for the projection (but for
-        the first converted layer and inside a feedback point)."""
+        the first converted layer and inside a feedback point); the layer contracts the
+        axes ``features`` of ``x``."""
         self.calls += 1
         if (self.calls == 1 or self.inside_point or not self.dfa_active()
                 or not isinstance(vars(layer)[RULE], rules.DirectFeedbackAlignment)):
             return x
         self.dfa_inputs.append(converter.DfaInput(
             vars(layer)[PATH], x, False, self.store(layer),
-            converter.position_feedback(self.rule)))
+            converter.position_feedback(self.rule, features)))
         return jax.lax.stop_gradient(x)
 
     def feedback_point(self, module: nnx.Module, run: Callable):
         path = vars(module)[PATH]
         output = converter.run_feedback_point(self.inside_point, path, run)
-        self.dfa_inputs.append(converter.DfaInput(path, output, True, self.store(module),
-                                                  converter.position_feedback(self.rule)))
+        self.dfa_inputs.append(converter.DfaInput(
+            path, output, True, self.store(module),
+            converter.position_feedback(self.rule, converter.last_axis(output))))
         return jax.lax.stop_gradient(output)
 
 

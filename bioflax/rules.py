@@ -331,9 +331,11 @@ class DirectFeedbackAlignment(Rule):
     ``conv_feedback='shared_kernel'`` the transposed convolution with a kernel ``B`` of
     ``e`` repeated over the output map (:data:`bioflax.converter.DFA_CONV_FEEDBACK`).
     ``position_feedback='shared'`` gives an input with positions the output lacks (a
-    ViT's tokens under a classifier) one ``B`` of shape ``(features of the input,
-    n_outputs)`` for all of them: every position receives ``e Bᵀ``, as Launay et al.'s
-    TinyDFA repeats its projection. ``signal='sign'`` projects ``sign(e)`` instead (sDFA).
+    ViT's tokens under a classifier, a Conv input's rows and columns) one ``B`` of shape
+    ``(size of the axes the layer contracts, n_outputs)`` for all of them: every position
+    receives ``e Bᵀ``, as Launay et al.'s TinyDFA repeats its projection (with
+    ``conv_feedback='shared_kernel'``, a Conv input takes that instead).
+    ``signal='sign'`` projects ``sign(e)`` instead (sDFA).
     """
 
     name: ClassVar[str] = "dfa"

@@ -215,11 +215,12 @@ class EncoderBlock(nn.Module):
         return x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
-# What a VisionTransformer's head reads from the last block's tokens: the class token's
-# output (a class token is prepended) or the tokens' mean.
-VIT_POOLINGS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "cls": lambda tokens: tokens[:, 0],
-    "mean": lambda tokens: tokens.mean(axis=1),
+# What a VisionTransformer's head reads from the last block's tokens: whether a class
+# token is prepended to the patches, and the readout: that token's output or the tokens'
+# mean.
+VIT_POOLINGS: dict[str, tuple[bool, Callable[[jax.Array], jax.Array]]] = {
+    "cls": (True, lambda tokens: tokens[:, 0]),
+    "mean": (False, lambda tokens: tokens.mean(axis=1)),
 }
 
 
@@ -254,16 +255,20 @@ class VisionTransformer(nn.Module):
     kernel_init: Initializer = xavier_uniform
     pooling: str = "cls"  # one of VIT_POOLINGS
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    def __post_init__(self):
         if self.pooling not in VIT_POOLINGS:
             raise ValueError(f"Unknown pooling {self.pooling!r}; choose one of "
                              f"{list(VIT_POOLINGS)}.")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        class_token, readout = VIT_POOLINGS[self.pooling]
         p = self.patch_size
         x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
                     kernel_init=self.kernel_init, name="patch_embed")(x)
         x = x.reshape((x.shape[0], -1, self.width))
-        if self.pooling == "cls":
+        if class_token:
             cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x],
                                 axis=1)
@@ -273,7 +278,7 @@ class VisionTransformer(nn.Module):
         for i in range(self.depth):
             x = EncoderBlock(self.num_heads, self.mlp_ratio, self.dropout_rate,
                              kernel_init=self.kernel_init, name=f"block{i}")(x, train)
-        x = nn.LayerNorm(name="ln")(VIT_POOLINGS[self.pooling](x))
+        x = nn.LayerNorm(name="ln")(readout(x))
         return nn.Dense(self.num_classes, kernel_init=self.kernel_init, name="head")(x)
 
 

@@ -72,6 +72,10 @@ def wait_for_checkpoint(process: subprocess.Popen, workdir, at_least: int = 1,
     ("training.stopping_smoothing", 1.0, "training.stopping_smoothing = 1.0 is invalid"),
     ("data.val_split", -0.1, "must lie in [0, 1)"),
     ("model.interpolation_factor", 1.5, "must lie in [0, 1]"),
+    ("model.pooling", "mean", "model.name = 'mlp' does not read it (the models that do: "
+                              "['vit_mnist']); leave it at 'cls'"),
+    ("model.dfa_signal", "sign", "model.rule = 'bp' on model.name = 'mlp' (api 'linen') does "
+                                 "not read it"),
 ])
 def test_config_mistakes_name_field_value_and_allowed_values(field, value, expected):
     config = default_config.get_config()

@@ -386,6 +386,8 @@ def test_convert_options_equal_the_linen_twins(variant):
         assert set(variables["feedback"]) == {"l3"}
     if variant == "shared_position_feedback":  # one B of the features for every position
         assert variables["feedback"]["attn"]["key"]["output_feedback"].shape == (5, 2)
+        # the output projection contracts heads × depth: features, not positions
+        assert variables["feedback"]["attn"]["out"]["output_feedback"].shape == (4, 2)
 
 
 BLOCKS = {  # NNX model, Linen twin, (NNX feedback points, Linen's)

@@ -155,33 +155,42 @@ def test_an_unknown_optimizer_or_schedule_name_is_refused_not_replaced(field, re
         initializers.get("ones")
 
 
-@pytest.mark.parametrize("field, registry", [
-    ("optimizer.name", optimizers.OPTIMIZERS),
-    ("optimizer.schedule", optimizers.SCHEDULES),
-    ("model.kernel_init", initializers.INITIALIZERS),
-    ("model.feedback_init", initializers.INITIALIZERS),
-    ("model.loss", losses.LOSSES["classification"]),
-    ("data.dataset", data.DATASETS),
-    ("model.dfa_conv_feedback", converter.DFA_CONV_FEEDBACK),
-    ("model.dfa_position_feedback", converter.DFA_POSITION_FEEDBACK),
-    ("model.pooling", zoo.VIT_POOLINGS),
-    ("model.conv_impl", converter.CONV_IMPLS),
+VIT = {"model.name": "vit_mnist", "data.flatten": False}
+DFA_VIT = {**VIT, "model.rule": "dfa"}  # a model and rule that read the DFA options
+
+
+@pytest.mark.parametrize("field, registry, settings", [
+    ("optimizer.name", optimizers.OPTIMIZERS, {}),
+    ("optimizer.schedule", optimizers.SCHEDULES, {}),
+    ("model.kernel_init", initializers.INITIALIZERS, {}),
+    ("model.feedback_init", initializers.INITIALIZERS, {}),
+    ("model.loss", losses.LOSSES["classification"], {}),
+    ("data.dataset", data.DATASETS, {}),
+    ("model.dfa_conv_feedback", converter.DFA_CONV_FEEDBACK, DFA_VIT),
+    ("model.dfa_position_feedback", converter.DFA_POSITION_FEEDBACK, DFA_VIT),
+    ("model.pooling", zoo.VIT_POOLINGS, VIT),
+    ("model.conv_impl", converter.CONV_IMPLS, {}),
 ])
-def test_validation_allows_exactly_the_registered_names(field, registry, monkeypatch,
-                                                       tmp_path):
+def test_validation_allows_exactly_the_registered_names(field, registry, settings,
+                                                       monkeypatch, tmp_path):
     section, name = field.split(".")
     text = tmp_path / "text.txt"
     text.write_text("a text long enough for a window of every split. " * 100)
-    for choice in registry:
+
+    def config_with(choice):
         config = default_config.get_config()
-        config[section][name] = choice
+        for setting, value in {**settings, field: choice}.items():
+            config[setting.split(".")[0]][setting.split(".")[1]] = value
+        return config
+
+    for choice in registry:
+        config = config_with(choice)
         if choice in ("teacher", "sinreg"):
             config.data.input_dim = config.data.output_dim = 1
         if choice == "text":  # a file, and a language model to train on it
             config.data.text_path, config.model.name = str(text), "transformer_lm"
         config_validation.validate(config)
-    config = default_config.get_config()
-    config[section][name] = "registered_later"
+    config = config_with("registered_later")
     with pytest.raises(ConfigError, match=f"{field} = 'registered_later'"):
         config_validation.validate(config)
     monkeypatch.setitem(registry, "registered_later", next(iter(registry.values())))

@@ -148,25 +148,38 @@ def np_softmax(a):
     return p / p.sum(-1, keepdims=True)
 
 
-def attention_reference(p, bs, x, g):
-    """Self-attention with heads, by hand: forward, then backward with ``B`` per
-    projection (``bs[name]``); the softmax(QKᵀ)V core by its exact derivative."""
+def attention_forward(p, x):
+    """Self-attention with heads, by hand: the projections ``q`` (scaled), ``k``, ``v``,
+    the attention weights, the heads' output ``o`` (the out projection's input) and ``y``."""
     proj = {n: np.einsum("btd,dhk->bthk", x, p[n]["kernel"]) + p[n]["bias"]
             for n in ("query", "key", "value")}
-    depth = proj["query"].shape[-1]
-    q, k, v = proj["query"] / np.sqrt(depth), proj["key"], proj["value"]
+    q = proj["query"] / np.sqrt(proj["query"].shape[-1])
+    k, v = proj["key"], proj["value"]
     att = np_softmax(np.einsum("bqhd,bshd->bhqs", q, k))
     o = np.einsum("bhqs,bshd->bqhd", att, v)
     y = np.einsum("bqhd,hdf->bqf", o, p["out"]["kernel"]) + p["out"]["bias"]
-    grads = {"out": {"kernel": np.einsum("bqhd,bqf->hdf", o, g), "bias": g.sum((0, 1))}}
-    d_o = np.einsum("bqf,hdf->bqhd", g, bs["out"])
+    return q, k, v, att, o, y
+
+
+def attention_core_backward(q, k, v, att, d_o):
+    """The exact derivative of softmax(QKᵀ/√d)V: the signals reaching the query, key and
+    value projections' outputs from ``d_o`` at the heads' output."""
     d_att = np.einsum("bqhd,bshd->bhqs", d_o, v)
     d_v = np.einsum("bhqs,bqhd->bshd", att, d_o)
     d_logits = att * (d_att - (d_att * att).sum(-1, keepdims=True))
-    d_q = np.einsum("bhqs,bshd->bqhd", d_logits, k) / np.sqrt(depth)
+    d_q = np.einsum("bhqs,bshd->bqhd", d_logits, k) / np.sqrt(q.shape[-1])
     d_k = np.einsum("bhqs,bqhd->bshd", d_logits, q)
+    return {"query": d_q, "key": d_k, "value": d_v}
+
+
+def attention_reference(p, bs, x, g):
+    """Self-attention with heads, by hand: forward, then backward with ``B`` per
+    projection (``bs[name]``); the softmax(QKᵀ)V core by its exact derivative."""
+    q, k, v, att, o, y = attention_forward(p, x)
+    grads = {"out": {"kernel": np.einsum("bqhd,bqf->hdf", o, g), "bias": g.sum((0, 1))}}
+    d_o = np.einsum("bqf,hdf->bqhd", g, bs["out"])
     d_x = 0
-    for name, delta in (("query", d_q), ("key", d_k), ("value", d_v)):
+    for name, delta in attention_core_backward(q, k, v, att, d_o).items():
         grads[name] = {"kernel": np.einsum("btd,bthk->dhk", x, delta),
                        "bias": delta.sum((0, 1))}
         d_x = d_x + np.einsum("bthk,dhk->btd", delta, bs[name])
@@ -319,7 +332,51 @@ def test_shared_position_feedback_sends_the_error_to_every_position():
     close(grads["head"]["kernel"], m.T @ e, "head dW = mᵀ e")
     close(grads["Dense_1"]["kernel"], np.einsum("bti,btf->if", h1, delta2), "dW_1")
     close(grads["Dense_0"]["kernel"], np.einsum("bti,btf->if", x, delta1), "dW_0")
-    with pytest.raises(ValueError, match="Unknown position_feedback 'tied'"):
+
+
+class PooledAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(5, name="Dense_0")(x))
+        a = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4, out_features=5,
+                                            name="attn")(h)
+        return nn.Dense(3, name="head")(a.mean(axis=1))
+
+
+def test_shared_position_feedback_counts_the_heads_as_features_not_positions():
+    """Per-layer DFA with ``position_feedback='shared'`` through attention: the output
+    projection reads ``(batch, T, heads, depth)`` and contracts heads × depth, so its
+    ``B`` has shape (heads·depth, n) and each head receives its own part of ``e Bᵀ``;
+    the core's exact derivative carries that to the query, key and value projections."""
+    x = np.random.default_rng(16).normal(size=(2, 3, 6))
+    model = convert(PooledAttention(), "dfa", position_feedback="shared")
+    variables = randomized(model.init(jax.random.key(0), jnp.asarray(x)), 17)
+    e = np.random.default_rng(18).normal(size=(2, 3))
+    y, grads, _ = vjp(model, variables, x, e)
+    p = jax.tree.map(np.asarray, variables["params"])
+    fb = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables["feedback"]), sep="/")
+    assert {k: b.shape for k, b in fb.items()} == {
+        **{f"attn/{n}/output_feedback": (5, 3) for n in ("query", "key", "value")},
+        "attn/out/output_feedback": (2 * 2, 3), "head/output_feedback": (5, 3)}
+    h = np.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    q, k, v, att, o, a = attention_forward(p["attn"], h)
+    m = a.mean(axis=1)
+    close(y, m @ p["head"]["kernel"] + p["head"]["bias"], "forward")
+    close(grads["head"]["kernel"], m.T @ e, "head dW = mᵀ e")
+    d_a = np.broadcast_to((e @ fb["head/output_feedback"].T)[:, None] / x.shape[1], a.shape)
+    close(grads["attn"]["out"]["kernel"], np.einsum("bqhd,bqf->hdf", o, d_a), "out dW")
+    d_o = (e @ fb["attn/out/output_feedback"].T).reshape(2, 1, 2, 2)  # (batch, ·, heads, depth)
+    d_o = np.broadcast_to(d_o, o.shape)
+    for name, delta in attention_core_backward(q, k, v, att, d_o).items():
+        close(grads["attn"][name]["kernel"], np.einsum("btd,bthk->dhk", h, delta),
+              f"{name} dW")
+    d_h = sum(e @ fb[f"attn/{n}/output_feedback"].T for n in ("query", "key", "value"))
+    delta0 = d_h[:, None, :] * (1 - h ** 2)
+    close(grads["Dense_0"]["kernel"], np.einsum("bti,btf->if", x, delta0), "dW_0")
+
+
+def test_an_unknown_position_feedback_names_the_choices():
+    with pytest.raises(ValueError, match="Unknown position_feedback 'tied'.*'shared'"):
         rules.get_rule("dfa", position_feedback="tied")
 
 

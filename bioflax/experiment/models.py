@@ -22,12 +22,23 @@ def _rule(model_config) -> rules.Rule:
         model_config.feedback_init, model_config.feedback_init_scale)}
     if name == "interpolate_fa_bp":
         options["interpolation_factor"] = model_config.interpolation_factor
-    if issubclass(rules.RULES.get(name, rules.Rule), rules.DirectFeedbackAlignment):
-        options["conv_feedback"] = model_config.dfa_conv_feedback
-        options["position_feedback"] = model_config.dfa_position_feedback
-    if name == "dfa":
-        options["signal"] = model_config.dfa_signal
+    if takes_dfa_options(model_config):
+        options.update({option: model_config[field] for field, option in DFA_FIELDS.items()})
     return rules.get_rule(name, **options)
+
+
+# The config fields of the DFA family's options (dfa, drtp), and the option each sets.
+DFA_FIELDS = {"dfa_conv_feedback": "conv_feedback",
+              "dfa_position_feedback": "position_feedback",
+              "dfa_signal": "signal"}
+
+
+def takes_dfa_options(model_config) -> bool:
+    """Whether the config's model reads :data:`DFA_FIELDS`: a rule of the DFA family on any
+    model but the Linen MLP (:class:`BioNeuralNetwork` builds its rule from the name)."""
+    return (issubclass(rules.RULES.get(model_config.rule, rules.Rule),
+                       rules.DirectFeedbackAlignment)
+            and (model_config.name, model_config.api) != ("mlp", "linen"))
 
 
 def _mlp(model_config, num_outputs: int) -> nn.Module:

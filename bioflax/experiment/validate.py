@@ -12,6 +12,7 @@ import ml_collections
 
 from bioflax import converter, losses, procedures, rules, zoo
 from bioflax import models as bio_models
+from bioflax.experiment.configs import default as default_config
 from bioflax.experiment.errors import ConfigError
 from bioflax.experiment import datasets as data
 from bioflax.experiment import models
@@ -129,6 +130,7 @@ def _validate_model(config) -> None:
         raise ConfigError("model.feedback_points", tuple(config.model.feedback_points),
                           "feedback points are DFA's (per-block DFA): set model.rule = 'dfa' "
                           "or leave them empty")
+    _validate_unread(config)
     _library(config, "model.interpolation_factor", lambda: rules.InterpolateFABP(
         interpolation_factor=config.model.interpolation_factor))
     for field in ("model.kernel_init_scale", "model.feedback_init_scale"):
@@ -140,6 +142,26 @@ def _validate_model(config) -> None:
             raise ConfigError(scale_field, _get(config, scale_field),
                               f"{init_field} = {_get(config, init_field)!r} takes no scale: "
                               "leave it at 1, or pick a scaled initializer")
+
+
+def _validate_unread(config) -> None:
+    """No model field set away from its default where the model or rule does not read it
+    (a zoo model's own fields, the DFA options)."""
+    defaults = default_config.get_config().model
+    taken = set(models.ZOO_FIELDS.get(config.model.name, ()))
+    unread = {field: f"model.name = {config.model.name!r} does not read it (the models that "
+                     f"do: {[m for m, fields in models.ZOO_FIELDS.items() if field in fields]})"
+              for fields in models.ZOO_FIELDS.values() for field in fields if field not in taken}
+    if not models.takes_dfa_options(config.model):
+        unread.update({field: f"model.rule = {config.model.rule!r} on model.name = "
+                              f"{config.model.name!r} (api {config.model.api!r}) does not read "
+                              "it: DFA's options reach the dfa and drtp rules of the zoo "
+                              "models and of the NNX MLP"
+                       for field in models.DFA_FIELDS})
+    for field, why in unread.items():
+        if config.model[field] != defaults[field]:
+            raise ConfigError(f"model.{field}", config.model[field],
+                              f"{why}; leave it at {defaults[field]!r}")
 
 
 def _validate_nnx(config) -> None:

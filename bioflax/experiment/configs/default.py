@@ -95,9 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
     # dfa, zoo models: B at a conv layer's input, 'dense' ((H·W·C, n_outputs)) or
     # 'shared_kernel' ((kh, kw, C, n_outputs), biotorch's); see bioflax/converter.py
     model.dfa_conv_feedback = "dense"
-    # dfa, drtp: B at an input with positions the output lacks (a ViT's tokens under a
-    # classifier), one entry per position ('independent') or one B of the features shared by
-    # every position ('shared', Launay et al.'s TinyDFA); see bioflax/rules.py
+    # dfa, drtp, zoo models and the NNX MLP: B at an input with positions the output lacks
+    # (a ViT's tokens under a classifier, a conv input's rows and columns), one entry per
+    # position ('independent') or one B of the features the layer contracts, shared by every
+    # position ('shared', Launay et al.'s TinyDFA); see bioflax/rules.py
     model.dfa_position_feedback = "independent"
     # dfa: what B_l projects, 'error' (e) or 'sign' (sign(e), sDFA); drtp projects the target
     model.dfa_signal = "error"
