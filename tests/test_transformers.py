@@ -70,8 +70,8 @@ def close(got, want, what):
     np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL, err_msg=what)
 
 
-def setup(module, rule, x, seed, out_shape):
-    model = convert(module, rule, **options(rule))
+def setup(module, rule, x, seed, out_shape, **convert_options):
+    model = convert(module, rule, **options(rule), **convert_options)
     variables = randomized(model.init(jax.random.key(0), jnp.asarray(x)), seed)
     cotangent = np.random.default_rng(seed + 1).normal(size=out_shape)
     return model, variables, cotangent
@@ -316,9 +316,7 @@ def test_shared_position_feedback_sends_the_error_to_every_position():
     'shared'`` each ``B_l`` has the features' shape and every position of ``x_l`` receives
     ``e B_lᵀ`` (TinyDFA's repeated projection); the head's input has no positions."""
     x = np.random.default_rng(13).normal(size=(2, 4, 6))
-    model = convert(PooledSeq(), "dfa", position_feedback="shared")
-    variables = randomized(model.init(jax.random.key(0), jnp.asarray(x)), 14)
-    e = np.random.default_rng(15).normal(size=(2, 3))
+    model, variables, e = setup(PooledSeq(), "dfa", x, 14, (2, 3), position_feedback="shared")
     y, grads, _ = vjp(model, variables, x, e)
     p = jax.tree.map(np.asarray, variables["params"])
     fb = {name: np.asarray(v["output_feedback"]) for name, v in variables["feedback"].items()}
@@ -349,9 +347,8 @@ def test_shared_position_feedback_counts_the_heads_as_features_not_positions():
     ``B`` has shape (heads·depth, n) and each head receives its own part of ``e Bᵀ``;
     the core's exact derivative carries that to the query, key and value projections."""
     x = np.random.default_rng(16).normal(size=(2, 3, 6))
-    model = convert(PooledAttention(), "dfa", position_feedback="shared")
-    variables = randomized(model.init(jax.random.key(0), jnp.asarray(x)), 17)
-    e = np.random.default_rng(18).normal(size=(2, 3))
+    model, variables, e = setup(PooledAttention(), "dfa", x, 17, (2, 3),
+                                position_feedback="shared")
     y, grads, _ = vjp(model, variables, x, e)
     p = jax.tree.map(np.asarray, variables["params"])
     fb = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables["feedback"]), sep="/")
