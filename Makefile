@@ -26,7 +26,7 @@ DELLAFERRERA := configs/paper/dellaferrera2022.py:pepita configs/paper/dellaferr
 HINTON := configs/paper/hinton2022.py:classifier configs/paper/hinton2022.py:goodness
 VIT_SETTINGS := bp fa kp dfa dfa_block usf brsf frsf head_only dfa_mean bp_mean dfa_block_mean
 VIT := $(foreach setting,$(VIT_SETTINGS),configs/paper/vit_mnist.py:$(setting))
-VIT_LRS ?= 0.0003 0.001 0.003
+VIT_LRS ?= 0.0003 0.001 0.003 0.01 0.03
 
 .PHONY: setup train test benchmark docs paper sanfiz2021-lr sanfiz2021-ablations vit-mnist vit-mnist-lr \
 	procedures
