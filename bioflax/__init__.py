@@ -18,7 +18,7 @@ from bioflax.layers import (
 from bioflax.models import BioNeuralNetwork
 from bioflax.nnx_converter import Feedback
 from bioflax.zoo import ZOO
-from bioflax import alignment, losses, procedures, rules
+from bioflax import alignment, losses, procedures, rules, targets
 from bioflax.alignment import Alignment
 from bioflax.procedures import ForwardForward, Pepita, WeightMirror
 from bioflax.trainer import (ArrayData, Callback, ClassificationMetrics, EarlyStopping,
@@ -61,4 +61,5 @@ __all__ = [
     "losses",
     "procedures",
     "rules",
+    "targets",
 ]

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import scope as flax_scope
 
+from bioflax import targets
+
 FEEDBACK_COLLECTION = "feedback"
 FEEDBACK_KERNEL = "feedback_kernel"
 FEEDBACK_MAGNITUDE = "feedback_magnitude"
@@ -304,21 +306,6 @@ DFA_POSITION_FEEDBACK_KINDS = ("independent", "shared")
 DFA_SIGNALS: dict[str, Callable[[jax.Array], jax.Array]] = {"error": lambda e: e,
                                                             "sign": jnp.sign}
 
-_targets = threading.local()
-
-
-@contextlib.contextmanager
-def targets(values):
-    """Makes the batch's targets (class labels) visible to rules traced inside the block,
-    as DRTP needs; the trainer's training step runs its model inside it."""
-    previous = getattr(_targets, "values", None)
-    _targets.values = values
-    try:
-        yield
-    finally:
-        _targets.values = previous
-
-
 @dataclasses.dataclass(frozen=True)
 class DirectFeedbackAlignment(Rule):
     """Nøkland 2016, through any graph (wired by :func:`bioflax.convert`).
@@ -386,7 +373,7 @@ class DirectRandomTargetProjection(DirectFeedbackAlignment):
             raise ValueError("DRTP projects the target, so it takes no signal option.")
 
     def source(self, output):
-        labels = getattr(_targets, "values", None)
+        labels = targets.current()
         if labels is None:
             return None
         if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != output.shape[:-1]:
@@ -400,7 +387,7 @@ class DirectRandomTargetProjection(DirectFeedbackAlignment):
     def projected(self, error, source):
         if source is None:
             raise ValueError("DRTP projects the target: differentiate the model inside "
-                             "`with bioflax.rules.targets(labels):` (the Trainer does).")
+                             "`with bioflax.targets.visible(labels):` (the Trainer does).")
         return source
 
 

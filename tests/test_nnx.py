@@ -25,7 +25,7 @@ from flax import nnx
 from flax import traverse_util
 
 import bioflax
-from bioflax import nnx_converter, rules
+from bioflax import nnx_converter, rules, targets
 from bioflax.nnx_converter import Feedback
 from float64 import ATOL, RTOL, float64_only  # noqa: F401
 
@@ -296,7 +296,7 @@ def nnx_grads(converted, x, g):
         return jnp.sum(y * g), y
 
     argnums = (0, 1) if differentiable else 0
-    with rules.targets(labels_of(g)):  # DRTP's
+    with targets.visible(labels_of(g)):  # DRTP's
         grads, y = nnx.grad(f, argnums=argnums, has_aux=True)(converted, x)
     grads, g_x = grads if differentiable else (grads, None)
     skip = isinstance(converted, nnx_converter.Converted)  # its paths start at 'module'
@@ -308,7 +308,7 @@ def linen_grads(model, variables, x, g):
     def f(params, x):
         return model.apply({**variables, "params": params}, x)
 
-    with rules.targets(labels_of(g)):  # DRTP's
+    with targets.visible(labels_of(g)):  # DRTP's
         if jnp.issubdtype(x.dtype, jnp.floating):
             y, pullback = jax.vjp(f, variables["params"], x)
             grads, g_x = pullback(g)

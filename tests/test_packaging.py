@@ -55,6 +55,19 @@ def test_no_library_module_imports_the_harness_even_lazily():
     assert {path: names for path, names in offending.items() if names} == {}
 
 
+def test_the_trainer_imports_no_learning_rule_module():
+    """The trainer knows nothing of feedback rules: of bioflax it imports itself and the
+    neutral modules (errors, several processes, the targets a rule may read)."""
+    trainer = sorted((PACKAGE / "trainer").rglob("*.py"))
+    neutral = {"bioflax", "bioflax.errors", "bioflax.distributed", "bioflax.targets"}
+    imported = {name for path in trainer for name in _imported_names(path)
+                if name == "bioflax" or name.startswith("bioflax.")}
+    allowed = {name for name in imported if name.startswith("bioflax.trainer")
+               or name in neutral or name.rsplit(".", 1)[0] in neutral - {"bioflax"}}
+    assert "bioflax.targets" in imported
+    assert sorted(imported - allowed) == []
+
+
 def test_importing_the_library_and_trainer_loads_no_harness_module():
     code = ("import json, sys\nimport bioflax, bioflax.trainer, bioflax.alignment, bioflax.zoo\n"
             "print(json.dumps(sorted(sys.modules)))")

@@ -13,7 +13,7 @@ import pytest
 from flax import linen as nn
 
 import bioflax
-from bioflax import procedures, rules, trainer, zoo
+from bioflax import procedures, rules, targets, trainer, zoo
 from bioflax.trainer.task import init_state
 from tests.float64 import ATOL, RTOL, float64_only  # noqa: F401  (fixture)
 
@@ -66,7 +66,7 @@ def gradients(model, variables, x, labels):
     def loss(params):
         return bce(model.apply({**variables, "params": params}, x), labels)
 
-    with rules.targets(jnp.asarray(labels)):
+    with targets.visible(jnp.asarray(labels)):
         return jax.grad(loss)(variables["params"])
 
 
@@ -84,7 +84,7 @@ def test_hidden_layers_receive_the_projected_target_or_error_sign(rule, projecte
 
 
 def test_drtp_trains_in_the_trainer_which_provides_the_targets():
-    """The trainer's step runs the model inside ``rules.targets``: its first update is the
+    """The trainer's step runs the model inside ``targets.visible``: its first update is the
     hand-computed DRTP gradient (plain SGD, one batch of the four examples)."""
     model, variables, x, labels = setup("drtp")
     task = trainer.Task(
@@ -104,13 +104,13 @@ def test_drtp_trains_in_the_trainer_which_provides_the_targets():
 def test_drtp_refuses_a_regression_target_and_a_call_without_targets():
     model, variables, x, _ = setup("drtp")
 
-    def loss(params, targets):
-        with rules.targets(targets):
+    def loss(params, labels):
+        with targets.visible(labels):
             return jnp.sum(model.apply({**variables, "params": params}, x))
 
     with pytest.raises(ValueError, match="integer labels of shape \\(4,\\).*use 'dfa'"):
         jax.grad(loss)(variables["params"], jnp.ones((4, 3)))
-    with pytest.raises(ValueError, match="bioflax.rules.targets"):
+    with pytest.raises(ValueError, match="bioflax.targets.visible"):
         jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, x)))(
             variables["params"])
     with pytest.raises(ValueError, match="DRTP projects the target"):

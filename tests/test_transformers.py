@@ -19,7 +19,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 import bioflax
-from bioflax import convert, rules
+from bioflax import convert, rules, targets
 from float64 import ATOL, RTOL, float64_only  # noqa: F401
 
 KERNEL_RULES = ("bp", "fa", "kp", "interpolate_fa_bp", "usf", "frsf")
@@ -500,7 +500,7 @@ def test_exact_backprop_gives_the_plain_models_gradients_for_every_rule(tied):
     def grads_of(model, variables, **kwargs):
         def f(params):
             return jnp.sum(g * model.apply({**variables, "params": params}, tokens, **kwargs))
-        with rules.targets(jnp.argmax(g, axis=-1)):  # DRTP's
+        with targets.visible(jnp.argmax(g, axis=-1)):  # DRTP's
             return jax.grad(f)(variables["params"])
 
     want = traverse_util.flatten_dict(grads_of(TinyTransformer(tied), base), sep="/")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bioflax import rules
+from bioflax import targets
 from bioflax.trainer import metrics as metrics_lib
 from bioflax.trainer.nnx_adapter import NnxAdapter
 from bioflax.trainer.placement import Placement
@@ -102,7 +102,7 @@ class Programs:
         task = self.task
 
         def loss_and_outputs(params):
-            with rules.targets(batch["target"]):  # for rules that read them (DRTP)
+            with targets.visible(batch["target"]):  # for rules that read them (DRTP)
                 outputs, model_state = task.train_forward(params, state, batch["input"])
             per_example = task.loss(outputs, batch["target"])
             return per_example.mean(), (outputs, per_example, model_state)
