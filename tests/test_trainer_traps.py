@@ -161,6 +161,31 @@ def test_a_run_stopped_by_max_steps_resumes_to_the_uninterrupted_runs_parameters
                                    rtol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("interval, saved", [
+    ({}, [4, 8, 12]),                          # Lightning's default: every epoch
+    ({"every_n_epochs": 2}, [8, 12]),          # and the end of fit
+    ({"every_n_epochs": 0.5}, [2, 4, 6, 8, 10, 12]),
+    ({"every_n_steps": 3}, [3, 6, 9, 12]),
+])
+def test_model_checkpoint_intervals_in_steps_or_epochs(tmp_path, interval, saved):
+    """64 examples in batches of 16: 4 steps an epoch, 12 in 3 epochs."""
+    checkpoint = ModelCheckpoint(str(tmp_path), max_to_keep=10, **interval)
+    quiet(max_epochs=3, log_every_steps=1, callbacks=[checkpoint]).fit(
+        linear_task(), linear_arrays(), batch_size=16)
+    assert sorted(checkpoint.manager.all_steps()) == saved
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"every_n_steps": 5, "every_n_epochs": 1}, "not both"),
+    ({"every_n_epochs": 0}, "every_n_epochs > 0"),
+    ({"every_n_steps": -1}, "every_n_steps > 0"),
+    ({"max_to_keep": 0}, "max_to_keep > 0"),
+])
+def test_model_checkpoint_refuses_a_bad_interval(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelCheckpoint(str(tmp_path), **kwargs)
+
+
 def test_a_given_state_continues_for_max_steps_in_all():
     data = linear_arrays()
     trainer = quiet(max_steps=6, log_every_steps=3)

@@ -47,13 +47,12 @@ def durations(config: ml_collections.ConfigDict, num_train_examples: int) -> Dur
 
 
 def intervals(config: ml_collections.ConfigDict, durations_: Durations) -> dict[str, int]:
-    """The config's intervals in steps; a ``*_epochs`` field, when set, wins over its
-    ``*_steps`` field, so intervals given in epochs follow the batch size and data size."""
+    """The config's log and alignment intervals in steps; a ``*_epochs`` field, when set,
+    wins over its ``*_steps`` field, so intervals given in epochs follow the batch size and
+    data size."""
     training = config.training
     return {
         "log": durations_.steps(training.log_every_steps, training.log_every_epochs),
-        "checkpoint": durations_.steps(training.checkpoint_every_steps,
-                                       training.checkpoint_every_epochs),
         "alignment": durations_.steps(config.alignment.every_steps,
                                       config.alignment.every_epochs),
     }
@@ -131,9 +130,11 @@ def _train_and_evaluate(config, workdir, info, splits):
             stopping_threshold=training.stopping_threshold,
             smoothing=training.stopping_smoothing))
     if not fast_dev_run:
+        epochs = training.checkpoint_every_epochs  # when set, wins over the steps
         callbacks.append(trainer_lib.ModelCheckpoint(
-            os.path.join(workdir, "checkpoints"), every_n_steps=every["checkpoint"],
-            max_to_keep=training.keep_checkpoints))
+            os.path.join(workdir, "checkpoints"),
+            every_n_steps=None if epochs is not None else training.checkpoint_every_steps,
+            every_n_epochs=epochs, max_to_keep=training.keep_checkpoints))
     trainer = Trainer(
         writer=writer, **run_length(config), log_every_steps=every["log"],
         callbacks=callbacks, seed=config.seed, limit_eval_batches=fast_dev_run or None,

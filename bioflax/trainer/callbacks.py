@@ -69,18 +69,28 @@ class ModelCheckpoint(CheckpointCallback):
     """Orbax checkpoints in ``directory``: the train state (item ``state``) and every
     callback's ``state_dict()`` (item ``callbacks``, JSON).
 
-    Saves when a multiple of ``every_n_steps`` is passed (at the epoch's end when that
-    chunk ends an epoch, after the other callbacks have seen it) and at the end of
-    ``fit``, keeps the newest ``max_to_keep``. Orbax writes each checkpoint to a temporary
+    Saves when a multiple of the interval is passed (at the epoch's end when that chunk
+    ends an epoch, after the other callbacks have seen it) and at the end of ``fit``, keeps
+    the newest ``max_to_keep``. The interval is ``every_n_steps`` or ``every_n_epochs``
+    (may be fractional; resolved against the run's steps per epoch when ``fit`` starts),
+    one of them; with neither, every epoch, as Lightning's ModelCheckpoint. Orbax writes each checkpoint to a temporary
     directory and renames it when complete, so a killed run leaves only complete
     checkpoints behind.
     """
 
-    def __init__(self, directory: str, every_n_steps: int = 1000, max_to_keep: int = 3):
-        if every_n_steps <= 0 or max_to_keep <= 0:
-            raise ValueError("ModelCheckpoint needs every_n_steps > 0 and max_to_keep > 0, got "
-                             f"{every_n_steps} and {max_to_keep}.")
+    def __init__(self, directory: str, every_n_steps: Optional[int] = None,
+                 every_n_epochs: Optional[float] = None, max_to_keep: int = 3):
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise ValueError("ModelCheckpoint takes every_n_steps or every_n_epochs, not "
+                             f"both (got {every_n_steps} and {every_n_epochs}).")
+        for name, value in (("every_n_steps", every_n_steps),
+                            ("every_n_epochs", every_n_epochs), ("max_to_keep", max_to_keep)):
+            if value is not None and value <= 0:
+                raise ValueError(f"ModelCheckpoint needs {name} > 0, got {value}.")
         self.every_n_steps = every_n_steps
+        self.every_n_epochs = (1 if every_n_steps is None and every_n_epochs is None
+                               else every_n_epochs)
+        self._interval: Optional[int] = None  # in steps, resolved by on_fit_start
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -164,12 +174,13 @@ class ModelCheckpoint(CheckpointCallback):
         self.manager.wait_until_finished()
 
     def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        self._interval = trainer.durations.steps(self.every_n_steps, self.every_n_epochs)
         self._last_step = int(state.step)
         self._pending = False
 
     def on_train_chunk_end(self, trainer: Trainer, state: TrainState, step: int,
                            logs: Mapping[str, float]) -> None:
-        if step // self.every_n_steps > self._last_step // self.every_n_steps:
+        if step // self._interval > self._last_step // self._interval:
             self._pending = True
         self._last_step = step
         if self._pending and not trainer.durations.ends_epoch(step):
