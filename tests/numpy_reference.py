@@ -1,5 +1,5 @@
-"""A float64 NumPy reference MLP, written from the equations of README's rule table
-("What changes, per layer"): the forward pass storing ``x_l`` and ``a_l``, one backward
+"""A float64 NumPy reference MLP, written from the equations of docs/convert.md ("What
+changes, per layer"): the forward pass storing ``x_l`` and ``a_l``, one backward
 pass per rule with hand-written derivatives of the activations and of the losses, and the
 cosine and angle between gradients. Tests compare the code under test with it; JAX's
 autodiff never computes a reference here.

@@ -14,28 +14,16 @@ from bioflax.experiment.datasets import TeacherNetwork
 from bioflax.models import ACTIVATIONS
 from bioflax.rules import RULES
 from float64 import ATOL, RTOL, abstract_init, float64_only, randomize  # noqa: F401
-
-
-NP_ACTIVATIONS = {
-    "identity": lambda a: a,
-    "relu": lambda a: np.maximum(a, 0.0),
-    "tanh": np.tanh,
-    "sigmoid": lambda a: 1.0 / (1.0 + np.exp(-a)),
-}
+from numpy_reference import NP_ACTIVATIONS, np_forward
 
 
 FEEDBACK_RNGS = {"feedback": jax.random.key(7)}  # brSF redraws its B from this stream
 
+
 def np_mlp(x, layers, activations, output_activation="identity"):
     """``layers`` = [(W, b), ...]; ``activations[i]`` after hidden layer i."""
-    h = x.reshape(x.shape[0], -1)
-    for index, (kernel, bias) in enumerate(layers):
-        a = h @ kernel + bias
-        if index < len(layers) - 1:
-            h = NP_ACTIVATIONS[activations[index]](a)
-        else:
-            h = NP_ACTIVATIONS[output_activation](a)
-    return h
+    _, pre = np_forward(x.reshape(x.shape[0], -1), *zip(*layers), activations)
+    return NP_ACTIVATIONS[output_activation][0](pre[-1])
 
 
 def layers_of(params, names):
@@ -244,7 +232,7 @@ def test_activation_registry_contains_the_documented_names():
     for name in ("relu", "tanh", "sigmoid", "identity"):
         assert name in ACTIVATIONS
     a = np.linspace(-2, 2, 9)
-    for name, fn in NP_ACTIVATIONS.items():
+    for name, (fn, _) in NP_ACTIVATIONS.items():
         np.testing.assert_allclose(ACTIVATIONS[name](jnp.asarray(a)), fn(a), rtol=1e-12,
                                    atol=1e-12)
 
