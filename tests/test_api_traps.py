@@ -73,6 +73,24 @@ def test_a_deterministic_flag_is_cleared_in_training_and_set_in_evaluation():
     assert history[-1]["train/loss"] != pytest.approx(history[-1]["val/loss"], rel=1e-4)
 
 
+class WrapperWithItsOwnFlag(nn.Module):
+    """A user's wrapper with a ``module`` field and a ``train`` flag the inner one lacks."""
+
+    module: nn.Module
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dropout(0.5, deterministic=not train)(self.module(x))
+
+
+def test_a_wrappers_own_flag_is_found_and_a_converted_models_through_it():
+    assert Task(WrapperWithItsOwnFlag(nn.Dense(2)), losses.softmax_cross_entropy,
+                optax.sgd(0.1)).train_flag == "train"
+    converted = bioflax.convert(FlaxDropoutStyle(), "fa")
+    assert Task(converted, losses.softmax_cross_entropy,
+                optax.sgd(0.1)).train_flag == "deterministic"
+
+
 def test_an_unknown_train_flag_name_is_an_error():
     with pytest.raises(ValueError, match="train_flag='is_training'"):
         Task(KerasStyle(), losses.softmax_cross_entropy, optax.sgd(0.1),

@@ -80,6 +80,16 @@ class Procedure:
         return task.eval_forward(state, inputs)
 
 
+def _call_parameters(module: nn.Module) -> Sequence[str]:
+    """The parameter names of ``module.__call__``; for a wrapper whose ``__call__`` passes
+    ``**kwargs`` on to a ``module`` field (as ``bioflax.convert``'s does), the wrapped
+    module's."""
+    parameters = inspect.signature(module.__call__).parameters
+    forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    inner = getattr(module, "module", None)
+    return _call_parameters(inner) if forwards and isinstance(inner, nn.Module) else parameters
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What to train.
@@ -138,8 +148,7 @@ class Task:
         if isinstance(self.module, NnxAdapter) or self.train_flag is True:
             return "train"
         if self.train_flag is None:
-            called = getattr(self.module, "module", self.module)
-            parameters = inspect.signature(called.__call__).parameters
+            parameters = _call_parameters(self.module)
             return next((name for name in TRAIN_FLAGS if name in parameters), False)
         if self.train_flag is not False and self.train_flag not in TRAIN_FLAGS:
             raise ValueError(f"Task.train_flag={self.train_flag!r}: give one of "
