@@ -60,7 +60,7 @@ def token_cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=-1)
 
 
-# The losses each kind of task can train with, by name.
+# The losses each kind of problem can train with, by name.
 LOSSES = {
     "classification": {"softmax_cross_entropy": softmax_cross_entropy,
                        "sigmoid_cross_entropy": sigmoid_cross_entropy,
@@ -71,12 +71,12 @@ LOSSES = {
     "language_modeling": {"softmax_cross_entropy": token_cross_entropy},
 }
 
-# The loss each kind of task trains with when none is named.
+# The loss each kind of problem trains with when none is named.
 DEFAULT_LOSS = {"classification": "softmax_cross_entropy", "regression": "mean_squared_error",
                 "language_modeling": "softmax_cross_entropy"}
 
 
-def loss_for(task: str, name: str | None = None):
-    """The per-example loss ``name`` of ``LOSSES[task]``, or ``DEFAULT_LOSS[task]`` when
-    None; KeyError for a name the task cannot train with."""
-    return LOSSES[task][DEFAULT_LOSS[task] if name is None else name]
+def loss_for(problem: str, name: str | None = None):
+    """The per-example loss ``name`` of ``LOSSES[problem]``, or ``DEFAULT_LOSS[problem]``
+    when None; KeyError for a name the problem cannot train with."""
+    return LOSSES[problem][DEFAULT_LOSS[problem] if name is None else name]

@@ -72,7 +72,7 @@ def mnist():
 def test_mnist_sizes_shapes_dtypes(mnist):
     info, splits = mnist
     assert info == data.DatasetInfo("classification", (784,), 10)
-    assert info.task == data.DATASET_TASKS["mnist"]
+    assert info.problem == data.DATASET_PROBLEMS["mnist"]
     assert set(splits) == {"train", "test"}
     for name, size in (("train", 60_000), ("test", 10_000)):
         split = splits[name]
@@ -169,7 +169,7 @@ def test_every_tfds_image_data_set_is_registered_as_tfds_describes_it(name):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     features = tfds.builder(name, data_dir="/nonexistent/tfds").info.features
     spec = data.DATASETS[name]
-    assert spec.task == data.DATASET_TASKS[name] == "classification"
+    assert spec.problem == data.DATASET_PROBLEMS[name] == "classification"
     assert spec.image_shape == features["image"].shape
     assert spec.num_classes == features["label"].num_classes
     assert (spec.mean, spec.std) == PUBLISHED_STATISTICS[name]

@@ -402,7 +402,7 @@ def test_relative_grad_norm_is_defined_when_gradients_vanish():
     assert alignment_lib._norm_ratio(jnp.ones(4), 2 * jnp.ones(4)) == 0.5  # pylint: disable=protected-access
 
 
-def test_loss_for_picks_the_named_loss_or_the_tasks_default():
+def test_loss_for_picks_the_named_loss_or_the_problems_default():
     logits, labels = jnp.array([[2.0, 0.0, -1.0]]), jnp.array([1])
     log_softmax = np.log(np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum())
     default = losses_lib.loss_for("classification")

@@ -49,7 +49,7 @@ _AUGMENT_STREAM = 0x617567  # "aug"
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    task: str  # 'classification', 'regression' or 'language_modeling'
+    problem: str  # 'classification', 'regression' or 'language_modeling'
     input_shape: tuple[int, ...]  # of one example after preprocessing, e.g. (784,)
     num_outputs: int  # classes (10 for MNIST), regression output dim or vocabulary size
 
@@ -102,7 +102,7 @@ class TFDSImages:
     image_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    task = "classification"
+    problem = "classification"
 
     def num_outputs(self, data_config) -> int:
         del data_config
@@ -134,7 +134,7 @@ class TFDSImages:
         builder = _prepared_builder(self.tfds_name, data_config)
         mean, std = self.normalization(data_config)
         shape = self.input_shape(data_config)
-        info = DatasetInfo(self.task, shape, self.num_classes)
+        info = DatasetInfo(self.problem, shape, self.num_classes)
         if data_config.get("streaming", False):
             stream = lambda split: StreamedSplit(builder, split, mean, std, shape)
             return info, stream("train"), stream("test")
@@ -156,7 +156,7 @@ class TFDSImages:
 class Synthetic:
     """A data set generated from ``seed`` by ``make(data_config, seed)``."""
 
-    task: str
+    problem: str
     make: Callable
 
     def num_outputs(self, data_config) -> int:
@@ -332,7 +332,7 @@ class TextFile:
     ``part[s+1:s+T+1]`` (int32 ``(N, T)`` both); the tail that fills no whole window is
     dropped."""
 
-    task = "language_modeling"
+    problem = "language_modeling"
     token_kinds = ("bytes", "characters")
 
     @staticmethod
@@ -419,7 +419,7 @@ class TextFile:
         stride = int(data_config.get("text_stride") or length)
         splits = {name: self.windows(tokens[start:stop], length, stride)
                   for name, (start, stop) in self.parts(len(tokens), data_config).items()}
-        return DatasetInfo(self.task, (length,), vocabulary), splits
+        return DatasetInfo(self.problem, (length,), vocabulary), splits
 
 
 # Every data set by name. The mean and std of a TFDS entry are per channel, over all pixels
@@ -441,9 +441,9 @@ DATASETS = {
     "sinreg": Synthetic("regression", _make_sinreg),
     "text": TextFile(),
 }
-# Each data set's kind of task ("classification", "regression" or "language_modeling"),
+# Each data set's kind of problem ("classification", "regression" or "language_modeling"),
 # which decides the metrics and the losses it can train with.
-DATASET_TASKS = {name: spec.task for name, spec in DATASETS.items()}
+DATASET_PROBLEMS = {name: spec.problem for name, spec in DATASETS.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,15 +90,15 @@ def save_figures(figures: Mapping[str, object], directory: str, writer=None,
     return paths
 
 
-# The kinds of task with a figure of test predictions; the others ('language_modeling')
+# The kinds of problem with a figure of test predictions; the others ('language_modeling')
 # get the alignment figures only, and need no outputs.
-PREDICTION_TASKS = ("classification", "regression")
+PREDICTION_PROBLEMS = ("classification", "regression")
 
 
-def run_figures(scalars: Curves, task: str, inputs: np.ndarray, targets: np.ndarray,
+def run_figures(scalars: Curves, problem: str, inputs: np.ndarray, targets: np.ndarray,
                 outputs: np.ndarray | None) -> dict[str, object]:
     """The figures of one run, from its scalars and its outputs on (a sample of) test data
-    (None for a task not in :data:`PREDICTION_TASKS`)."""
+    (None for a problem not in :data:`PREDICTION_PROBLEMS`)."""
     figures = {}
     if any(tag.startswith("alignment/grad_angle/") for tag in scalars):
         figures["grad_angle"] = curves_figure(
@@ -106,11 +106,11 @@ def run_figures(scalars: Curves, task: str, inputs: np.ndarray, targets: np.ndar
     if any(tag.startswith("alignment/weight_cosine/") for tag in scalars):
         figures["weight_alignment"] = curves_figure(
             scalars, "alignment/weight_cosine/", "alignment of W and B", "cosine")
-    if task not in PREDICTION_TASKS:
+    if problem not in PREDICTION_PROBLEMS:
         return figures
-    if task == "classification" and int(round(np.sqrt(inputs[0].size))) ** 2 == inputs[0].size:
+    if problem == "classification" and int(round(np.sqrt(inputs[0].size))) ** 2 == inputs[0].size:
         figures["test_predictions"] = image_grid_figure(inputs[:32], outputs[:32].argmax(-1),
                                                         targets[:32])
-    elif task == "regression" and inputs.shape[-1] == 1 and targets.shape[-1] == 1:
+    elif problem == "regression" and inputs.shape[-1] == 1 and targets.shape[-1] == 1:
         figures["regression_fit"] = regression_figure(inputs, targets, outputs)
     return figures

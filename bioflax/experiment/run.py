@@ -67,9 +67,9 @@ def build_task(config: ml_collections.ConfigDict, info: datasets.DatasetInfo,
                     if config.alignment.enabled else [])
     return Task(
         module=module,
-        loss=losses.loss_for(info.task, config.model.loss),
+        loss=losses.loss_for(info.problem, config.model.loss),
         optimizer=OptimizerFactory(functools.partial(optimizers.build, config.optimizer)),
-        metrics=metrics_lib.COLLECTIONS[info.task],
+        metrics=metrics_lib.COLLECTIONS[info.problem],
         step_metrics=step_metrics,
         procedure=procedures.get_procedure(
             config.procedure.name, **config.procedure.get(config.procedure.name, {})))
@@ -178,13 +178,13 @@ def _write_plots(workdir, writer, step, trainer, task, state, info, test):
     """
     sample = test.head(1000)
     outputs = None
-    if info.task in plots.PREDICTION_TASKS:
+    if info.problem in plots.PREDICTION_PROBLEMS:
         outputs = trainer.predict(task, state, sample.inputs)
         if trainer.num_seeds > 1:
             outputs = outputs[0]  # the first seed's predictions
     if jax.process_index() > 0:
         return
-    figures = plots.run_figures(read_scalars(workdir), info.task, sample.inputs,
+    figures = plots.run_figures(read_scalars(workdir), info.problem, sample.inputs,
                                 sample.targets, outputs)
     plots.save_figures(figures, os.path.join(workdir, "plots"), writer, step)
     writer.flush()

@@ -106,7 +106,7 @@ def _validate_choices(config) -> None:
     _library(config, "training.early_stopping_mode",
              lambda: EarlyStopping(mode=config.training.early_stopping_mode))
     if config.model.loss is not None:
-        _choice(config, "model.loss", losses.LOSSES[data.DATASET_TASKS[config.data.dataset]])
+        _choice(config, "model.loss", losses.LOSSES[data.DATASET_PROBLEMS[config.data.dataset]])
 
 
 def _validate_model(config) -> None:

@@ -51,7 +51,7 @@ class LanguageModelingMetrics(clu_metrics.Collection):
     accuracy: TokenAccuracy
 
 
-# The metric collection of each kind of task.
+# The metric collection of each kind of problem.
 COLLECTIONS = {"classification": ClassificationMetrics, "regression": RegressionMetrics,
                "language_modeling": LanguageModelingMetrics}
 

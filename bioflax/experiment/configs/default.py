@@ -121,10 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.input_layer_kernel_init = ml_collections.config_dict.placeholder(str)
     model.feedback_init = "lecun_normal"  # B: same choices as kernel_init
     model.feedback_init_scale = 1.0  # B's scale s: same meaning as kernel_init_scale
-    # The training loss on the network's outputs; None: the task's default. MNIST:
+    # The training loss on the network's outputs; None: the data set's default. MNIST:
     # 'softmax_cross_entropy' (default), 'sigmoid_cross_entropy' (one sigmoid per class,
     # summed binary cross-entropies) or 'sigmoid_squared_error' (½‖σ(z) − onehot‖²);
-    # regression tasks: 'mean_squared_error'.
+    # regression data sets: 'mean_squared_error'.
     model.loss = ml_collections.config_dict.placeholder(str)
 
     config.optimizer = optimizer = ml_collections.ConfigDict()
