@@ -24,6 +24,7 @@ import threading
 import time
 
 from bioflax import distributed
+from bioflax.experiment import workdir as workdir_lib
 
 STOP_GRACE_S = 5.0  # after SIGTERM, how long the other processes get before SIGKILL
 _POLL_S = 0.1
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
         if workdir is None:
             return _usage_error("the command has no --workdir for the logs to go to: add "
                                 "--logdir=DIR before --.")
-        logdir = os.path.join(workdir, "logs")
+        logdir = os.path.join(workdir, workdir_lib.LOGS_DIR)
     return launch(command, args.processes, pathlib.Path(logdir), args.devices_per_process)
 
 

@@ -25,7 +25,7 @@ from matplotlib.artist import setp
 
 from bioflax.experiment.plots import subplots
 from bioflax.experiment.tensorboard_reader import read_scalars
-from bioflax.experiment.workdir import RESULT_FILE
+from bioflax.experiment.workdir import RESULT_FILE, seed_of
 
 Scalars = Mapping[str, Sequence[tuple[int, float]]]
 ANGLE_PREFIX = "alignment/grad_angle/"
@@ -54,10 +54,10 @@ class Run:
 
 def seed_workdirs(path: str) -> list[str]:
     """``path`` itself if it is a run, else its ``seed_N`` subdirectories in seed order."""
-    seeds = [name for name in os.listdir(path) if re.fullmatch(r"seed_\d+", name)]
+    seeds = [name for name in os.listdir(path) if seed_of(name) is not None]
     if not seeds:
         return [path]
-    return [os.path.join(path, name) for name in sorted(seeds, key=lambda n: int(n[5:]))]
+    return [os.path.join(path, name) for name in sorted(seeds, key=seed_of)]
 
 
 def load_group(path: str) -> list[Run]:

@@ -132,7 +132,7 @@ def _train_and_evaluate(config, workdir, info, splits):
     if not fast_dev_run:
         epochs = training.checkpoint_every_epochs  # when set, wins over the steps
         callbacks.append(trainer_lib.ModelCheckpoint(
-            os.path.join(workdir, "checkpoints"),
+            os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR),
             every_n_steps=None if epochs is not None else training.checkpoint_every_steps,
             every_n_epochs=epochs, max_to_keep=training.keep_checkpoints))
     trainer = Trainer(
@@ -186,7 +186,7 @@ def _write_plots(workdir, writer, step, trainer, task, state, info, test):
         return
     figures = plots.run_figures(read_scalars(workdir), info.problem, sample.inputs,
                                 sample.targets, outputs)
-    plots.save_figures(figures, os.path.join(workdir, "plots"), writer, step)
+    plots.save_figures(figures, os.path.join(workdir, workdir_lib.PLOTS_DIR), writer, step)
     writer.flush()
 
 

@@ -18,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from bioflax.experiment import configs
-from bioflax.experiment.workdir import RESULT_FILE
+from bioflax.experiment.workdir import RESULT_FILE, seed_dir
 
 MAIN = ("-m", "bioflax.experiment.main")  # the experiment command line, as bioflax-train
 INTERRUPTED = (130, 143)  # its exit codes for SIGINT and SIGTERM
@@ -32,7 +32,7 @@ def run_name(spec: str) -> str:
 
 
 def workdir(root: str, spec: str, seed: int) -> str:
-    return os.path.join(root, run_name(spec), f"seed_{seed}")
+    return os.path.join(root, run_name(spec), seed_dir(seed))
 
 
 def command(spec: str, seed: int, root: str, overrides: Sequence[str]) -> list[str]:

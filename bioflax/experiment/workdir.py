@@ -1,15 +1,31 @@
-"""One run per workdir: an advisory lock that the kernel drops when its process dies, and
-the file that marks a finished run."""
+"""One run per workdir: its layout, an advisory lock that the kernel drops when its process
+dies, and the file that marks a finished run."""
 
 import contextlib
 import fcntl
 import os
+import re
 import socket
+from typing import Optional
 
 from bioflax.experiment.errors import WorkdirError, WorkdirLockedError
 
 LOCK_FILE = ".lock"
 RESULT_FILE = "result.json"  # written last, by a run that finished
+CHECKPOINTS_DIR = "checkpoints"  # the Orbax checkpoints
+PLOTS_DIR = "plots"  # the run's figures
+LOGS_DIR = "logs"  # each process's output, under bioflax.launch
+
+
+def seed_dir(seed: int) -> str:
+    """The name of seed ``seed``'s workdir inside a sweep's directory of one config."""
+    return f"seed_{seed}"
+
+
+def seed_of(name: str) -> Optional[int]:
+    """The seed of a workdir named by :func:`seed_dir`; None for any other name."""
+    match = re.fullmatch(r"seed_(\d+)", name)
+    return int(match.group(1)) if match else None
 
 
 def make(workdir: str) -> None:
