@@ -91,24 +91,7 @@ def launch(command: list[str], num_processes: int, logdir: pathlib.Path,
     """Runs ``command`` as ``num_processes`` processes; returns the exit status to use."""
     if command and command[0].endswith(".py"):
         command = [sys.executable, *command]
-    logdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    processes, logs, threads = [], [], []
-    for i in range(num_processes):
-        log_path = logdir / f"process_{i}.log"
-        log = open(log_path, "wb")  # pylint: disable=consider-using-with
-        env = process_environment(i, num_processes, port, devices_per_process)
-        echo = i == 0
-        process = subprocess.Popen(  # pylint: disable=consider-using-with
-            command, env=env, stdout=subprocess.PIPE if echo else log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        if echo:
-            thread = threading.Thread(target=_echo, args=(process.stdout, log, sys.stderr),
-                                      daemon=True)
-            thread.start()
-            threads.append(thread)
-        processes.append(process)
-        logs.append((log, log_path))
+    processes, logs, threads = _start(command, num_processes, logdir, devices_per_process)
 
     # Exits are collected here as they happen (os.waitpid), so that the first process to
     # fail is the one named: the others fail soon after it, on their collectives.
@@ -151,6 +134,32 @@ def launch(command: list[str], num_processes: int, logdir: pathlib.Path,
               f"{_why(code)}, so the other processes were stopped. Its log: {log_path}."
               f"{_last_error_line(log_path)}", file=sys.stderr)
     return code if code > 0 else 128 - code
+
+
+def _start(command: list[str], num_processes: int, logdir: pathlib.Path,
+           devices_per_process) -> tuple[list, list, list]:
+    """Starts the processes, each in its own session with its output in
+    ``logdir/process_I.log`` (process 0's also echoed to stderr): ``(processes, (log file,
+    log path) per process, echo threads)``."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    processes, logs, threads = [], [], []
+    for i in range(num_processes):
+        log_path = logdir / f"process_{i}.log"
+        log = open(log_path, "wb")  # pylint: disable=consider-using-with
+        env = process_environment(i, num_processes, port, devices_per_process)
+        echo = i == 0
+        process = subprocess.Popen(  # pylint: disable=consider-using-with
+            command, env=env, stdout=subprocess.PIPE if echo else log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        if echo:
+            thread = threading.Thread(target=_echo, args=(process.stdout, log, sys.stderr),
+                                      daemon=True)
+            thread.start()
+            threads.append(thread)
+        processes.append(process)
+        logs.append((log, log_path))
+    return processes, logs, threads
 
 
 def _stop(processes) -> None:
