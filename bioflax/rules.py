@@ -363,7 +363,8 @@ class DirectRandomTargetProjection(DirectFeedbackAlignment):
     """DRTP (Frenkel, Lefebvre & Bol 2021): DFA's wiring with the one-hot target ``y*``
     projected in place of the error, ``δ_l = φ'(a_l) ⊙ (y* B_lᵀ)``, summed over the batch
     as the reference code does; the output layer keeps its true gradient. The targets are
-    class labels, read from :func:`targets` (the trainer's step provides them)."""
+    class labels, read with :func:`bioflax.targets.current` (the trainer's step makes them
+    visible)."""
 
     name: ClassVar[str] = "drtp"
 

@@ -83,9 +83,18 @@ class WrapperWithItsOwnFlag(nn.Module):
         return nn.Dropout(0.5, deterministic=not train)(self.module(x))
 
 
+class ForwardingWrapperWithItsOwnFlag(WrapperWithItsOwnFlag):
+    """The same with ``**kwargs`` that it passes on to its ``module``."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, **kwargs):
+        return nn.Dropout(0.5, deterministic=not train)(self.module(x, **kwargs))
+
+
 def test_a_wrappers_own_flag_is_found_and_a_converted_models_through_it():
-    assert Task(WrapperWithItsOwnFlag(nn.Dense(2)), losses.softmax_cross_entropy,
-                optax.sgd(0.1)).train_flag == "train"
+    for wrapper in (WrapperWithItsOwnFlag, ForwardingWrapperWithItsOwnFlag):
+        assert Task(wrapper(nn.Dense(2)), losses.softmax_cross_entropy,
+                    optax.sgd(0.1)).train_flag == "train"
     converted = bioflax.convert(FlaxDropoutStyle(), "fa")
     assert Task(converted, losses.softmax_cross_entropy,
                 optax.sgd(0.1)).train_flag == "deterministic"

@@ -69,10 +69,11 @@ class ModelCheckpoint(CheckpointCallback):
     """Orbax checkpoints in ``directory``: the train state (item ``state``) and every
     callback's ``state_dict()`` (item ``callbacks``, JSON).
 
-    Saves when a multiple of the interval is passed (at the epoch's end when that chunk
-    ends an epoch, after the other callbacks have seen it) and at the end of ``fit``, keeps
-    the newest ``max_to_keep``. The interval is ``every_n_steps`` or ``every_n_epochs``
-    (may be fractional; resolved against the run's steps per epoch when ``fit`` starts),
+    Saves at the end of the first chunk that passes a multiple of the interval (at the
+    epoch's end when that chunk ends an epoch, after the other callbacks have seen it) and
+    at the end of ``fit``, keeps the newest ``max_to_keep``. The interval is
+    ``every_n_steps`` or ``every_n_epochs`` (may be fractional; rounded to whole steps of
+    the run when ``fit`` starts),
     one of them; with neither, every epoch, as Lightning's ModelCheckpoint. Orbax writes each checkpoint to a temporary
     directory and renames it when complete, so a killed run leaves only complete
     checkpoints behind.

@@ -81,11 +81,12 @@ class Procedure:
 
 
 def _call_parameters(module: nn.Module) -> Sequence[str]:
-    """The parameter names of ``module.__call__``; for a wrapper whose ``__call__`` passes
-    ``**kwargs`` on to a ``module`` field (as ``bioflax.convert``'s does), the wrapped
-    module's."""
+    """The parameter names of ``module.__call__``; for a wrapper that names no mode flag
+    and passes ``**kwargs`` on to a ``module`` field (as ``bioflax.convert``'s does), the
+    wrapped module's."""
     parameters = inspect.signature(module.__call__).parameters
-    forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    forwards = not any(name in parameters for name in TRAIN_FLAGS) and any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     inner = getattr(module, "module", None)
     return _call_parameters(inner) if forwards and isinstance(inner, nn.Module) else parameters
 
@@ -117,8 +118,9 @@ class Task:
       train_flag: the keyword that tells the module its mode, one of :data:`TRAIN_FLAGS`
         (``train``/``training`` get True in training, ``deterministic`` gets False; the
         opposite in evaluation and prediction), or False for none; default: the first of
-        them that ``module.__call__`` takes (for a wrapper that calls the module in its
-        field ``module``, as ``bioflax.convert``'s does, that module's ``__call__``);
+        them that ``module.__call__`` takes (for a wrapper that takes none of them but
+        ``**kwargs`` and calls the module in its field ``module``, as ``bioflax.convert``'s
+        does, that module's ``__call__``);
         ``train`` for an NNX model.
     """
 
