@@ -71,12 +71,11 @@ class ModelCheckpoint(CheckpointCallback):
 
     Saves at the end of the first chunk that passes a multiple of the interval (at the
     epoch's end when that chunk ends an epoch, after the other callbacks have seen it) and
-    at the end of ``fit``, keeps the newest ``max_to_keep``. The interval is
+    at the end of ``fit``, keeps the newest ``max_to_keep``. The interval is one of
     ``every_n_steps`` or ``every_n_epochs`` (may be fractional; rounded to whole steps of
-    the run when ``fit`` starts),
-    one of them; with neither, every epoch, as Lightning's ModelCheckpoint. Orbax writes each checkpoint to a temporary
-    directory and renames it when complete, so a killed run leaves only complete
-    checkpoints behind.
+    the run when ``fit`` starts); with neither, every epoch, as Lightning's
+    ModelCheckpoint. Orbax writes each checkpoint to a temporary directory and renames it
+    when complete, so a killed run leaves only complete checkpoints behind.
     """
 
     def __init__(self, directory: str, every_n_steps: Optional[int] = None,
